@@ -1,0 +1,1 @@
+"""edge-compress: turn one ONNX model into a measured ladder of lighter variants."""
