@@ -72,4 +72,6 @@ def datatype_of(array: np.ndarray) -> str:
     try:
         return _BY_NUMPY[array.dtype]
     except KeyError:
-        raise ValueError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
+        raise ValueError(
+            f"numpy dtype {array.dtype} has no Open Inference Protocol datatype"
+        ) from None

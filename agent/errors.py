@@ -56,6 +56,12 @@ class Overloaded(EdgeAgentError):
     code = 503
 
 
+class RequestExpired(EdgeAgentError):
+    """The request's MQTT 5 message expiry passed before it ran; its client has given up."""
+
+    code = 504
+
+
 class InferenceError(EdgeAgentError):
     """onnxruntime raised while running the model."""
 

@@ -47,7 +47,9 @@ class VariantMetrics(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Top-1 accuracy on labels.")
-    fidelity: float | None = Field(None, ge=-1.0, le=1.0, description="Agreement with the original.")
+    fidelity: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Agreement with the original."
+    )
     latency_ms: float | None = Field(None, ge=0.0, description="p50 latency at batch 1.")
     peak_rss_mb: float | None = Field(None, ge=0.0, description="Peak RSS of load + one run.")
 

@@ -1,0 +1,248 @@
+"""Per-model request queue and workers, with adaptive batching.
+
+Requests wait in a bounded queue (a full queue is an immediate `Overloaded`, never an
+unbounded backlog). Each worker takes the oldest request, adds whatever compatible requests
+are already waiting (up to `max_batch_size`, optionally waiting `batch_delay` for more),
+stacks them along dimension 0 and runs the model once. A failing batch is retried request
+by request, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from agent.errors import EdgeAgentError, InferenceError, ModelNotReady, Overloaded, RequestExpired
+from agent.metrics import ModelStats
+from agent.session import LoadedVariant
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Completed:
+    """A finished request: which variant answered, its outputs and where the time went."""
+
+    variant: str
+    outputs: dict[str, np.ndarray]
+    queue_ms: float
+    infer_ms: float
+    batch_size: int
+
+
+Outcome = Completed | EdgeAgentError
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request waiting to run: validated feeds and whom to tell when it is done."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    done: Callable[[Outcome], None]
+    deadline: float | None = None  # monotonic; past it the client has given up
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Jobs with equal keys can be stacked along dimension 0."""
+        return (
+            self.outputs,
+            tuple(sorted((name, arr.shape[1:]) for name, arr in self.feeds.items())),
+        )
+
+
+class _Stop:
+    """Tells a worker to exit once the jobs queued before it are done."""
+
+
+class BatchingQueue:
+    """The bounded queue and worker threads of one model."""
+
+    def __init__(
+        self,
+        model: str,
+        current: Callable[[], LoadedVariant],
+        stats: ModelStats,
+        *,
+        workers: int,
+        max_queue: int,
+        max_batch_size: int,
+        batch_delay_s: float,
+        batchable: bool,
+    ) -> None:
+        self.model = model
+        self._current = current
+        self._stats = stats
+        self._queue: queue.Queue[Job | _Stop] = queue.Queue(maxsize=max_queue)
+        self._max_batch = max_batch_size if batchable else 1
+        self._delay = batch_delay_s
+        self._closed = False
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"model-{model}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting, not counting those running."""
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> int:
+        """Workers running a batch right now."""
+        return self._busy
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise Overloaded at once when the queue is full."""
+        if self._closed:
+            raise ModelNotReady(f"model {self.model} is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self._stats.record_rejected()
+            raise Overloaded(
+                f"model {self.model}: {self._queue.maxsize} requests already waiting"
+            ) from None
+
+    def close(self, timeout: float) -> bool:
+        """Finish the queued jobs, then stop the workers; False if they did not stop in time."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        for _ in self._threads:
+            try:
+                self._queue.put(_Stop(), timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                break
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if isinstance(first, _Stop):
+                return
+            batch, stop = self._gather(first)
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                self._run_batch(batch)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+            if stop:
+                return
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        batch = [first]
+        if self._max_batch == 1:
+            return batch, False
+        until = time.monotonic() + self._delay
+        while len(batch) < self._max_batch:
+            try:
+                remaining = until - time.monotonic()
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else (self._queue.get_nowait())
+                )
+            except queue.Empty:
+                break
+            if isinstance(item, _Stop):
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        live: list[Job] = []
+        for job in jobs:
+            if job.deadline is not None and now > job.deadline:
+                self._stats.record_expired()
+                self._notify(job, RequestExpired(f"model {self.model}: expired while queued"))
+            else:
+                live.append(job)
+        groups: dict[tuple[object, ...], list[Job]] = {}
+        for job in live:
+            groups.setdefault(job.batch_key(), []).append(job)
+        for group in groups.values():
+            if len(group) == 1 or not self._run_stacked(group):
+                for job in group:
+                    self._run_one(job)
+
+    def _run_one(self, job: Job) -> None:
+        variant = self._current()
+        names = job.outputs or tuple(spec.name for spec in variant.outputs)
+        start = time.monotonic()
+        try:
+            results = variant.run(job.feeds, names)
+        except InferenceError as exc:
+            self._finish(job, exc)
+            return
+        end = time.monotonic()
+        self._finish(
+            job,
+            Completed(
+                variant=variant.name,
+                outputs=dict(zip(names, results, strict=True)),
+                queue_ms=(start - job.enqueued) * 1000.0,
+                infer_ms=(end - start) * 1000.0,
+                batch_size=1,
+            ),
+        )
+
+    def _run_stacked(self, group: Sequence[Job]) -> bool:
+        """Run a group as one batch; False when it must be retried job by job."""
+        variant = self._current()
+        names = group[0].outputs or tuple(spec.name for spec in variant.outputs)
+        rows = [next(iter(job.feeds.values())).shape[0] for job in group]
+        feeds = {
+            name: np.concatenate([job.feeds[name] for job in group], axis=0)
+            for name in group[0].feeds
+        }
+        start = time.monotonic()
+        try:
+            results = variant.run(feeds, names)
+        except InferenceError:
+            return False  # one of them is bad: isolate it by running each alone
+        end = time.monotonic()
+        total = sum(rows)
+        if any(result.ndim == 0 or result.shape[0] != total for result in results):
+            log.warning("batching_disabled", model=self.model, reason="outputs not per row")
+            self._max_batch = 1
+            return False
+        offsets = np.cumsum([0, *rows])
+        for job, lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
+            self._finish(
+                job,
+                Completed(
+                    variant=variant.name,
+                    outputs={n: r[lo:hi] for n, r in zip(names, results, strict=True)},
+                    queue_ms=(start - job.enqueued) * 1000.0,
+                    infer_ms=(end - start) * 1000.0,
+                    batch_size=len(group),
+                ),
+            )
+        return True
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        self._stats.record(
+            (time.monotonic() - job.enqueued) * 1000.0, ok=isinstance(outcome, Completed)
+        )
+        self._notify(job, outcome)
+
+    def _notify(self, job: Job, outcome: Outcome) -> None:
+        try:
+            job.done(outcome)
+        except Exception:  # a broken callback must not kill the worker serving everyone else
+            log.exception("reply_callback_failed", model=self.model)

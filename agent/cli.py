@@ -1,0 +1,281 @@
+"""The `edge-agent` command: run the daemon, send a request, show a device's status.
+
+Exit codes: 0 success, 1 an error reply or a failed operation, 2 bad usage, 3 no broker or
+no reply in time, 78 invalid configuration (EX_CONFIG, so systemd does not restart on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from agent import __version__
+from agent.broker import BrokerError, local_broker
+from agent.config import AgentConfig, load_config, read_password
+from agent.errors import ConfigError, InvalidRequest
+from agent.logs import configure_logging
+from agent.protocol import decode_response, encode_request
+
+EX_CONFIG = 78
+EX_NOREPLY = 3
+
+log = structlog.get_logger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    handler = {"run": _run, "infer": _infer, "status": _status}[args.command]
+    return handler(args, config)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent", description="Serve ONNX models over MQTT on an edge board."
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", type=Path, help="TOML config (default /etc/edge-agent/config.toml)"
+        )
+        p.add_argument("--mqtt-host", help="broker host")
+        p.add_argument("--mqtt-port", type=int, help="broker port")
+        p.add_argument("--device-id", help="device id (topic level); default: host name")
+
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    common(run)
+    run.add_argument("--models-dir", type=Path, help="model directory (default ./models)")
+    run.add_argument(
+        "--embedded-broker",
+        nargs="?",
+        const="auto",
+        choices=["auto", "mosquitto", "amqtt"],
+        help="start a broker on loopback for this agent: a private mosquitto when installed "
+        "(MQTT 5), else amqtt in-process (MQTT 3.1.1)",
+    )
+    run.add_argument("--log-format", choices=["auto", "json", "console"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    infer = sub.add_parser("infer", help="send one inference request and print the reply")
+    common(infer)
+    infer.add_argument("model", help="model name")
+    infer.add_argument(
+        "file",
+        type=Path,
+        help="inputs: .npz (arrays named after inputs) or an Open Inference Protocol .json request",
+    )
+    infer.add_argument(
+        "--fleet",
+        action="store_true",
+        help="send to the fleet topic (any agent of the group answers)",
+    )
+    infer.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    infer.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    infer.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+
+    status = sub.add_parser("status", help="show the retained status of a device")
+    common(status)
+    status.add_argument("--all", action="store_true", help="every device under the prefix")
+    status.add_argument("--json", action="store_true", help="print the raw status JSON")
+    status.add_argument(
+        "--wait", type=float, default=1.0, help="seconds to collect retained statuses"
+    )
+    status.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+
+    return parser
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    overrides: dict[str, Any] = {
+        "mqtt.host": getattr(args, "mqtt_host", None),
+        "mqtt.port": getattr(args, "mqtt_port", None),
+        "mqtt.device_id": getattr(args, "device_id", None),
+        "models.dir": getattr(args, "models_dir", None),
+        "log.format": getattr(args, "log_format", None),
+        "log.level": getattr(args, "log_level", None),
+    }
+    return load_config(getattr(args, "config", None), overrides=overrides)
+
+
+def _run(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agent.service import Agent  # noqa: PLC0415  (keeps `infer`/`status` start-up light)
+
+    configure_logging(config.log.level, config.log.format)
+    broker = None
+    if args.embedded_broker:
+        broker = local_broker(args.embedded_broker, config.mqtt.port, "127.0.0.1")
+        try:
+            broker.start()
+        except BrokerError as exc:
+            log.error("broker_failed", kind=broker.kind, port=config.mqtt.port, error=str(exc))
+            return 1
+        config = config.model_copy(
+            update={
+                "mqtt": config.mqtt.model_copy(
+                    update={"host": broker.host, "protocol": broker.protocol}
+                )
+            }
+        )
+    try:
+        agent = Agent(config)
+        agent.install_signal_handlers()
+        agent.start()
+        agent.run_until_stopped()
+        agent.stop()
+    except ConfigError as exc:
+        log.error("config_invalid", error=str(exc))
+        return EX_CONFIG
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _connect(args: argparse.Namespace, config: AgentConfig) -> Any:
+    from agent.mqtt.requester import Requester  # noqa: PLC0415
+
+    requester = Requester(config.mqtt, protocol=args.protocol, password=read_password(config.mqtt))
+    requester.connect()
+    return requester
+
+
+def _infer(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agent.mqtt.requester import RequesterError  # noqa: PLC0415
+
+    try:
+        payload, header_length = _request_from_file(args.file, raw_json=args.json)
+    except (OSError, ValueError, InvalidRequest) as exc:
+        print(f"edge-agent infer: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    root = f"{config.mqtt.prefix}/fleet" if args.fleet else config.mqtt.device_topic
+    topic = f"{root}/infer/{args.model}"
+    try:
+        with _connect(args, config) as requester:
+            start = time.monotonic()
+            reply = requester.request(topic, payload, header_length, timeout=args.timeout)
+            elapsed_ms = (time.monotonic() - start) * 1000.0
+    except RequesterError as exc:
+        print(f"edge-agent infer: {exc}", file=sys.stderr)
+        return EX_NOREPLY
+    header, outputs = decode_response(reply.payload, reply.header_length)
+    if args.json:
+        print(
+            reply.payload[: reply.header_length].decode()
+            if reply.header_length
+            else reply.payload.decode()
+        )
+        return 1 if "error" in header else 0
+    if "error" in header:
+        print(f"error {header.get('code')}: {header['error']}", file=sys.stderr)
+        return 1
+    print(_describe_reply(header, outputs, elapsed_ms))
+    return 0
+
+
+def _request_from_file(path: Path, *, raw_json: bool) -> tuple[bytes, int | None]:
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            inputs = {name: data[name] for name in data.files if name != "labels"}
+        if not inputs:
+            raise ValueError("the .npz file holds no arrays")
+        # --json wants a reply it can print whole, so no binary outputs then.
+        return encode_request(inputs, binary=True, binary_outputs=not raw_json)
+    body = path.read_bytes()
+    header = json.loads(body)
+    if not isinstance(header, dict) or "inputs" not in header:
+        raise ValueError("not an Open Inference Protocol request (no 'inputs')")
+    return body, None
+
+
+def _describe_reply(header: dict[str, Any], outputs: dict[str, np.ndarray], ms: float) -> str:
+    params = header.get("parameters", {})
+    lines = [
+        f"{header.get('model_name')} answered by variant {header.get('model_version')} "
+        f"in {ms:.1f} ms round trip (queue {params.get('queue_ms', '?')} ms, "
+        f"inference {params.get('inference_ms', '?')} ms)"
+    ]
+    for name, array in outputs.items():
+        lines.append(f"  {name}: {array.dtype} {list(array.shape)}")
+        if array.ndim == 2 and array.dtype.kind == "f" and array.shape[1] > 1:
+            for row, values in enumerate(array[:16]):
+                top = np.argsort(values)[::-1][:3]
+                ranked = ", ".join(f"{int(i)} ({values[i]:.3f})" for i in top)
+                lines.append(f"    row {row}: top {ranked}")
+        else:
+            lines.append("    " + np.array2string(array, threshold=20, precision=4))
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agent.mqtt.requester import RequesterError  # noqa: PLC0415
+
+    device = "+" if args.all else config.mqtt.device_id
+    topic = f"{config.mqtt.prefix}/{device}/status"
+    try:
+        with _connect(args, config) as requester:
+            found = requester.retained(topic, args.wait)
+    except RequesterError as exc:
+        print(f"edge-agent status: {exc}", file=sys.stderr)
+        return EX_NOREPLY
+    if not found:
+        print(f"edge-agent status: no status retained on {topic}", file=sys.stderr)
+        return 1
+    statuses = {}
+    for name, payload in sorted(found.items()):
+        try:
+            statuses[name] = json.loads(payload)
+        except ValueError:
+            statuses[name] = {"state": payload.decode(errors="replace")}
+    if args.json:
+        print(json.dumps(statuses if args.all else next(iter(statuses.values())), indent=2))
+        return 0
+    print("\n\n".join(_describe_status(status) for status in statuses.values()))
+    return 0
+
+
+def _describe_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"device {status.get('device', '?')}: {status.get('state', '?')}"
+        + (
+            f"  (edge-agent {status['version']}, pid {status.get('pid')}, "
+            f"since {status.get('started_at')})"
+            if "version" in status
+            else ""
+        )
+    ]
+    models = status.get("models") or {}
+    if models:
+        width = max(len(name) for name in models)
+        lines.append(f"  {'model':<{width}}  {'active':<12} ladder / inputs")
+        for name, model in sorted(models.items()):
+            ladder = " > ".join(v["name"] for v in model.get("variants", []))
+            inputs = ", ".join(
+                f"{t['name']} {t['datatype']}{t['shape']}" for t in model.get("inputs", [])
+            )
+            lines.append(f"  {name:<{width}}  {model.get('active', '?'):<12} {ladder}")
+            lines.append(f"  {'':<{width}}  {'':<12} {inputs}")
+    elif status.get("state") == "online":
+        lines.append("  no models loaded")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

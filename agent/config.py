@@ -1,0 +1,341 @@
+"""The agent's configuration: pydantic models, read from TOML, environment and flags.
+
+Precedence, lowest to highest: built-in defaults, the TOML file, `EDGE_AGENT_<SECTION>__<KEY>`
+environment variables, command-line flags. An invalid value is refused with its key, the
+value, where it came from and why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
+MIB = 1024 * 1024
+
+# MQTT topic levels must not contain these; a device id or prefix is one or more levels.
+_TOPIC_SAFE = r"^[^#+\s$][^#+\s]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TlsConfig(_Section):
+    """TLS towards the broker."""
+
+    enabled: bool = Field(False, description="Connect with TLS.")
+    ca_file: Path | None = Field(None, description="CA bundle; unset uses the system's.")
+    cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(None, description="Client private key (mutual TLS).")
+    verify_hostname: bool = Field(True, description="Check the broker's name in its cert.")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttConfig(_Section):
+    """The broker link and the topic layout."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version; 3.1.1 for brokers without MQTT 5 (replies via reply_to)."
+    )
+    device_id: str = Field(
+        default_factory=socket.gethostname,
+        pattern=_TOPIC_SAFE,
+        max_length=128,
+        description="This device's topic level; the host name by default.",
+    )
+    prefix: str = Field("edge", pattern=_TOPIC_SAFE, max_length=128, description="Topic root.")
+    fleet_group: str = Field(
+        "edge-agents",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        max_length=128,
+        description="Shared-subscription group for fleet requests; empty to not join a fleet.",
+    )
+    client_id: str | None = Field(
+        None, max_length=128, description="MQTT client id; edge-agent-<device_id> by default."
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive interval.")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of subscriptions and of our publications.")
+    session_expiry_s: int = Field(
+        300,
+        ge=0,
+        le=86400,
+        description="How long the broker keeps our session (and queues requests) across a "
+        "disconnect; the first connection of a run always starts clean.",
+    )
+    reconnect_min_s: int = Field(1, ge=1, le=60, description="First reconnect delay.")
+    reconnect_max_s: int = Field(30, ge=1, le=3600, description="Longest reconnect delay.")
+    max_payload_bytes: int = Field(
+        64 * MIB, ge=1024, le=256 * MIB, description="Largest request accepted."
+    )
+    tcp_nodelay: bool = Field(True, description="Disable Nagle on the broker socket.")
+    username: str | None = Field(None, max_length=256, description="Broker user name.")
+    password_file: Path | None = Field(
+        None, description="File holding the broker password (never put it in the config)."
+    )
+    password_credential: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Name of a systemd credential ($CREDENTIALS_DIRECTORY) holding the password.",
+    )
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @model_validator(mode="after")
+    def _rules(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be below reconnect_min_s")
+        if self.password_file is not None and self.password_credential is not None:
+            raise ValueError("set password_file or password_credential, not both")
+        return self
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or f"edge-agent-{self.device_id}"
+
+    @property
+    def device_topic(self) -> str:
+        """`<prefix>/<device_id>`: the root of every topic this device owns."""
+        return f"{self.prefix}/{self.device_id}"
+
+
+class ModelsConfig(_Section):
+    """Where models come from and how they run."""
+
+    dir: Path = Field(Path("models"), description="The watched model directory.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="onnxruntime intra-op threads per session; the CPUs this process may "
+        "use by default.",
+    )
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker threads per model (concurrent session runs)."
+    )
+    max_queue: int = Field(
+        256, ge=1, le=100_000, description="Requests waiting per model before 'overloaded'."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Requests stacked into one run; 1 disables batching."
+    )
+    batch_delay_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a worker waits for more requests to fill a batch; 0 takes "
+        "only what is already queued.",
+    )
+    spin: bool = Field(
+        False,
+        description="Let onnxruntime threads spin between runs: lower latency, more CPU burnt.",
+    )
+    warmup: bool = Field(True, description="Run one inference on load before serving.")
+
+
+class MetricsConfig(_Section):
+    """The periodic metrics publication."""
+
+    interval_s: float = Field(10.0, ge=0.0, le=3600.0, description="0 disables metrics.")
+    window: int = Field(
+        2048, ge=16, le=1_000_000, description="Latest latencies kept for percentiles."
+    )
+
+
+class LogConfig(_Section):
+    """Logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field("info")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON lines otherwise (journald)."
+    )
+
+
+class AgentConfig(_Section):
+    """The whole configuration file."""
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the configuration from a TOML file, the environment and flag overrides.
+
+    `path` None reads `EDGE_AGENT_CONFIG` or `/etc/edge-agent/config.toml` when they exist
+    and defaults otherwise; an explicit path must exist. `overrides` maps dotted keys
+    (`"mqtt.port"`) to values from the command line; None values are ignored.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+
+    if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+        path = Path(env[f"{ENV_PREFIX}CONFIG"])
+    elif path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML: {exc}") from exc
+        _record_sources(data, (), f"file {path}", sources)
+
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = tuple(k.lower() for k in name[len(ENV_PREFIX) :].split("__"))
+        if not all(keys):
+            raise ConfigError(f"environment variable {name}: empty key level")
+        _set_path(data, keys, value)
+        sources[keys] = f"environment {name}"
+
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        keys = tuple(dotted.split("."))
+        _set_path(data, keys, value)
+        sources[keys] = "command line"
+
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, sources)) from exc
+
+
+def _record_sources(
+    data: Mapping[str, Any], prefix: tuple[str, ...], source: str, out: dict[tuple[str, ...], str]
+) -> None:
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            _record_sources(value, (*prefix, key), source, out)
+        else:
+            out[(*prefix, key)] = source
+
+
+def _set_path(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _explain(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "<root>"
+        where = sources.get(loc, "default")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (from {where})")
+            continue
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"  {key} = {shown}: {err['msg']} (from {where})")
+    return "\n".join(lines)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here: the affinity mask is the limit
+    return cpus
+
+
+def read_password(mqtt: MqttConfig, env: Mapping[str, str] | None = None) -> str | None:
+    """The broker password from its file or systemd credential, never from the config itself."""
+    env = os.environ if env is None else env
+    if mqtt.password_credential is not None:
+        directory = env.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(
+                f"mqtt.password_credential = {mqtt.password_credential!r}: "
+                "$CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"
+            )
+        path = Path(directory) / mqtt.password_credential
+    elif mqtt.password_file is not None:
+        path = mqtt.password_file
+    else:
+        return None
+    try:
+        return path.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"broker password file {path}: {exc.strerror}") from exc
+
+
+def example_toml() -> str:
+    """Every key with its default and description, as a commented TOML file."""
+    lines = [
+        "# edge-agent configuration. Every key is optional; shown with its default.",
+        "# Each can be overridden by EDGE_AGENT_<SECTION>__<KEY> in the environment.",
+    ]
+    _example_section(AgentConfig, (), lines)
+    return "\n".join(lines) + "\n"
+
+
+def _example_section(model: type[BaseModel], path: tuple[str, ...], lines: list[str]) -> None:
+    nested: list[tuple[str, type[BaseModel]]] = []
+    if path:
+        lines += ["", f"[{'.'.join(path)}]"]
+        doc = (model.__doc__ or "").strip().splitlines()
+        if doc:
+            lines.insert(len(lines) - 1, f"# {doc[0]}")
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested.append((name, annotation))
+            continue
+        if field.description:
+            lines.append(f"# {field.description}")
+        default = field.get_default(call_default_factory=True)
+        if name == "device_id":
+            lines.append('# device_id = "<host name>"')
+        elif default is None:
+            lines.append(f"# {name} =   (unset)")
+        else:
+            lines.append(f"# {name} = {_toml_value(default)}")
+    for name, sub in nested:
+        _example_section(sub, (*path, name), lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

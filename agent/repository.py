@@ -1,0 +1,117 @@
+"""The model directory: which models it holds and which files may be served.
+
+A folder with manifest.json is a model with a ladder of variants; a bare `.onnx` file is a
+model with one variant. Nothing here loads onnxruntime: it reads, validates and checks
+hashes, so that the session layer only ever sees files that are safe to open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import ManifestError, VariantRejected
+from agent.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, Variant, read_manifest
+
+BARE_VARIANT = "default"
+_NAME = re.compile(NAME_PATTERN)
+_HASH_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as found on disk: its name, where it lives and its ladder (richest first)."""
+
+    name: str
+    path: Path
+    variants: tuple[Variant, ...]
+    manifest: Manifest | None
+
+    @property
+    def folder(self) -> Path:
+        """The folder variant files are relative to."""
+        return self.path if self.manifest is not None else self.path.parent
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Something in the model directory that cannot be served, and why."""
+
+    path: Path
+    reason: str
+
+
+def scan(models_dir: Path) -> tuple[list[ModelSource], list[Rejection]]:
+    """Read every model in `models_dir`; entries that cannot be served come back as rejections.
+
+    Hidden entries (a leading '.') are skipped: they are where pushes stage their files
+    before an atomic rename.
+    """
+    if not models_dir.is_dir():
+        return [], [Rejection(models_dir, "model directory does not exist")]
+    models: list[ModelSource] = []
+    rejected: list[Rejection] = []
+    for entry in sorted(models_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() or entry.suffix == ".onnx":
+            try:
+                models.append(read_model(entry, models_dir))
+            except ManifestError as exc:
+                rejected.append(Rejection(entry, str(exc)))
+    return models, rejected
+
+
+def read_model(path: Path, models_dir: Path) -> ModelSource:
+    """Describe the model at `path` (a folder with a manifest, or a bare .onnx file)."""
+    _check_inside(path, models_dir)
+    if path.is_dir():
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ManifestError(f"{path}: no {MANIFEST_FILE} in the model folder")
+        manifest = read_manifest(manifest_path)
+        if manifest.name != path.name:
+            raise ManifestError(
+                f"{manifest_path}: name {manifest.name!r} differs from its folder {path.name!r}"
+            )
+        return ModelSource(manifest.name, path, tuple(manifest.variants), manifest)
+    name = path.stem
+    if not _NAME.match(name):
+        raise ManifestError(f"{path}: {name!r} is not a valid model name ({NAME_PATTERN})")
+    variant = Variant(name=BARE_VARIANT, file=path.name, size_bytes=path.stat().st_size)
+    return ModelSource(name, path, (variant,), None)
+
+
+def verify_variant(source: ModelSource, variant: Variant, models_dir: Path) -> Path:
+    """The variant's file, once it is known to exist, stay inside the models and match its hash."""
+    path = source.folder / variant.file
+    _check_inside(path, models_dir, what=f"variant {variant.name}")
+    if not path.is_file():
+        raise VariantRejected(f"variant {variant.name}: file {variant.file} is missing")
+    if variant.sha256 is not None:
+        digest = sha256_of(path)
+        if digest != variant.sha256:
+            raise VariantRejected(
+                f"variant {variant.name}: sha256 of {variant.file} is {digest}, "
+                f"the manifest says {variant.sha256}"
+            )
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so a large model does not double the RSS."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_inside(path: Path, models_dir: Path, what: str = "model") -> None:
+    # resolve() follows symlinks: a link pointing out of the model directory is refused.
+    resolved, root = path.resolve(), models_dir.resolve()
+    if resolved != root and root not in resolved.parents:
+        error = VariantRejected if what != "model" else ManifestError
+        raise error(f"{what}: {path} resolves to {resolved}, outside {root}")

@@ -1,0 +1,171 @@
+"""One loaded variant: an onnxruntime session, its signature, and running it.
+
+This is the only module that imports onnxruntime. A `LoadedVariant` is immutable once
+built; a model switches variants by swapping which `LoadedVariant` it points at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.datatypes import NUMPY_DTYPES, ORT_TYPES, Datatype
+from agent.errors import InferenceError, VariantRejected
+from agent.manifest import TensorSpec
+
+ort.set_default_logger_severity(3)  # onnxruntime's own warnings would bypass structlog
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How sessions run on this board."""
+
+    threads: int
+    spin: bool = False
+    warmup: bool = True
+
+
+class LoadedVariant:
+    """A variant ready to run: its session and the signature it serves."""
+
+    def __init__(
+        self,
+        model: str,
+        name: str,
+        path: Path,
+        session: ort.InferenceSession,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        load_ms: float,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.path = path
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self.load_ms = load_ms
+        self.warmed_up = False
+        self._session = session
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        name: str,
+        path: Path,
+        settings: SessionSettings,
+        expected_inputs: Sequence[TensorSpec] | None = None,
+        expected_outputs: Sequence[TensorSpec] | None = None,
+    ) -> LoadedVariant:
+        """Open `path` in onnxruntime and check it against the expected signature.
+
+        Raises VariantRejected when onnxruntime refuses the file or its signature differs
+        from the manifest's.
+        """
+        start = time.monotonic()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle spinning keeps a core busy between requests: costly on a board that is short
+        # of CPU, which is exactly when this agent matters.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if settings.spin else "0"
+        )
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail/InvalidGraph
+            raise VariantRejected(f"variant {name}: onnxruntime cannot load it: {exc}") from exc
+        inputs = [_spec(arg) for arg in session.get_inputs()]
+        outputs = [_spec(arg) for arg in session.get_outputs()]
+        if expected_inputs is not None:
+            inputs = _conform(name, "input", inputs, expected_inputs)
+        if expected_outputs is not None:
+            outputs = _conform(name, "output", outputs, expected_outputs)
+        variant = cls(model, name, path, session, inputs, outputs, 0.0)
+        if settings.warmup:
+            variant.warmed_up = variant.warm_up()
+        variant.load_ms = (time.monotonic() - start) * 1000.0
+        return variant
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> list[np.ndarray]:
+        """Run the session; any onnxruntime failure becomes an InferenceError."""
+        try:
+            result: list[np.ndarray] = self._session.run(
+                list(output_names) if output_names else None, dict(feeds)
+            )
+        except Exception as exc:  # onnxruntime's exception types are not a stable API
+            raise InferenceError(f"{self.model}/{self.name}: {_describe(exc)}") from exc
+        return result
+
+    def warm_up(self) -> bool:
+        """Run once on zeros (free dimensions set to 1) so the first request is not slow.
+
+        A model may legitimately refuse synthetic input, so a failure here is reported and
+        does not reject the variant.
+        """
+        feeds = {spec.name: _zeros(spec) for spec in self.inputs}
+        try:
+            self.run(feeds)
+        except InferenceError:
+            return False
+        return True
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    datatype = cast(Datatype | None, ORT_TYPES.get(arg.type))
+    if datatype is None:
+        raise VariantRejected(f"tensor {arg.name} has type {arg.type}, which is not served")
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or ()))
+    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
+
+
+def _conform(
+    variant: str, kind: str, actual: Sequence[TensorSpec], expected: Sequence[TensorSpec]
+) -> list[TensorSpec]:
+    """The manifest's signature, once it is known to agree with what the graph declares."""
+    by_name = {spec.name: spec for spec in actual}
+    if set(by_name) != {spec.name for spec in expected}:
+        raise VariantRejected(
+            f"variant {variant}: {kind}s are {sorted(by_name)}, "
+            f"the manifest says {sorted(spec.name for spec in expected)}"
+        )
+    for want in expected:
+        have = by_name[want.name]
+        if have.datatype != want.datatype:
+            raise VariantRejected(
+                f"variant {variant}: {kind} {want.name} is {have.datatype}, "
+                f"the manifest says {want.datatype}"
+            )
+        if len(have.shape) != len(want.shape) or any(
+            -1 not in (h, w) and h != w for h, w in zip(have.shape, want.shape, strict=True)
+        ):
+            raise VariantRejected(
+                f"variant {variant}: {kind} {want.name} has shape {list(have.shape)}, "
+                f"the manifest says {list(want.shape)}"
+            )
+    return list(expected)
+
+
+def _zeros(spec: TensorSpec) -> np.ndarray:
+    shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:1000] if text else type(exc).__name__

@@ -1,0 +1,149 @@
+"""Small ONNX models built with onnx.helper for the tests: each exercises one behaviour."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "models" / "digits"
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def scale_model(path: Path, factor: float = 2.0, width: int = 4) -> Path:
+    """y = x * factor + 1 on FP32 [-1, width]: trivially checkable outputs."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "factor"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "one"], ["y"]),
+        ],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [
+            numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor"),
+            numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def picky_model(path: Path) -> Path:
+    """x FP32 [-1, -1] times a 4x3 matrix: any width but 4 makes onnxruntime raise."""
+    weights = np.arange(12, dtype=np.float32).reshape(4, 3)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "picky",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    return _save(graph, path)
+
+
+def two_input_model(path: Path) -> Path:
+    """a INT64 [-1, 2] and b FP32 [-1, 2] -> total FP32 [-1, 2] and flag BOOL [-1, 2]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["a"], ["a_float"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["a_float", "b"], ["total"]),
+            helper.make_node("Greater", ["total", "zero"], ["flag"]),
+        ],
+        "two_input",
+        [
+            helper.make_tensor_value_info("a", TensorProto.INT64, ["n", 2]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["n", 2]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, ["n", 2]),
+        ],
+        [numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")],
+    )
+    return _save(graph, path)
+
+
+def slow_model(path: Path, width: int = 512, layers: int = 24) -> Path:
+    """A chain of square MatMuls: slow enough per row to fill a queue on purpose."""
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    nodes, previous = [], "x"
+    for layer in range(layers):
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [f"h{layer}"]))
+        previous = f"h{layer}"
+    nodes.append(helper.make_node("Identity", [previous], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    return _save(graph, path)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ladder_folder(
+    folder: Path,
+    variants: list[tuple[str, Path]],
+    *,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    hashes: bool = True,
+    **extra: Any,
+) -> Path:
+    """A model folder whose manifest lists `variants` (name, built file) richest first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, source in variants:
+        target = folder / f"{name}.onnx"
+        if source != target:
+            shutil.copyfile(source, target)
+        entry: dict[str, Any] = {
+            "name": name,
+            "file": target.name,
+            "size_bytes": target.stat().st_size,
+        }
+        if hashes:
+            entry["sha256"] = sha256(target)
+        entries.append(entry)
+    manifest = {
+        "name": folder.name,
+        "format": 1,
+        "inputs": inputs,
+        "outputs": outputs,
+        "variants": entries,
+        **extra,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def copy_demo(models_dir: Path) -> Path:
+    """The committed demo model (digits) copied into `models_dir`."""
+    return Path(shutil.copytree(DEMO_MODEL, models_dir / "digits"))
+
+
+def digits_samples(count: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits images (64 pixel values 0..16) and their labels."""
+    with np.load(REPO / "tools" / "requests" / "digits.npz") as data:
+        return data["input"][:count], data["labels"][:count]
