@@ -48,6 +48,7 @@ class Job:
     done: Callable[[Outcome], None]
     deadline: float | None = None  # monotonic; past it the client has given up
     enqueued: float = field(default_factory=time.monotonic)
+    notified: bool = False
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can be stacked along dimension 0."""
@@ -137,6 +138,11 @@ class BatchingQueue:
                 self._busy += 1
             try:
                 self._run_batch(batch)
+            except Exception as exc:  # a bug here must not strand the batch or kill the worker
+                log.exception("batch_failed", model=self.model, size=len(batch))
+                for job in batch:
+                    if not job.notified:
+                        self._finish(job, InferenceError(f"model {self.model}: {exc!r}"))
             finally:
                 with self._busy_lock:
                     self._busy -= 1
@@ -242,6 +248,7 @@ class BatchingQueue:
         self._notify(job, outcome)
 
     def _notify(self, job: Job, outcome: Outcome) -> None:
+        job.notified = True
         try:
             job.done(outcome)
         except Exception:  # a broken callback must not kill the worker serving everyone else

@@ -73,11 +73,12 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive interval.")
     qos: Literal[0, 1, 2] = Field(1, description="QoS of subscriptions and of our publications.")
     session_expiry_s: int = Field(
-        300,
+        0,
         ge=0,
         le=86400,
-        description="How long the broker keeps our session (and queues requests) across a "
-        "disconnect; the first connection of a run always starts clean.",
+        description="How long the broker keeps our session (and queues our requests) across "
+        "a disconnect. 0 (the default) never leaves requests with an agent that may not come "
+        "back: with a fleet, a dead agent's session would keep taking its share of requests.",
     )
     reconnect_min_s: int = Field(1, ge=1, le=60, description="First reconnect delay.")
     reconnect_max_s: int = Field(30, ge=1, le=3600, description="Longest reconnect delay.")

@@ -20,7 +20,13 @@ Publisher = Callable[[dict[str, Any]], None]
 
 # Events that mean something went wrong are logged as warnings.
 _WARNINGS = frozenset(
-    {"variant_rejected", "model_rejected", "broker_disconnected", "broker_refused"}
+    {
+        "variant_rejected",
+        "model_rejected",
+        "broker_disconnected",
+        "broker_refused",
+        "subscription_refused",
+    }
 )
 
 

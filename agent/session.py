@@ -19,7 +19,9 @@ from agent.datatypes import NUMPY_DTYPES, ORT_TYPES, Datatype
 from agent.errors import InferenceError, VariantRejected
 from agent.manifest import TensorSpec
 
-ort.set_default_logger_severity(3)  # onnxruntime's own warnings would bypass structlog
+# onnxruntime prints its own errors to stderr, bypassing structlog; every failure it reports
+# reaches us as an exception that we log (or answer) ourselves.
+ort.set_default_logger_severity(4)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class LoadedVariant:
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if settings.spin else "0"
         )
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]

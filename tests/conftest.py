@@ -93,9 +93,9 @@ def start_agent(broker: MosquittoBroker, models_dir: Path) -> Iterator[Callable[
     started: list[RunningAgent] = []
 
     def start(
-        models: Path | None = None, port: int | None = None, **sections: dict[str, Any]
+        directory: Path | None = None, port: int | None = None, **sections: dict[str, Any]
     ) -> RunningAgent:
-        config = agent_config(port or broker.port, models or models_dir, **sections)
+        config = agent_config(port or broker.port, directory or models_dir, **sections)
         running = RunningAgent(config).start()
         started.append(running)
         return running

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +81,7 @@ def two_input_model(path: Path) -> Path:
     return _save(graph, path)
 
 
-def slow_model(path: Path, width: int = 512, layers: int = 24) -> Path:
+def slow_model(path: Path, width: int = 512, layers: int = 200) -> Path:
     """A chain of square MatMuls: slow enough per row to fill a queue on purpose."""
     rng = np.random.default_rng(0)
     weights = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
@@ -96,6 +98,23 @@ def slow_model(path: Path, width: int = 512, layers: int = 24) -> Path:
         [numpy_helper.from_array(weights, "w")],
     )
     return _save(graph, path)
+
+
+def rows_for_seconds(path: Path, seconds: float) -> int:
+    """How many rows make one run of `path` (a slow_model) take about `seconds` on 1 thread."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    width = session.get_inputs()[0].shape[1]
+    probe = np.ones((64, width), dtype=np.float32)
+    session.run(None, {"x": probe})
+    # The fastest of a few runs: other work on the machine only makes the real run longer.
+    fastest = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        session.run(None, {"x": probe})
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(64, int(seconds / (fastest / 64)))
 
 
 def sha256(path: Path) -> str:
@@ -147,3 +166,29 @@ def digits_samples(count: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Held-out digits images (64 pixel values 0..16) and their labels."""
     with np.load(REPO / "tools" / "requests" / "digits.npz") as data:
         return data["input"][:count], data["labels"][:count]
+
+
+def lookup_model(path: Path) -> Path:
+    """y[i] = x[i, idx[i]]: an index out of range makes onnxruntime raise for that row."""
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["x", "idx"], ["y"], axis=1)],
+        "lookup",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["n", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+    )
+    return _save(graph, path)
+
+
+def pooling_model(path: Path) -> Path:
+    """Sums over the batch dimension: stacking requests would mix them, so it must not."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        "pooling",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 4])],
+        [numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
+    )
+    return _save(graph, path)

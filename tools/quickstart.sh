@@ -6,6 +6,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$(repo_root)"
 
+trap 'echo "quickstart: \"$BASH_COMMAND\" failed with status $?" >&2' ERR
+
 once=0
 [ "${1:-}" = "--once" ] && once=1
 
@@ -24,15 +26,22 @@ if .venv/bin/python -c "from agent.broker import port_in_use; raise SystemExit(n
 fi
 device=demo
 log=.quickstart.log
+rm -f "$log"
 
 echo "==> starting: edge-agent run --embedded-broker --mqtt-port $port --device-id $device"
 .venv/bin/edge-agent run --embedded-broker --mqtt-port "$port" --device-id "$device" \
   --models-dir models --log-format console 2> >(tee "$log" >&2) &
 agent=$!
-trap 'kill -TERM $agent 2>/dev/null; wait $agent 2>/dev/null' EXIT INT TERM
+stop_agent() {
+  local status=$?
+  kill -TERM "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+  return "$status"
+}
+trap stop_agent EXIT
+trap 'exit 130' INT TERM
 
 for _ in $(seq 100); do
-  grep -q broker_connected "$log" 2>/dev/null && break
+  grep -q "broker_connected" "$log" 2>/dev/null && break
   kill -0 $agent 2>/dev/null || { echo "the agent exited; see above" >&2; exit 1; }
   sleep 0.1
 done

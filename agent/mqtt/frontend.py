@@ -29,7 +29,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.batching import Completed, Outcome
 from agent.config import MqttConfig
 from agent.control import ControlCommands
-from agent.errors import EdgeAgentError, InvalidRequest, PayloadTooLarge, RequestExpired
+from agent.errors import (
+    EdgeAgentError,
+    InferenceError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestExpired,
+)
 from agent.events import Events
 from agent.models import ModelManager
 from agent.mqtt.connection import build_client, connect_properties, is_v5, publish_properties
@@ -82,6 +88,8 @@ class MqttFrontend:
         self._fleet_prefix = f"{config.prefix}/fleet/infer/"
         self._control_prefix = f"{root}/control/"
         self._connected = threading.Event()
+        self._subscribe_mid: int | None = None
+        self._session_present = False
         self._accepting = True
         self._stopping = False
         self._last_loop = time.monotonic()
@@ -89,6 +97,7 @@ class MqttFrontend:
         self._v5 = is_v5(self._client)
         self._client.will_set(self.status_topic, self._state_payload("offline"), qos=1, retain=True)
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
@@ -190,16 +199,38 @@ class MqttFrontend:
         topics: list[tuple[str, Any]] = [
             (topic, SubscribeOptions(qos=qos) if self._v5 else qos) for topic in self.subscriptions
         ]
-        if self._accepting:
-            client.subscribe(topics)
+        self._session_present = bool(flags.session_present)
+        if not self._accepting:
+            self._ready()
+            return
+        # Ready only once the broker has acknowledged the subscriptions: a request sent
+        # before that would find nobody subscribed.
+        _, self._subscribe_mid = client.subscribe(topics)
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        for topic, reason in zip(self.subscriptions, reasons, strict=False):
+            if reason.is_failure:
+                self._events.emit("subscription_refused", topic=topic, reason=str(reason))
+        self._ready()
+
+    def _ready(self) -> None:
         self._connected.set()
-        client.publish(self.status_topic, self._state_payload("online"), qos=1, retain=True)
+        self._client.publish(self.status_topic, self._state_payload("online"), qos=1, retain=True)
         self._events.attach(self._publish_event)
         self._events.emit(
             "broker_connected",
             host=self._config.host,
             port=self._config.port,
-            session_present=bool(flags.session_present),
+            session_present=self._session_present,
         )
 
     def _on_disconnect(
@@ -292,9 +323,14 @@ class MqttFrontend:
                 (name, array, binary.get(name, default_binary))
                 for name, array in outcome.outputs.items()
             ]
-            payload, header_length = encode_response(
-                model, outcome.variant, request.id, tensors, parameters
-            )
+            try:
+                payload, header_length = encode_response(
+                    model, outcome.variant, request.id, tensors, parameters
+                )
+            except (ValueError, TypeError) as exc:
+                error = InferenceError(f"cannot encode the outputs: {exc}")
+                self._fail(address, model, request.id, error)
+                return
             self._send(address, payload, header_length)
 
         return reply

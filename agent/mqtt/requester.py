@@ -213,7 +213,7 @@ def _with_reply_fields(
     header.setdefault("id", token)
     header["reply_to"] = reply_to
     key = str(header["id"]).encode()
-    return json.dumps(header, separators=(",", ":")).encode() + payload[end:], key
+    return key, json.dumps(header, separators=(",", ":")).encode() + payload[end:]
 
 
 def _reply_id(payload: bytes | bytearray) -> bytes | None:

@@ -1,0 +1,201 @@
+"""Requests over a real mosquitto, as each kind of client sends them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import tritonclient.http as oip
+
+from agent.broker import MosquittoBroker
+from agent.protocol import decode_response, encode_request
+from tests import onnx_models
+from tests.conftest import HEADER, Probe, RunningAgent, body
+
+
+def digits_request(count: int = 4, request_id: str = "r1") -> tuple[dict[str, object], np.ndarray]:
+    images, labels = onnx_models.digits_samples(count)
+    request = {
+        "id": request_id,
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [count, 64],
+                "datatype": "FP32",
+                "data": images.reshape(-1).tolist(),
+            }
+        ],
+    }
+    return request, labels
+
+
+def test_mqtt5_request_is_answered_on_the_response_topic(agent: RunningAgent, probe: Probe) -> None:
+    """An MQTT 5 request gets its reply on the Response Topic, naming the variant that answered."""
+    request, labels = digits_request()
+    reply = body(probe.request(f"{agent.topic}/infer/digits", json.dumps(request)))
+    assert reply["model_name"] == "digits"
+    assert reply["model_version"] == "fp32"
+    assert reply["id"] == "r1"
+    (output,) = reply["outputs"]
+    assert output["shape"] == [4, 10]
+    probabilities = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+    assert (probabilities.argmax(axis=1) == labels).all()
+    parameters = reply["parameters"]
+    assert parameters["total_ms"] >= parameters["inference_ms"] > 0
+    assert parameters["batch_size"] == 1
+
+
+def test_mqtt311_client_uses_reply_to_and_id(agent: RunningAgent, broker: MosquittoBroker) -> None:
+    """An MQTT 3.1.1 client names its reply topic in the JSON and matches replies by id."""
+    client = Probe(broker.port, protocol=mqtt.MQTTv311)
+    try:
+        request, labels = digits_request(2, "v3-1")
+        request["reply_to"] = client.reply_topic
+        client.publish(f"{agent.topic}/infer/digits", json.dumps(request))
+        reply = body(client.expect(client.reply_topic))
+    finally:
+        client.close()
+    assert reply["id"] == "v3-1"
+    data = np.array(reply["outputs"][0]["data"]).reshape(2, 10)
+    assert (data.argmax(axis=1) == labels).all()
+
+
+def test_binary_tensors_both_ways_with_triton_client(agent: RunningAgent, probe: Probe) -> None:
+    """A request built by Triton's client (binary input and output) is answered in binary."""
+    images, labels = onnx_models.digits_samples(8)
+    tensor = oip.InferInput("input", [8, 64], "FP32")
+    tensor.set_data_from_numpy(images.astype(np.float32), binary_data=True)
+    payload, header_length = oip.InferenceServerClient.generate_request_body(
+        [tensor],
+        outputs=[oip.InferRequestedOutput("probabilities", binary_data=True)],
+        request_id="bin-1",
+    )
+    reply = probe.request(f"{agent.topic}/infer/digits", payload, header_length=header_length)
+    (reply_header_length,) = [int(v) for k, v in reply.properties.UserProperty if k == HEADER]
+    assert reply_header_length < len(reply.payload)
+    header = json.loads(reply.payload[:reply_header_length])
+    assert "data" not in header["outputs"][0]
+    result = oip.InferResult.from_response_body(reply.payload, header_length=reply_header_length)
+    assert (result.as_numpy("probabilities").argmax(axis=1) == labels).all()
+    assert result.get_response()["id"] == "bin-1"
+
+
+def test_binary_tensors_over_mqtt311(agent: RunningAgent, broker: MosquittoBroker) -> None:
+    """Without user properties, the first JSON value is the header and raw bytes follow it."""
+    client = Probe(broker.port, protocol=mqtt.MQTTv311)
+    try:
+        images, labels = onnx_models.digits_samples(3)
+        payload, _ = encode_request(
+            {"input": images.astype(np.float32)}, "v3-bin", reply_to=client.reply_topic
+        )
+        client.publish(f"{agent.topic}/infer/digits", payload)
+        reply = client.expect(client.reply_topic)
+    finally:
+        client.close()
+    header, outputs = decode_response(reply.payload, None)
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == 3 * 10 * 4
+    assert (outputs["probabilities"].argmax(axis=1) == labels).all()
+
+
+def test_mosquitto_rr_gets_an_answer(
+    agent: RunningAgent, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The standard mosquitto_rr client works out of the box (Response Topic + Correlation)."""
+    request, labels = digits_request(1, "rr")
+    result = subprocess.run(
+        [
+            "mosquitto_rr",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-q",
+            "1",
+            "-t",
+            f"{agent.topic}/infer/digits",
+            "-e",
+            "test/rr/reply",
+            "-W",
+            "10",
+            "-m",
+            json.dumps(request),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    reply = json.loads(result.stdout)
+    assert reply["id"] == "rr"
+    assert int(np.argmax(reply["outputs"][0]["data"])) == labels[0]
+
+
+def test_requested_outputs_only(agent: RunningAgent, probe: Probe) -> None:
+    """Only the outputs a request names are computed and returned."""
+    request = {
+        "inputs": [
+            {"name": "a", "shape": [1, 2], "datatype": "INT64", "data": [1, -3]},
+            {"name": "b", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1]},
+        ],
+        "outputs": [{"name": "flag"}],
+    }
+    reply = body(probe.request(f"{agent.topic}/infer/pair", json.dumps(request)))
+    assert [(o["name"], o["datatype"], o["data"]) for o in reply["outputs"]] == [
+        ("flag", "BOOL", [True, False])
+    ]
+    assert "id" not in reply
+
+
+def test_fleet_requests_are_shared_between_agents(start_agent: object, probe: Probe) -> None:
+    """Two agents in one fleet group split requests sent to the shared fleet topic."""
+    first = start_agent()  # type: ignore[operator]
+    second = start_agent()  # type: ignore[operator]
+    request, _ = digits_request(1)
+    payload = json.dumps(request)
+    for _ in range(40):
+        probe.request("edge/fleet/infer/digits", payload)
+    counts = [a.agent.manager.get("digits").stats.snapshot().requests for a in (first, second)]
+    assert sum(counts) == 40
+    assert min(counts) > 0, f"one agent took everything: {counts}"
+
+
+def test_concurrent_clients_each_get_their_own_answer(
+    agent: RunningAgent, broker: MosquittoBroker
+) -> None:
+    """Many requests in flight from several clients: every reply matches its request."""
+    errors: list[str] = []
+
+    def client_run(index: int) -> None:
+        client = Probe(broker.port)
+        try:
+            images, labels = onnx_models.digits_samples(8)
+            for i in range(8):
+                request = {
+                    "id": f"{index}-{i}",
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [1, 64],
+                            "datatype": "FP32",
+                            "data": images[i].tolist(),
+                        }
+                    ],
+                }
+                reply = body(client.request(f"{agent.topic}/infer/digits", json.dumps(request)))
+                if reply["id"] != f"{index}-{i}" or (
+                    int(np.argmax(reply["outputs"][0]["data"])) != labels[i]
+                ):
+                    errors.append(f"wrong reply {reply['id']} for {index}-{i}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=client_run, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
