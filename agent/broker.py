@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import getpass
 import shutil
 import signal
 import socket
@@ -127,6 +128,9 @@ class MosquittoBroker:
         conf = self.config_dir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
+            # Stay the user that started it: a switch of user (mosquitto drops root by
+            # default) would clear the parent-death signal that ties it to the agent.
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             "persistence false\n"
             # Without it, small QoS 1 exchanges wait ~40 ms on Nagle + delayed ACK.

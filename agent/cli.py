@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if args.command == "bench":
+        from agent.bench import main as bench  # noqa: PLC0415  (only the bench needs it)
+
+        return bench(args, config)
     handler = {"run": _run, "infer": _infer, "status": _status}[args.command]
     return handler(args, config)
 
@@ -100,6 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
 
+    bench = sub.add_parser(
+        "bench", help="latency and throughput beside raw onnxruntime and a bare MQTT echo"
+    )
+    bench.add_argument("--config", type=Path, help="agent config for the benchmarked agent")
+    bench.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("models/digits"),
+        help="model folder to serve (default models/digits)",
+    )
+    bench.add_argument("--requests", type=int, default=2000, help="sequential requests")
+    bench.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds with N in flight")
+    bench.add_argument("--batch", type=int, default=1, help="rows per request")
+    bench.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
