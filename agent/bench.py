@@ -399,10 +399,10 @@ def echo_responder(port: int) -> None:
         request = msg.properties
         assert request is not None  # an MQTT 5 client always has properties
         props = publish_properties()
-        props.CorrelationData = request.CorrelationData
+        props.CorrelationData = getattr(request, "CorrelationData", None)
         if hasattr(request, "UserProperty"):
             props.UserProperty = request.UserProperty
-        c.publish(request.ResponseTopic, msg.payload, qos=msg.qos, properties=props)
+        c.publish(getattr(request, "ResponseTopic", ""), msg.payload, qos=msg.qos, properties=props)
 
     client.on_message = on_message
     client.on_connect = lambda c, *_: c.subscribe(f"{ECHO_TOPIC}/+", qos=1)
