@@ -202,24 +202,21 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> int:
         if weight is None or not plain or shared or weight.ndim != 2:
             rewritten.append(node)
             continue
+        beta = attrs.get("beta", 1.0)
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        bias = index.weight(node.input[2]) if has_bias else None
+        if has_bias and beta != 1.0 and bias is None:
+            rewritten.append(node)  # a scaled runtime bias: leave the node alone
+            continue
         if attrs.get("transB", 0):
             index.set_weight(node.input[1], np.ascontiguousarray(weight.T))
-        if len(node.input) > 2 and node.input[2]:
-            bias = index.weight(node.input[2])
-            if bias is not None and attrs.get("beta", 1.0) != 1.0:
-                index.set_weight(node.input[2], (bias * attrs["beta"]).astype(bias.dtype))
-            elif bias is None and attrs.get("beta", 1.0) != 1.0:
-                rewritten.append(node)  # a scaled runtime bias: leave it alone
-                continue
+        if bias is not None and beta != 1.0:
+            index.set_weight(node.input[2], (bias * beta).astype(bias.dtype))
+        if has_bias:
             product = f"{node.output[0]}__matmul"
-            rewritten.append(
-                helper.make_node(
-                    "MatMul", node.input[:2], [product], name=f"{node.output[0]}_matmul"
-                )
-            )
-            rewritten.append(
-                helper.make_node("Add", [product, node.input[2]], node.output, name=node.name)
-            )
+            matmul = helper.make_node("MatMul", node.input[:2], [product], name=f"{product}_node")
+            add = helper.make_node("Add", [product, node.input[2]], node.output, name=node.name)
+            rewritten += [matmul, add]
         else:
             rewritten.append(
                 helper.make_node("MatMul", node.input[:2], node.output, name=node.name)
