@@ -18,6 +18,7 @@ import onnx
 import structlog
 from onnx import helper
 
+from compressor.activations import collect
 from compressor.data import Dataset
 from compressor.errors import UnsupportedModelError
 from compressor.graph import (
@@ -28,7 +29,6 @@ from compressor.graph import (
     weight_elements,
 )
 from compressor.model import OnnxModel, save_model, signature_of_bytes
-from compressor.prune.activations import collect
 from compressor.prune.correction import ConvGeometry, refit_conv, refit_dense
 from compressor.prune.units import Unit, find_units
 
