@@ -71,7 +71,7 @@ def distill(model: OnnxModel, out: Path, inputs: Dataset, settings: DistillSetti
         student.fit(x, y.reshape(len(y), -1))
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         log.info("student_not_converged", max_iter=settings.max_iter)
-    proto = _export(student, model, feature_input, head, x.shape[1], y.shape[1])
+    proto = _export(student, model, feature_input, head, y.shape[1])
     signature = signature_of_bytes(proto.SerializeToString(), str(out))
     if signature != model.signature:
         raise UnsupportedModelError(f"{out}: the student's signature differs from the teacher's")
@@ -142,15 +142,10 @@ def _augment(x: np.ndarray, settings: DistillSettings) -> np.ndarray:
 
 
 def _export(
-    student: MLPRegressor,
-    teacher: OnnxModel,
-    feature_input: str,
-    head: _Head,
-    features: int,
-    width: int,
+    student: MLPRegressor, teacher: OnnxModel, feature_input: str, head: _Head, width: int
 ) -> onnx.ModelProto:
     opset = max(MIN_OPSET, teacher.opset)
-    sample = np.zeros((1, features), dtype=np.float32)
+    sample = np.zeros((1, student.n_features_in_), dtype=np.float32)
     proto: onnx.ModelProto = to_onnx(student, sample, target_opset=opset)
     graph = proto.graph
     _fix_regressor_shape(graph, width)
