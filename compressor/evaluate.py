@@ -57,17 +57,12 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """Everything measured about one variant, relative to the original where it says so."""
+class Quality:
+    """How close a variant's outputs are to the original's (and to the labels, if any)."""
 
-    name: str
-    path: Path
-    size_bytes: int
     accuracy: float | None
     reference_accuracy: float | None
     fidelity: Fidelity
-    latency: Latency
-    peak_rss_mb: float | None
 
     @property
     def quality(self) -> float:
@@ -82,22 +77,48 @@ class Evaluation:
         return self.fidelity.cosine >= budget.min_cosine - 1e-9
 
 
+@dataclass(frozen=True)
+class Evaluation(Quality):
+    """Everything measured about one variant: quality, size, latency and peak memory."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    latency: Latency
+    peak_rss_mb: float | None
+
+
+def score(
+    reference: Path, variants: Mapping[str, Path], data: Dataset, threads: int
+) -> dict[str, Quality]:
+    """Accuracy (with labels) and fidelity to `reference` of each variant on `data`."""
+    ref_outputs = run_dataset(open_session(reference, threads), data)
+    ref_accuracy = accuracy(ref_outputs, data.labels) if data.labels is not None else None
+    scores: dict[str, Quality] = {}
+    for name, path in variants.items():
+        outputs = run_dataset(open_session(path, threads), data)
+        _check_same_outputs(name, ref_outputs, outputs)
+        acc = accuracy(outputs, data.labels) if data.labels is not None else None
+        scores[name] = Quality(acc, ref_accuracy, fidelity(ref_outputs, outputs))
+        log.info("variant_scored", variant=name, accuracy=acc, cosine=scores[name].fidelity.cosine)
+    return scores
+
+
 def evaluate(
     reference: Path,
     variants: Mapping[str, Path],
     data: Dataset,
     settings: EvalSettings,
+    scores: Mapping[str, Quality] | None = None,
 ) -> dict[str, Evaluation]:
-    """Measure each variant against `reference` on `data` (the reference may be among them)."""
-    ref_outputs = run_dataset(open_session(reference, settings.threads), data)
-    ref_accuracy = accuracy(ref_outputs, data.labels) if data.labels is not None else None
-    quality: dict[str, tuple[float | None, Fidelity]] = {}
-    for name, path in variants.items():
-        outputs = run_dataset(open_session(path, settings.threads), data)
-        _check_same_outputs(name, ref_outputs, outputs)
-        acc = accuracy(outputs, data.labels) if data.labels is not None else None
-        quality[name] = (acc, fidelity(ref_outputs, outputs))
-        log.info("variant_scored", variant=name, accuracy=acc, cosine=quality[name][1].cosine)
+    """Measure each variant against `reference` on `data` (the reference may be among them).
+
+    Latency is measured for all variants together, interleaved; `scores` skips re-scoring
+    variants whose quality is already known.
+    """
+    known = dict(scores or {})
+    missing = {n: p for n, p in variants.items() if n not in known}
+    known.update(score(reference, missing, data, settings.threads) if missing else {})
     latencies = measure_latencies(list(variants.values()), data, settings.latency)
     results: dict[str, Evaluation] = {}
     for (name, path), latency in zip(variants.items(), latencies, strict=True):
@@ -106,14 +127,14 @@ def evaluate(
             if settings.measure_memory
             else None
         )
-        acc, fid = quality[name]
+        quality = known[name]
         results[name] = Evaluation(
+            accuracy=quality.accuracy,
+            reference_accuracy=quality.reference_accuracy,
+            fidelity=quality.fidelity,
             name=name,
             path=path,
             size_bytes=path.stat().st_size,
-            accuracy=acc,
-            reference_accuracy=ref_accuracy,
-            fidelity=fid,
             latency=latency,
             peak_rss_mb=rss,
         )

@@ -92,12 +92,15 @@ def cnn_model(
     size: int = 64,
     classes: int = 10,
     seed: int = 0,
+    stem_stride: int = 1,
 ) -> onnx.ModelProto:
     """A conv classifier on 1x3xSxS: (Conv3x3 -> BatchNorm -> Relu -> MaxPool) per stage.
 
-    Weights are random but He-scaled and the BatchNorm statistics are set so activations
-    keep unit scale: fidelity is measured against fp32, so the network need not be trained,
-    only numerically realistic.
+    With `stem_stride` > 1 the first conv is a strided stem without pooling, as in ResNet
+    or YOLO, so the cost sits in the 3x3 convs over many channels rather than in a
+    3-channel conv at full resolution. Weights are random but He-scaled and BatchNorm keeps
+    activations at unit scale: fidelity is measured against fp32, so the network need not
+    be trained, only numerically realistic.
     """
     rng = np.random.default_rng(seed)
     inits: list[TensorProto] = []
@@ -113,9 +116,14 @@ def cnn_model(
             numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), f"bn{i}.mean"),
             numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), f"bn{i}.var"),
         ]
+        stride = stem_stride if i == 0 else 1
         nodes += [
             helper.make_node(
-                "Conv", [prev, f"conv{i}.w", f"conv{i}.b"], [f"c{i}"], pads=[1, 1, 1, 1]
+                "Conv",
+                [prev, f"conv{i}.w", f"conv{i}.b"],
+                [f"c{i}"],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
             ),
             helper.make_node(
                 "BatchNormalization",
@@ -123,9 +131,13 @@ def cnn_model(
                 [f"n{i}"],
             ),
             helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
-            helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]),
         ]
-        prev, cin = f"p{i}", cout
+        prev, cin = f"r{i}", cout
+        if stride == 1:
+            nodes.append(
+                helper.make_node("MaxPool", [prev], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2])
+            )
+            prev = f"p{i}"
     fc = rng.normal(0, np.sqrt(1.0 / cin), (cin, classes)).astype(np.float32)
     inits += [
         numpy_helper.from_array(fc, "fc.w"),
@@ -212,6 +224,37 @@ def if_subgraph_model(seed: int = 0) -> onnx.ModelProto:
         "branches",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 16])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [-1, 4])],
+    )
+    return _finish(graph)
+
+
+def outlier_mlp_model(seed: int = 0) -> onnx.ModelProto:
+    """A 4-layer MLP where one hidden channel runs 1000x hotter than the rest.
+
+    The next layer scales that channel back down, so the function is ordinary, but an
+    int8 per-tensor activation range sized for the outlier crushes every other channel:
+    the two layers touching that tensor are far more sensitive than the others.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = [(16, 32), (32, 32), (32, 32), (32, 4)]
+    weights = [rng.normal(0, 1 / np.sqrt(s[0]), s).astype(np.float32) for s in shapes]
+    weights[0][:, 0] *= 1000.0
+    weights[1][0, :] /= 1000.0
+    nodes: list[onnx.NodeProto] = []
+    prev = "input"
+    for i in range(len(shapes)):
+        last = i == len(shapes) - 1
+        out = "output" if last else f"h{i + 1}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i + 1}"], [out], name=f"layer{i + 1}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"a{i + 1}"], name=f"relu{i + 1}"))
+            prev = f"a{i + 1}"
+    graph = helper.make_graph(
+        nodes,
+        "outlier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [-1, 4])],
+        [numpy_helper.from_array(w, f"w{i + 1}") for i, w in enumerate(weights)],
     )
     return _finish(graph)
 

@@ -80,7 +80,7 @@ def test_budget_boundary() -> None:
 
     def at(acc: float) -> Evaluation:
         return Evaluation(
-            "v", Path("v.onnx"), 1, acc, 0.95, Fidelity(1, 1, 0, 1), Latency(1.0, 1.0, 8), None
+            acc, 0.95, Fidelity(1, 1, 0, 1), "v", Path("v.onnx"), 1, Latency(1.0, 1.0, 8), None
         )
 
     assert at(0.94).within(Budget(0.01))
