@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from compressor.data import Dataset
@@ -76,7 +77,7 @@ class Recipe:
 class OpMix:
     """What kinds of weights a model holds, which decides the candidates that fit it."""
 
-    dense: bool  # MatMul/Gemm with constant weights
+    dense: bool  # MatMul/Gemm hold most of the weights: the dense-only quantizers pay
     conv: bool  # Conv with constant weights
     prunable: bool
     vector_input: bool
@@ -90,14 +91,15 @@ def op_mix(model: OnnxModel) -> OpMix:
     proto.CopyFrom(model.proto)
     constants_to_initializers(proto)
     index = GraphIndex(proto.graph)
-    weighted = {
-        node.op_type
-        for node in proto.graph.node
-        if len(node.input) > 1 and node.input[1] in index.initializers
-    }
+    weighted: dict[str, int] = {}
+    for node in proto.graph.node:
+        if len(node.input) > 1 and node.input[1] in index.initializers:
+            size = int(np.prod(index.initializers[node.input[1]].dims))
+            weighted[node.op_type] = weighted.get(node.op_type, 0) + size
     inner = subgraph_weights(proto.graph)
     ops = dict(op_counts(proto.graph))
-    if not weighted & {"MatMul", "Gemm", "Conv"}:
+    dense = weighted.get("MatMul", 0) + weighted.get("Gemm", 0)
+    if not dense + weighted.get("Conv", 0):
         if inner.tensors:
             raise UnsupportedModelError(
                 f"nothing to compress: the weights sit inside the subgraphs of "
@@ -110,7 +112,8 @@ def op_mix(model: OnnxModel) -> OpMix:
     spec = model.signature.inputs
     vector = len(spec) == 1 and spec[0].datatype == "FP32" and len(spec[0].shape) == 2
     return OpMix(
-        dense=bool(weighted & {"MatMul", "Gemm"}),
+        # A conv net's small classifier head is no reason to run dense-only quantizers.
+        dense=dense >= weighted.get("Conv", 0),
         conv="Conv" in weighted,
         prunable=bool(units),
         vector_input=vector,

@@ -115,3 +115,9 @@ def vector16(models_dir: Path) -> Path:
     return Dataset({"input": rng.normal(0, 1, (48, 16)).astype(np.float32)}).save(
         models_dir / "vector16.npz"
     )
+
+
+@pytest.fixture(scope="session")
+def outlier_mlp(models_dir: Path) -> Path:
+    """A 4-layer MLP with one 1000x hotter hidden channel that int8 activations crush."""
+    return cm.save(cm.outlier_mlp_model(), models_dir / "outlier.onnx")
