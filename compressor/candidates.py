@@ -64,9 +64,9 @@ class Candidate:
 class Recipe:
     """Which candidates the ladder tries."""
 
-    prune_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    prune_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875)
     calibrations: tuple[Calibration, ...] = tuple(Calibration)
-    student_shares: tuple[float, ...] = (0.5, 0.25)  # student weights / teacher weights
+    student_shares: tuple[float, ...] = (0.5, 0.25, 0.125)  # student weights / teacher weights
     distill_augment: int = 32
     int4: bool = True
     fp16: bool = True

@@ -86,7 +86,7 @@ def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument(
         "--prune-ratios",
         type=_ratios,
-        default=(0.25, 0.5, 0.75),
+        default=Recipe().prune_ratios,
         help="comma-separated fractions of neurons/channels to try removing",
     )
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision search")

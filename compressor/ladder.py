@@ -99,13 +99,16 @@ def build_ladder(
                 scores |= score(model.path, {"int8-mixed": mixed.path}, eval_set, settings.threads)
             except CompressorError as exc:
                 failures.append(Decision("int8-mixed", False, f"failed: {exc}"))
+        twins = _calibration_twins(scores, settings.budget)
         survivors = {
-            n: p for n, p in paths.items() if n == REFERENCE or scores[n].within(settings.budget)
+            n: p
+            for n, p in paths.items()
+            if n not in twins and (n == REFERENCE or scores[n].within(settings.budget))
         }
         log.info("ladder_phase", phase="measure", variants=len(survivors))
         measured = evaluate(model.path, survivors, eval_set, _eval_settings(settings), scores)
         over_budget = [
-            Decision(n, False, over_budget_reason(scores[n], settings.budget))
+            Decision(n, False, twins.get(n) or over_budget_reason(scores[n], settings.budget))
             for n in paths
             if n not in survivors
         ]
@@ -204,6 +207,24 @@ def _needs_mixed(scores: dict[str, Quality], budget: Budget) -> bool:
     """True when static int8 was tried and every variant of it misses the budget."""
     static = [q for n, q in scores.items() if n in {f"int8-{c}" for c in Calibration}]
     return bool(static) and not any(q.within(budget) for q in static)
+
+
+def _calibration_twins(scores: dict[str, Quality], budget: Budget) -> dict[str, str]:
+    """Static int8 variants beaten by another calibrator: same graph, same cost, less quality.
+
+    The calibrators only change scales, so timing them against each other measures noise;
+    the best-scoring one stands for all of them.
+    """
+    static = [n for n in scores if n in {f"int8-{c}" for c in Calibration}]
+    within = [n for n in static if scores[n].within(budget)]
+    if not within:
+        return {}
+    best = max(within, key=lambda n: (scores[n].quality, scores[n].fidelity.cosine, n))
+    return {
+        n: f"same graph as {best} (another calibrator), which scores higher"
+        for n in within
+        if n != best
+    }
 
 
 def _eval_settings(settings: LadderSettings) -> EvalSettings:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.errors import ModelLoadError
+
 
 def probe_peak_rss_mb(model: Path, feed: dict[str, np.ndarray], threads: int) -> float:
     """Peak RSS (MiB) added by loading `model` and running `feed` once, in a child process."""
@@ -31,7 +33,7 @@ def probe_peak_rss_mb(model: Path, feed: dict[str, np.ndarray], threads: int) ->
             timeout=300,
         )
     if done.returncode != 0:
-        raise RuntimeError(f"memory probe failed for {model}: {done.stderr.strip()[-500:]}")
+        raise ModelLoadError(f"{model}: the memory probe failed: {done.stderr.strip()[-500:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     added_kib = float(figures["peak_kib"]) - float(figures["baseline_kib"])
     return max(0.0, added_kib / 1024.0)

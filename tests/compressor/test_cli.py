@@ -187,6 +187,24 @@ def test_bad_ratio_is_a_usage_error(digits_gemm: Path, tmp_path: Path) -> None:
     assert exit_info.value.code == 2
 
 
+def test_bad_hidden_widths_are_a_usage_error(digits_gemm: Path, tmp_path: Path) -> None:
+    """A zero hidden width is rejected by argument parsing (exit 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "distill",
+                str(digits_gemm),
+                "-o",
+                str(tmp_path / "s.onnx"),
+                "--calib",
+                "x.npz",
+                "--hidden",
+                "0",
+            ]
+        )
+    assert exit_info.value.code == 2
+
+
 def test_console_script_ladder(
     tmp_path: Path, digits_gemm: Path, digits_calib: Path, digits_eval: Path
 ) -> None:

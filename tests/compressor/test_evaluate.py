@@ -9,11 +9,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compressor.data import load_dataset
+from compressor.data import Dataset, load_dataset
+from compressor.errors import ModelLoadError
 from compressor.evaluate import Budget, EvalSettings, Evaluation, evaluate
 from compressor.latency import Latency
+from compressor.memprobe import probe_peak_rss_mb
 from compressor.metrics import Fidelity
 from compressor.model import load_model, save_model
+from compressor.session import open_session, run_dataset
 
 FAST = EvalSettings(threads=1, batch_size=16, rounds=2, seconds_per_round=0.01)
 
@@ -86,3 +89,37 @@ def test_budget_boundary() -> None:
     assert at(0.94).within(Budget(0.01))
     assert not at(0.9399).within(Budget(0.01))
     assert np.isclose(Budget(0.02).min_cosine, 0.98)
+
+
+def _fixed_batch(source: Path, target: Path, rows: int) -> Path:
+    proto = onnx.load(source)
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = rows
+    return save_model(proto, target)
+
+
+def test_fixed_batch_model_has_no_batch_latency(
+    tmp_path: Path, constant_weights: Path, vector16: Path
+) -> None:
+    """A model fixed at batch 1 is run row by row and gets no batch latency."""
+    fixed = _fixed_batch(constant_weights, tmp_path / "fixed.onnx", 1)
+    model = load_model(fixed)
+    assert not model.signature.batchable
+    data = load_dataset(vector16, model.signature)
+    result = evaluate(fixed, {"fixed": fixed}, data, FAST)["fixed"]
+    assert result.latency.batch_ms is None
+    assert result.fidelity.cosine == pytest.approx(1.0)
+
+
+def test_fixed_batch_needs_whole_batches(tmp_path: Path, constant_weights: Path) -> None:
+    """A set whose rows do not fill whole fixed batches is refused with both numbers."""
+    fixed = _fixed_batch(constant_weights, tmp_path / "fixed4.onnx", 4)
+    data = Dataset({"input": np.zeros((6, 16), np.float32)})
+    with pytest.raises(ModelLoadError, match="exactly 4 rows; the set has 6"):
+        run_dataset(open_session(fixed, 1), data)
+
+
+def test_memory_probe_failure_is_reported(tmp_path: Path) -> None:
+    """A model the probe cannot load raises a ModelLoadError naming the probe."""
+    with pytest.raises(ModelLoadError, match="memory probe failed"):
+        probe_peak_rss_mb(tmp_path / "absent.onnx", {"input": np.zeros((1, 4), np.float32)}, 1)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from agent.manifest import MANIFEST_FILE, read_manifest
 from compressor.candidates import Recipe, plan
@@ -137,15 +139,28 @@ def test_tight_budget_drops_lossy_variants(
 def test_cnn_ladder_uses_fidelity(
     tmp_path: Path, cnn: Path, cnn_calib: Path, cnn_eval: Path
 ) -> None:
-    """Without labels the manifest records cosine fidelity and no accuracy, and has an int8 rung."""
+    """Without labels the manifest records cosine, and only one calibrator's int8 is timed."""
+    recipe = Recipe(prune_ratios=(0.5,), calibrations=(Calibration.MINMAX, Calibration.PERCENTILE))
+    settings = LadderSettings(
+        recipe=recipe,
+        threads=1,
+        batch_size=16,
+        rounds=1,
+        seconds_per_round=0.005,
+        measure_memory=False,
+        plot=False,
+    )
     result = build_ladder(
-        cnn, tmp_path / "cnn", calib=cnn_calib, evaluation=cnn_eval, settings=QUICK
+        cnn, tmp_path / "cnn", calib=cnn_calib, evaluation=cnn_eval, settings=settings
     )
     variants = result.manifest.variants
     assert all(v.metrics.accuracy is None for v in variants)
     assert all(v.metrics.fidelity is not None and v.metrics.fidelity >= 0.99 for v in variants)
     tried = {d.name for d in result.decisions}
-    assert {"int8-minmax", "pruned50", "fp16"} <= tried
+    assert {"int8-minmax", "int8-percentile", "pruned50", "fp16"} <= tried
+    twins = [d for d in result.decisions if d.reason.startswith("same graph as int8-")]
+    assert len(twins) == 1 and twins[0].name in {"int8-minmax", "int8-percentile"}
+    assert twins[0].name not in result.evaluations  # never timed
     assert "int8-dynamic" not in tried  # the dense head holds too few of the weights
 
 
@@ -186,6 +201,21 @@ def test_subgraph_only_model_is_refused(tmp_path: Path, if_model: Path, vector16
     with pytest.raises(UnsupportedModelError, match="subgraphs"):
         build_ladder(if_model, tmp_path / "m", calib=vector16, evaluation=None, settings=QUICK)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weightless_model_is_refused(tmp_path: Path, vector16: Path) -> None:
+    """A graph without MatMul, Gemm or Conv weights has nothing to compress and says so."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["output"])],
+        "relu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [-1, 16])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(UnsupportedModelError, match=r"nothing to compress.*Relu"):
+        build_ladder(path, tmp_path / "m", calib=vector16, evaluation=None, settings=QUICK)
+    assert not (tmp_path / "m").exists()
 
 
 def test_mismatched_data_is_refused(tmp_path: Path, digits_gemm: Path, cnn_calib: Path) -> None:
