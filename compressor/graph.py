@@ -228,6 +228,27 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> int:
     return count
 
 
+def flatten_gemm_biases(proto: onnx.ModelProto) -> int:
+    """Store [1, N] Gemm biases as [N] (same broadcast); returns how many were changed.
+
+    skl2onnx writes [1, N] intercepts, which onnxruntime's optimizer folds into Gemm;
+    quantize_static's per-channel bias adjustment then fails on the 2-D bias.
+    """
+    index = GraphIndex(proto.graph)
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
+            continue
+        bias = index.weight(node.input[2])
+        if bias is None or bias.ndim != 2 or bias.shape[0] != 1:
+            continue
+        if len(index.consumers[node.input[2]]) > 1:
+            continue
+        index.set_weight(node.input[2], bias.reshape(-1))
+        changed += 1
+    return changed
+
+
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
         return None

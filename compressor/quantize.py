@@ -36,6 +36,7 @@ from compressor.errors import UnsupportedModelError
 from compressor.graph import (
     GraphIndex,
     constants_to_initializers,
+    flatten_gemm_biases,
     gemm_to_matmul,
     name_nodes,
     op_counts,
@@ -101,6 +102,7 @@ def prepare(model: OnnxModel, workdir: Path, min_opset: int = MIN_STATIC_OPSET) 
     except Exception as exc:
         log.warning("preprocess_failed", error=str(exc)[:300], fallback="constants_hoisted")
         constants_to_initializers(proto)
+    flatten_gemm_biases(proto)
     return name_nodes(proto)
 
 

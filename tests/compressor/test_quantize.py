@@ -192,3 +192,15 @@ def test_static_needs_weights(tmp_path: Path, cnn: Path, cnn_calib: Path) -> Non
             load_dataset(cnn_calib, model.signature),
             op_types=("MatMul",),
         )
+
+
+def test_static_int8_on_skl2onnx_form(
+    tmp_path: Path, digits_skl: Path, digits_skl_calib: Path, digits_skl_eval: Path
+) -> None:
+    """skl2onnx's [1, N] intercepts, folded into Gemm, do not break static int8."""
+    model = load_model(digits_skl)
+    calib = load_dataset(digits_skl_calib, model.signature)
+    out = quantize_static_int8(model, tmp_path / "int8.onnx", calib)
+    assert _same_signature(digits_skl, out)
+    drop, cosine = _scores(digits_skl, out, digits_skl_eval)
+    assert drop >= -0.01 and cosine > 0.99
