@@ -241,3 +241,36 @@ def test_candidates_are_deterministic(
         digests.append({name: sha256_of(path) for name, path in built.items()})
     assert digests[0] == digests[1]
     assert any(name.startswith("distilled") for name in digests[0])
+
+
+def test_mixed_precision_rescues_int8(tmp_path: Path, outlier_mlp: Path, vector16: Path) -> None:
+    """When all-int8 misses the budget, the ladder searches for and keeps a mixed rung."""
+    recipe = Recipe(
+        prune_ratios=(),
+        calibrations=(Calibration.MINMAX,),
+        student_shares=(),
+        int4=False,
+        fp16=False,
+    )
+    settings = LadderSettings(
+        recipe=recipe,
+        threads=1,
+        batch_size=16,
+        rounds=1,
+        seconds_per_round=0.005,
+        measure_memory=False,
+        plot=False,
+    )
+    result = build_ladder(
+        outlier_mlp, tmp_path / "m", calib=vector16, evaluation=None, settings=settings
+    )
+    reasons = {d.name: d.reason for d in result.decisions}
+    assert reasons["int8-minmax"].startswith("over budget")
+    assert "int8-mixed" in reasons
+    assert "int8-mixed" in result.evaluations
+    assert result.evaluations["int8-mixed"].fidelity.cosine >= 0.99
+    # Two of four layers in int8 make the file 14% smaller: a rung on size alone.
+    assert [(v.name, v.precision) for v in result.manifest.variants] == [
+        ("fp32", "fp32"),
+        ("int8-mixed", "mixed"),
+    ]
