@@ -221,7 +221,7 @@ def _calibration_twins(scores: dict[str, Quality], budget: Budget) -> dict[str, 
         return {}
     best = max(within, key=lambda n: (scores[n].quality, scores[n].fidelity.cosine, n))
     return {
-        n: f"same graph as {best} (another calibrator), which scores higher"
+        n: f"duplicate: same graph as {best} (another calibrator), which scores higher"
         for n in within
         if n != best
     }

@@ -158,7 +158,7 @@ def test_cnn_ladder_uses_fidelity(
     assert all(v.metrics.fidelity is not None and v.metrics.fidelity >= 0.99 for v in variants)
     tried = {d.name for d in result.decisions}
     assert {"int8-minmax", "int8-percentile", "pruned50", "fp16"} <= tried
-    twins = [d for d in result.decisions if d.reason.startswith("same graph as int8-")]
+    twins = [d for d in result.decisions if d.reason.startswith("duplicate: same graph as int8-")]
     assert len(twins) == 1 and twins[0].name in {"int8-minmax", "int8-percentile"}
     assert twins[0].name not in result.evaluations  # never timed
     assert "int8-dynamic" not in tried  # the dense head holds too few of the weights
