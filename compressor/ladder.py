@@ -31,6 +31,7 @@ from compressor.session import agent_threads
 log = structlog.get_logger(__name__)
 
 REFERENCE = "fp32"
+MIXED = "int8-mixed"
 REPORT_TEXT = "report.txt"
 REPORT_PLOT = "report.png"
 
@@ -84,21 +85,12 @@ def build_ladder(
         paths = {REFERENCE: model.path} | {n: b.path for n, b in built.items()}
         scores = score(model.path, paths, eval_set, settings.threads)
         if settings.mixed and _needs_mixed(scores, settings.budget):
-            log.info("ladder_phase", phase="mixed_precision")
-            try:
-                mixed = quantize_mixed(
-                    model,
-                    work / "int8-mixed.onnx",
-                    calib_set,
-                    lambda p: score(model.path, {"m": p}, eval_set, settings.threads)["m"].within(
-                        settings.budget
-                    ),
-                )
-                built["int8-mixed"] = Built(mixed.path, "mixed")
-                paths["int8-mixed"] = mixed.path
-                scores |= score(model.path, {"int8-mixed": mixed.path}, eval_set, settings.threads)
-            except CompressorError as exc:
-                failures.append(Decision("int8-mixed", False, f"failed: {exc}"))
+            mixed = _mixed(model, calib_set, eval_set, settings, work)
+            if isinstance(mixed, Decision):
+                failures.append(mixed)
+            else:
+                built[MIXED], paths[MIXED] = mixed, mixed.path
+                scores |= score(model.path, {MIXED: mixed.path}, eval_set, settings.threads)
         twins = _calibration_twins(scores, settings.budget)
         survivors = {
             n: p
@@ -114,12 +106,9 @@ def build_ladder(
         ]
         kept, decisions = select_ladder(REFERENCE, measured, settings.budget)
         decisions += over_budget + failures
+        original = Built(model.path, "fp32")
         rungs = [
-            Rung(
-                measured[n],
-                built[n].precision if n in built else "fp32",
-                built[n].sparsity if n in built else 0.0,
-            )
+            Rung(measured[n], built.get(n, original).precision, built.get(n, original).sparsity)
             for n in kept
         ]
         manifest = build_manifest(
@@ -201,6 +190,23 @@ def _build_all(
             seconds=round(time.monotonic() - started, 2),
         )
     return built, failures
+
+
+def _mixed(
+    model: OnnxModel, calib: Dataset, evaluation: Dataset, settings: LadderSettings, work: Path
+) -> Built | Decision:
+    """The mixed-precision candidate, searched against the budget on the evaluation set."""
+    log.info("ladder_phase", phase="mixed_precision")
+
+    def meets(path: Path) -> bool:
+        quality = score(model.path, {MIXED: path}, evaluation, settings.threads)[MIXED]
+        return quality.within(settings.budget)
+
+    try:
+        result = quantize_mixed(model, work / f"{MIXED}.onnx", calib, meets)
+    except CompressorError as exc:
+        return Decision(MIXED, False, f"failed: {exc}")
+    return Built(result.path, "mixed")
 
 
 def _needs_mixed(scores: dict[str, Quality], budget: Budget) -> bool:
