@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from sklearn.neural_network import MLPClassifier
 
 from compressor.data import Dataset, load_dataset
 from compressor.errors import UnsupportedModelError
@@ -16,6 +18,9 @@ from compressor.model import load_model
 from compressor.prune.structured import prune_structured
 from compressor.prune.unstructured import prune_magnitude
 from compressor.session import open_session, run_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import compress_models as cm
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -193,3 +198,18 @@ def test_magnitude_pruning_zeroes_without_shrinking(tmp_path: Path, digits_gemm:
     )
     assert np.mean(w1 == 0) == pytest.approx(0.5, abs=0.01)
     assert 0.45 < result.sparsity < 0.5
+
+
+def test_gemm_without_transpose(
+    tmp_path: Path, digits_mlp: MLPClassifier, digits_calib: Path, digits_eval: Path
+) -> None:
+    """Gemm layers storing [in, out] weights (transB=0) shrink along the right axes."""
+    path = cm.save(cm.digits_gemm_model(digits_mlp, trans_b=False), tmp_path / "plain.onnx")
+    model = load_model(path)
+    result = prune_structured(
+        model, tmp_path / "p.onnx", 0.5, load_dataset(digits_calib, model.signature)
+    )
+    shapes = _shapes(result.path)
+    assert shapes["w1"] == (64, 32) and shapes["w2"] == (32, 10)
+    drop, _ = _compare(path, result.path, load_dataset(digits_eval, model.signature))
+    assert drop <= 0.02
