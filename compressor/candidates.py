@@ -1,0 +1,200 @@
+"""The ladder's candidate variants: which transforms fit a model's op mix, and how to build each.
+
+A candidate is a name, a precision and a build function; combinations (pruned then int8)
+name the candidate they start from. Planning only decides; building happens in the ladder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compressor.data import Dataset
+from compressor.distill import DistillSettings, distill
+from compressor.errors import UnsupportedModelError
+from compressor.graph import (
+    GraphIndex,
+    constants_to_initializers,
+    count_subnormals,
+    flush_subnormals,
+    op_counts,
+    subgraph_weights,
+    weight_elements,
+)
+from compressor.model import OnnxModel, save_model
+from compressor.prune.structured import prune_structured
+from compressor.prune.units import find_units
+from compressor.quantize import (
+    Calibration,
+    convert_fp16,
+    quantize_dynamic_int8,
+    quantize_int4,
+    quantize_static_int8,
+)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A candidate's file and what the manifest says about it."""
+
+    path: Path
+    precision: str
+    sparsity: float = 0.0
+
+
+# Builds a candidate from its source model (the original, or the candidate it starts from).
+Builder = Callable[[OnnxModel, Path], Built]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A variant to try: its name, how to build it, and what it starts from."""
+
+    name: str
+    build: Builder
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which candidates the ladder tries."""
+
+    prune_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875)
+    calibrations: tuple[Calibration, ...] = tuple(Calibration)
+    student_shares: tuple[float, ...] = (0.5, 0.25, 0.125)  # student weights / teacher weights
+    distill_augment: int = 32
+    int4: bool = True
+    fp16: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OpMix:
+    """What kinds of weights a model holds, which decides the candidates that fit it."""
+
+    dense: bool  # MatMul/Gemm hold most of the weights: the dense-only quantizers pay
+    conv: bool  # Conv with constant weights
+    prunable: bool
+    vector_input: bool
+    subnormals: int
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+def op_mix(model: OnnxModel) -> OpMix:
+    """Inspect the model (with Constant-node weights hoisted, as every transform does)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    constants_to_initializers(proto)
+    index = GraphIndex(proto.graph)
+    weighted: dict[str, int] = {}
+    for node in proto.graph.node:
+        if len(node.input) > 1 and node.input[1] in index.initializers:
+            size = int(np.prod(index.initializers[node.input[1]].dims))
+            weighted[node.op_type] = weighted.get(node.op_type, 0) + size
+    inner = subgraph_weights(proto.graph)
+    ops = dict(op_counts(proto.graph))
+    dense = weighted.get("MatMul", 0) + weighted.get("Gemm", 0)
+    if not dense + weighted.get("Conv", 0):
+        if inner.tensors:
+            raise UnsupportedModelError(
+                f"nothing to compress: the weights sit inside the subgraphs of "
+                f"{', '.join(inner.nodes)}, which onnxruntime's quantizers leave in float"
+            )
+        raise UnsupportedModelError(
+            f"nothing to compress: no MatMul, Gemm or Conv with constant weights (op mix: {ops})"
+        )
+    units, _ = find_units(proto)
+    spec = model.signature.inputs
+    vector = len(spec) == 1 and spec[0].datatype == "FP32" and len(spec[0].shape) == 2
+    return OpMix(
+        # A conv net's small classifier head is no reason to run dense-only quantizers.
+        dense=dense >= weighted.get("Conv", 0),
+        conv="Conv" in weighted,
+        prunable=bool(units),
+        vector_input=vector,
+        subnormals=count_subnormals(proto),
+        ops=ops,
+    )
+
+
+def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candidate]:
+    """The candidates that fit the model's op mix, in build order."""
+    mix = op_mix(model)
+    found: list[Candidate] = []
+    if mix.subnormals:
+        found.append(Candidate("fp32-ftz", _flushed))
+    if recipe.fp16:
+        found.append(Candidate("fp16", lambda m, out: Built(convert_fp16(m, out), "fp16")))
+    if mix.dense:
+        found.append(Candidate("int8-dynamic", _dynamic))
+    for method in recipe.calibrations:
+        found.append(Candidate(f"int8-{method}", _static(calibration, method)))
+    if mix.dense and recipe.int4:
+        found.append(Candidate("int4", lambda m, out: Built(quantize_int4(m, out), "int4")))
+    if mix.prunable:
+        for ratio in recipe.prune_ratios:
+            name = f"pruned{round(ratio * 100)}"
+            found.append(Candidate(name, _pruned(calibration, ratio)))
+            # A conv model wants static int8 after pruning; a dense one dynamic.
+            combo = _static(calibration, Calibration.MINMAX) if mix.conv else _dynamic
+            found.append(Candidate(f"{name}-int8", combo, base=name))
+    if mix.vector_input and not mix.conv:
+        for hidden in _student_widths(model, recipe.student_shares):
+            settings = DistillSettings(
+                hidden=(hidden,), augment=recipe.distill_augment, seed=recipe.seed
+            )
+            found.append(Candidate(f"distilled{hidden}", _student(calibration, settings)))
+    return found
+
+
+def _flushed(model: OnnxModel, out: Path) -> Built:
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    flush_subnormals(proto)
+    return Built(save_model(proto, out), "fp32")
+
+
+def _dynamic(model: OnnxModel, out: Path) -> Built:
+    return Built(quantize_dynamic_int8(model, out), "int8")
+
+
+def _static(calibration: Dataset, method: Calibration) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        return Built(quantize_static_int8(model, out, calibration, method), "int8")
+
+    return build
+
+
+def _pruned(calibration: Dataset, ratio: float) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        result = prune_structured(model, out, ratio, calibration)
+        return Built(result.path, "fp32", result.sparsity)
+
+    return build
+
+
+def _student(calibration: Dataset, settings: DistillSettings) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        path = distill(model, out, calibration, settings)
+        teacher = weight_elements(model.proto.graph)
+        student = weight_elements(onnx.load_model(path).graph)
+        return Built(path, "fp32", max(0.0, 1.0 - student / max(teacher, 1)))
+
+    return build
+
+
+def _student_widths(model: OnnxModel, shares: tuple[float, ...]) -> list[int]:
+    """Hidden widths giving the student roughly each share of the teacher's weights."""
+    features = model.signature.inputs[0].shape[1]
+    outputs = max((t.shape[-1] for t in model.signature.outputs if t.shape), default=1)
+    teacher = weight_elements(model.proto.graph)
+    widths = []
+    for share in shares:
+        hidden = share * teacher / max(features + outputs, 1)
+        widths.append(max(8, math.ceil(hidden / 8) * 8))
+    return sorted(set(widths), reverse=True)

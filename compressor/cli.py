@@ -1,0 +1,352 @@
+"""`edge-compress`: the command line over the compressor's Python API.
+
+Each subcommand parses its arguments, calls one API function and prints a short result on
+stdout; progress goes to stderr as log lines. Every CompressorError becomes a one-line
+message and exit status 1; bad usage exits with 2, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from compressor.candidates import Recipe
+from compressor.data import Dataset, load_dataset
+from compressor.distill import DistillSettings, distill
+from compressor.errors import CompressorError, DataError, OutputExistsError
+from compressor.evaluate import Budget, EvalSettings, Evaluation, evaluate, score
+from compressor.ladder import LadderSettings, build_ladder
+from compressor.logs import configure
+from compressor.mixed import quantize_mixed
+from compressor.model import OnnxModel, load_model
+from compressor.prune.structured import prune_structured
+from compressor.prune.unstructured import prune_magnitude
+from compressor.quantize import (
+    Calibration,
+    convert_fp16,
+    quantize_dynamic_int8,
+    quantize_int4,
+    quantize_static_int8,
+)
+from compressor.report import table
+from compressor.selection import Decision
+from compressor.session import agent_threads
+
+log = structlog.get_logger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `edge-compress` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure(verbosity=args.verbose - args.quiet, json=args.json_logs)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CompressorError as exc:
+        log.error("command_failed", command=args.command, error=str(exc))
+        print(f"edge-compress: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edge-compress: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-compress",
+        description="Turn one ONNX model into a measured ladder of lighter variants.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer log lines")
+    parser.add_argument("--json-logs", action="store_true", help="log lines as JSON")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _ladder_parser(commands)
+    _quantize_parser(commands)
+    _prune_parser(commands)
+    _distill_parser(commands)
+    _evaluate_parser(commands)
+    return parser
+
+
+def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("ladder", help="build, measure and write a variant ladder folder")
+    p.add_argument("model", type=Path, help="the original .onnx model")
+    p.add_argument("--out", "-o", type=Path, required=True, help="the model folder to write")
+    _data_args(p, calib_required=False)
+    _budget_arg(p)
+    _timing_args(p)
+    p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
+    p.add_argument("--seed", type=int, default=0, help="seed for training and sampling")
+    p.add_argument(
+        "--prune-ratios",
+        type=_ratios,
+        default=Recipe().prune_ratios,
+        help="comma-separated fractions of neurons/channels to try removing",
+    )
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision search")
+    p.add_argument("--no-plot", action="store_true", help="skip report.png")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_run_ladder)
+
+
+def _quantize_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("quantize", help="write one quantized variant")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", "-o", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--mode",
+        choices=("dynamic", "static", "mixed", "int4", "fp16"),
+        default="dynamic",
+        help="dynamic int8 (MatMul/Gemm), static int8 QDQ, mixed int8/float, int4, fp16",
+    )
+    _data_args(p, calib_required=False)
+    p.add_argument(
+        "--method",
+        choices=[c.value for c in Calibration],
+        default=Calibration.MINMAX.value,
+        help="activation calibration for static/mixed",
+    )
+    p.add_argument(
+        "--ops",
+        default="MatMul,Gemm",
+        help="dynamic mode: operator types to quantize (Conv is measured to be slower)",
+    )
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    _budget_arg(p)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_run_quantize)
+
+
+def _prune_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("prune", help="write one pruned variant")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", "-o", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--method",
+        choices=("structured", "magnitude"),
+        default="structured",
+        help="remove neurons/channels (faster) or zero small weights (smaller when zipped)",
+    )
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction to remove")
+    p.add_argument("--calib", type=Path, help="calibration .npz for scores and the refit")
+    p.add_argument("--no-correct", action="store_true", help="skip the least-squares refit")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_run_prune)
+
+
+def _distill_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("distill", help="train a smaller MLP student with the same signature")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", "-o", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--calib", type=Path, required=True, help="inputs to train on (.npz)")
+    p.add_argument("--hidden", type=_widths, default=(32,), help="hidden widths, e.g. 64,32")
+    p.add_argument("--augment", type=int, default=32, help="synthetic rows per real row")
+    p.add_argument("--max-iter", type=int, default=300, help="training epochs at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_run_distill)
+
+
+def _evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("evaluate", help="measure variants against the original")
+    p.add_argument("model", type=Path, help="the original .onnx model")
+    p.add_argument("variants", type=Path, nargs="*", help="variant .onnx files")
+    p.add_argument("--eval", type=Path, required=True, help="evaluation .npz (labels optional)")
+    _budget_arg(p)
+    _timing_args(p)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _data_args(p: argparse.ArgumentParser, calib_required: bool) -> None:
+    p.add_argument("--calib", type=Path, required=calib_required, help="calibration .npz")
+    p.add_argument("--eval", type=Path, help="evaluation .npz, with 'labels' for accuracy")
+
+
+def _budget_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.01,
+        help="quality a variant may lose: accuracy points with labels, else 1 - cosine "
+        "(default 0.01: one point of accuracy, or cosine 0.99)",
+    )
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: as the agent)"
+    )
+    p.add_argument("--batch", type=int, default=64, help="the larger batch size timed")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probe")
+
+
+def _run_ladder(args: argparse.Namespace) -> int:
+    settings = LadderSettings(
+        budget=Budget(args.budget),
+        recipe=Recipe(prune_ratios=args.prune_ratios, seed=args.seed),
+        threads=args.threads or agent_threads(),
+        batch_size=args.batch,
+        rounds=args.rounds,
+        measure_memory=not args.no_memory,
+        mixed=not args.no_mixed,
+        plot=not args.no_plot,
+    )
+    result = build_ladder(
+        args.model,
+        args.out,
+        calib=args.calib,
+        evaluation=args.eval,
+        settings=settings,
+        name=args.name,
+        force=args.force,
+    )
+    print(result.report, end="")
+    print(f"wrote {result.out} ({len(result.manifest.variants)} variants)")
+    return 0
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    _refuse_existing(args.out, args.force)
+    model = load_model(args.model)
+    method = Calibration(args.method)
+    if args.mode == "dynamic":
+        out = quantize_dynamic_int8(model, args.out, op_types=_ops(args.ops))
+    elif args.mode == "int4":
+        out = quantize_int4(model, args.out, block_size=args.block_size)
+    elif args.mode == "fp16":
+        out = convert_fp16(model, args.out)
+    elif args.mode == "static":
+        out = quantize_static_int8(model, args.out, _calibration(args, model), method)
+    else:
+        out = _mixed(args, model, method)
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    return 0
+
+
+def _mixed(args: argparse.Namespace, model: OnnxModel, method: Calibration) -> Path:
+    calib = _calibration(args, model)
+    check = load_dataset(args.eval, model.signature) if args.eval else calib
+    budget = Budget(args.budget)
+
+    def meets(path: Path) -> bool:
+        return score(model.path, {"m": path}, check, agent_threads())["m"].within(budget)
+
+    result = quantize_mixed(model, args.out, calib, meets, method=method)
+    print(f"kept in float: {', '.join(result.float_layers)}")
+    return result.path
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    _refuse_existing(args.out, args.force)
+    model = load_model(args.model)
+    if args.method == "magnitude":
+        result = prune_magnitude(model, args.out, args.ratio)
+    else:
+        calib = load_dataset(args.calib, model.signature) if args.calib else None
+        result = prune_structured(model, args.out, args.ratio, calib, correct=not args.no_correct)
+    for layer in result.layers:
+        print(f"{layer.name}: {layer.before} -> {layer.after}")
+    print(f"wrote {result.path} (sparsity {result.sparsity:.3f})")
+    return 0
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    _refuse_existing(args.out, args.force)
+    model = load_model(args.model)
+    settings = DistillSettings(
+        hidden=args.hidden, augment=args.augment, max_iter=args.max_iter, seed=args.seed
+    )
+    out = distill(model, args.out, load_dataset(args.calib, model.signature), settings)
+    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    data = load_dataset(args.eval, model.signature)
+    variants = {"original": model.path}
+    for path in args.variants:
+        load_model(path)  # a clear error for a bad variant before any timing starts
+        variants[path.stem if path.stem not in variants else str(path)] = path
+    settings = EvalSettings(
+        threads=args.threads or agent_threads(),
+        batch_size=args.batch,
+        rounds=args.rounds,
+        measure_memory=not args.no_memory,
+    )
+    results = evaluate(model.path, variants, data, settings)
+    budget = Budget(args.budget)
+    if args.json:
+        print(json.dumps({n: _as_json(e, budget) for n, e in results.items()}, indent=2))
+        return 0
+    decisions = [
+        Decision(n, e.within(budget), "within budget" if e.within(budget) else "over budget")
+        for n, e in results.items()
+    ]
+    print(table("original", results, results, decisions), end="")
+    return 0
+
+
+def _as_json(e: Evaluation, budget: Budget) -> dict[str, object]:
+    return {
+        "file": str(e.path),
+        "size_bytes": e.size_bytes,
+        "accuracy": e.accuracy,
+        "reference_accuracy": e.reference_accuracy,
+        "cosine": e.fidelity.cosine,
+        "min_cosine": e.fidelity.min_cosine,
+        "top1_agreement": e.fidelity.top1_agreement,
+        "max_abs_error": e.fidelity.max_abs_error,
+        "latency_ms": e.latency.batch1_ms,
+        "batch_latency_ms": e.latency.batch_ms,
+        "batch_size": e.latency.batch_size,
+        "peak_rss_mb": e.peak_rss_mb,
+        "within_budget": e.within(budget),
+    }
+
+
+def _calibration(args: argparse.Namespace, model: OnnxModel) -> Dataset:
+    if args.calib is None:
+        raise DataError(f"--mode {args.mode} needs calibration data: pass --calib FILE.npz")
+    return load_dataset(args.calib, model.signature)
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+
+
+def _ops(text: str) -> tuple[str, ...]:
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError("ratios are fractions between 0 and 1")
+    return values
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("hidden widths are positive integers")
+    return values
+
+
+if __name__ == "__main__":
+    sys.exit(main())

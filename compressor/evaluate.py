@@ -1,0 +1,164 @@
+"""Measuring variants against the original: quality, latency, size and peak memory.
+
+Quality is accuracy on labels when the set has them, otherwise fidelity to the original's
+outputs; `Budget` turns either into the single keep-or-drop question the ladder asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from compressor.data import Dataset
+from compressor.errors import UnsupportedModelError
+from compressor.latency import Latency, LatencySettings, measure_latencies
+from compressor.memprobe import probe_peak_rss_mb
+from compressor.metrics import Fidelity, accuracy, fidelity
+from compressor.session import open_session, run_dataset
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The quality a variant may lose: accuracy points with labels, else 1 - cosine."""
+
+    loss: float = 0.01
+
+    @property
+    def min_cosine(self) -> float:
+        """The lowest mean cosine to the original's outputs a variant may have."""
+        return 1.0 - self.loss
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How variants are measured; the defaults are what the ladder uses."""
+
+    threads: int
+    batch_size: int = 64
+    rounds: int = 5
+    seconds_per_round: float = 0.15
+    measure_memory: bool = True
+
+    @property
+    def latency(self) -> LatencySettings:
+        """The latency part of these settings."""
+        return LatencySettings(
+            threads=self.threads,
+            batch_size=self.batch_size,
+            rounds=self.rounds,
+            seconds_per_round=self.seconds_per_round,
+        )
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How close a variant's outputs are to the original's (and to the labels, if any)."""
+
+    accuracy: float | None
+    reference_accuracy: float | None
+    fidelity: Fidelity
+
+    @property
+    def quality(self) -> float:
+        """Accuracy when labels were given, otherwise mean cosine to the original."""
+        return self.accuracy if self.accuracy is not None else self.fidelity.cosine
+
+    def within(self, budget: Budget) -> bool:
+        """Whether the variant loses no more than the budget allows."""
+        if self.accuracy is not None and self.reference_accuracy is not None:
+            # A hair of float slack: the original itself must never fall out of budget.
+            return self.reference_accuracy - self.accuracy <= budget.loss + 1e-9
+        return self.fidelity.cosine >= budget.min_cosine - 1e-9
+
+
+@dataclass(frozen=True)
+class Evaluation(Quality):
+    """Everything measured about one variant: quality, size, latency and peak memory."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    latency: Latency
+    peak_rss_mb: float | None
+
+
+def score(
+    reference: Path, variants: Mapping[str, Path], data: Dataset, threads: int
+) -> dict[str, Quality]:
+    """Accuracy (with labels) and fidelity to `reference` of each variant on `data`."""
+    ref_outputs = run_dataset(open_session(reference, threads), data)
+    ref_accuracy = accuracy(ref_outputs, data.labels) if data.labels is not None else None
+    scores: dict[str, Quality] = {}
+    for name, path in variants.items():
+        outputs = run_dataset(open_session(path, threads), data)
+        _check_same_outputs(name, ref_outputs, outputs)
+        acc = accuracy(outputs, data.labels) if data.labels is not None else None
+        scores[name] = Quality(acc, ref_accuracy, fidelity(ref_outputs, outputs))
+        log.info("variant_scored", variant=name, accuracy=acc, cosine=scores[name].fidelity.cosine)
+    return scores
+
+
+def evaluate(
+    reference: Path,
+    variants: Mapping[str, Path],
+    data: Dataset,
+    settings: EvalSettings,
+    scores: Mapping[str, Quality] | None = None,
+) -> dict[str, Evaluation]:
+    """Measure each variant against `reference` on `data` (the reference may be among them).
+
+    Latency is measured for all variants together, interleaved; `scores` skips re-scoring
+    variants whose quality is already known.
+    """
+    known = dict(scores or {})
+    missing = {n: p for n, p in variants.items() if n not in known}
+    known.update(score(reference, missing, data, settings.threads) if missing else {})
+    latencies = measure_latencies(list(variants.values()), data, settings.latency)
+    results: dict[str, Evaluation] = {}
+    for (name, path), latency in zip(variants.items(), latencies, strict=True):
+        rss = (
+            probe_peak_rss_mb(path, data.head(1).inputs, settings.threads)
+            if settings.measure_memory
+            else None
+        )
+        quality = known[name]
+        results[name] = Evaluation(
+            accuracy=quality.accuracy,
+            reference_accuracy=quality.reference_accuracy,
+            fidelity=quality.fidelity,
+            name=name,
+            path=path,
+            size_bytes=path.stat().st_size,
+            latency=latency,
+            peak_rss_mb=rss,
+        )
+        log.info(
+            "variant_measured",
+            variant=name,
+            latency_ms=round(latency.batch1_ms, 4),
+            batch_latency_ms=None if latency.batch_ms is None else round(latency.batch_ms, 4),
+            size_bytes=results[name].size_bytes,
+            peak_rss_mb=None if rss is None else round(rss, 2),
+        )
+    return results
+
+
+def _check_same_outputs(
+    name: str, reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+) -> None:
+    if list(reference) != list(outputs):
+        raise UnsupportedModelError(
+            f"variant {name!r} has outputs {list(outputs)}, the original {list(reference)}"
+        )
+    for key, ref in reference.items():
+        if ref.shape != outputs[key].shape:
+            raise UnsupportedModelError(
+                f"variant {name!r}: output {key!r} has shape {list(outputs[key].shape)}, "
+                f"the original {list(ref.shape)}"
+            )

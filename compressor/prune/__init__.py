@@ -1,0 +1,1 @@
+"""Pruning: removing weights (unstructured) or whole neurons and channels (structured)."""
