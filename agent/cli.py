@@ -134,8 +134,15 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
                 )
             }
         )
+    embedded_mqtt = config.mqtt if broker is not None else None
+
+    def reread() -> AgentConfig:
+        # SIGHUP reads the same file, environment and flags again.
+        fresh = _config(args)
+        return fresh if embedded_mqtt is None else fresh.model_copy(update={"mqtt": embedded_mqtt})
+
     try:
-        agent = Agent(config)
+        agent = Agent(config, reload_config=reread)
         agent.install_signal_handlers()
         agent.start()
         agent.run_until_stopped()
