@@ -134,3 +134,20 @@ def _collect_paho_sockets() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+def wait_subscribed(probe: Any, device_topic: str, timeout: float = 5.0) -> None:
+    """Return once the broker has the agent's subscriptions.
+
+    `wait_connected` returns when CONNACK arrives, before the broker has handled the
+    SUBSCRIBE that follows it; the agent publishes its `online` status after that
+    SUBSCRIBE on the same connection, so seeing the status means requests will be routed.
+    """
+    topic = f"{device_topic}/status"
+    probe.subscribe(topic)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = probe.expect(topic, timeout=max(0.05, deadline - time.monotonic()))
+        if b'"state":"online"' in msg.payload:
+            return
+    raise AssertionError(f"no online status on {topic}")

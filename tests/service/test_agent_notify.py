@@ -19,7 +19,7 @@ from agent.service import Agent
 from agent.session import LoadedVariant
 from tests import onnx_models
 from tests.conftest import Probe, agent_config
-from tests.service.conftest import NotifySocket
+from tests.service.conftest import NotifySocket, wait_subscribed
 
 
 class BlockingVariant:
@@ -110,14 +110,16 @@ def test_watchdog_pings_stop_while_a_model_worker_hangs(
     watchdog_1s.wait_for("WATCHDOG", "1", after=time.monotonic())
     served = agent.manager.get("scale")
     served.active = BlockingVariant(served.active, release)  # type: ignore[assignment]
+    wait_subscribed(probe, agent.config.mqtt.device_topic)
     probe.publish(f"{agent.config.mqtt.device_topic}/infer/scale", scale_request(probe.reply_topic))
 
     unhealthy = watchdog_1s.wait_for("STATUS", timeout=5)
     deadline = time.monotonic() + 5
     while "unhealthy" not in unhealthy.fields["STATUS"] and time.monotonic() < deadline:
         unhealthy = watchdog_1s.wait_for("STATUS", after=unhealthy.at)
-    assert "model scale: worker model-scale-0 has been running one batch" in (
-        unhealthy.fields["STATUS"]
+    assert (
+        "model scale: worker model-scale-0 has been running one batch"
+        in (unhealthy.fields["STATUS"])
     )
     time.sleep(1.5)  # three ping intervals
     assert pings_after(watchdog_1s, unhealthy.at) == 0
@@ -147,6 +149,7 @@ def test_watchdog_pings_stop_while_the_mqtt_loop_hangs(
     assert agent.frontend is not None
     client = agent.frontend._client
     client.on_message = lambda *_args: release.wait(30)
+    wait_subscribed(probe, agent.config.mqtt.device_topic)
     probe.publish(f"{agent.config.mqtt.device_topic}/infer/scale", scale_request(probe.reply_topic))
     stuck = watchdog_1s.wait_for("STATUS", timeout=5)
     deadline = time.monotonic() + 5
