@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in _SERVICE_COMMANDS:
+        # Neither needs (nor should fail on) the configuration of the agent.
+        return _SERVICE_COMMANDS[args.command](args)
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -100,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
 
+    _add_service_commands(sub)
     return parser
 
 
@@ -282,6 +286,42 @@ def _describe_status(status: dict[str, Any]) -> str:
     elif status.get("state") == "online":
         lines.append("  no models loaded")
     return "\n".join(lines)
+
+
+# --- Service set-up commands (issue 4): install-service, sign-manifest ---
+
+
+def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from agent import install  # noqa: PLC0415  (only these commands need it)
+
+    install.add_parser(sub)
+    sign = sub.add_parser(
+        "sign-manifest",
+        help="sign a model folder's manifest.json with an Ed25519 key (writes manifest.json.sig)",
+    )
+    sign.add_argument("folder", type=Path, help="the model folder")
+    sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    from agent import install  # noqa: PLC0415
+
+    return install.run(args)
+
+
+def _sign_manifest(args: argparse.Namespace) -> int:
+    from agent.signing import sign_manifest  # noqa: PLC0415
+
+    try:
+        target = sign_manifest(args.folder, args.key)
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"edge-agent sign-manifest: {exc}", file=sys.stderr)
+        return 1
+    print(f"signed: {target}")
+    return 0
+
+
+_SERVICE_COMMANDS = {"install-service": _install_service, "sign-manifest": _sign_manifest}
 
 
 if __name__ == "__main__":
