@@ -58,6 +58,7 @@ class Agent:
         self.supervisor: Supervisor | None = None
         self._reload_config = reload_config
         self._started = False
+        self.abandoned = 0  # requests still queued or running when stop() gave up
         self.monitor = ResourceMonitor()
         self.frontend: MqttFrontend | None = None
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -156,6 +157,9 @@ class Agent:
         if self.frontend is not None:
             self.frontend.stop_intake()
         self.manager.close(drain_timeout)
+        self.abandoned = sum(m.queue.depth + m.queue.busy for m in self.manager.served())
+        if self.abandoned:
+            log.warning("requests_abandoned", count=self.abandoned, timeout_s=drain_timeout)
         if self.frontend is not None:
             self.frontend.stop()
         if self.supervisor is not None:
