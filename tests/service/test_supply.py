@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.broker import MosquittoBroker
+from agent.cli import main
 from agent.config import ModelsConfig, SecurityConfig
 from agent.errors import ConfigError, ManifestError, VariantRejected
 from agent.models import ModelManager
 from agent.repository import SupplyPolicy, read_model, scan, verify_variant
+from agent.service import Agent
 from agent.session import SessionSettings
 from agent.signing import SIGNATURE_FILE, sign_manifest
 from tests import onnx_models
@@ -346,3 +350,29 @@ def test_symlinks_pointing_outside_the_models_directory_are_refused(tmp_path: Pa
         verify_variant(source, source.variants[0], models)
     source = by_name["inside-link"]
     assert verify_variant(source, source.variants[0], models).name == "fp32.onnx"
+
+
+# --- through the agent and the command line ---
+
+
+def test_an_agent_with_a_public_key_serves_only_what_its_publisher_signed(
+    tmp_path: Path, broker: MosquittoBroker, make_agent: Callable[..., Agent]
+) -> None:
+    """`edge-agent sign-manifest` signs a folder; an agent configured with the public key
+    serves it and rejects the unsigned folder and the bare file beside it."""
+    models = tmp_path / "models"
+    private, public = pem_keys(tmp_path)
+    signed = ladder(models, "signed")
+    ladder(models, "unsigned")
+    onnx_models.scale_model(models / "bare.onnx")
+    assert main(["sign-manifest", str(signed), "--key", str(private)]) == 0
+    agent = make_agent(broker.port, models=models, security={"manifest_public_key": public})
+    assert agent.manager.names() == ["signed"]
+
+
+def test_an_unusable_public_key_stops_the_agent_with_a_config_error(
+    tmp_path: Path, broker: MosquittoBroker, make_agent: Callable[..., Agent]
+) -> None:
+    """A configured key that cannot be read is refused at start (exit 78 from the CLI)."""
+    with pytest.raises(ConfigError, match=r"security\.manifest_public_key"):
+        make_agent(broker.port, security={"manifest_public_key": tmp_path / "missing.pub"})
