@@ -19,7 +19,7 @@ from agent.sdnotify import Notifier
 log = structlog.get_logger(__name__)
 
 # Without a systemd watchdog the health check still runs, to log and to refresh STATUS=.
-DEFAULT_INTERVAL_S = 5.0
+DEFAULT_INTERVAL_S = 10.0
 # Until READY=1 the check runs this often, so that READY follows the broker's CONNACK.
 _STARTING_POLL_S = 0.1
 
@@ -60,6 +60,8 @@ class Supervisor:
         self.loop_stale_after = 3 * self.interval
         self._wake = threading.Event()
         self._reload = threading.Event()
+        self._reloading: threading.Thread | None = None
+        self._reload_result: str | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self.ready_sent = False
@@ -92,9 +94,7 @@ class Supervisor:
             self._wake.clear()
 
     def _tick(self) -> None:
-        if self._reload.is_set():
-            self._reload.clear()
-            self._do_reload()
+        self._reload_step()
         problems = self._target.health_problems(self.loop_stale_after)
         if problems != self._last_problems:
             if problems:
@@ -120,15 +120,34 @@ class Supervisor:
             self._notifier.extend_timeout(3 * self.interval)
         self._status(self._target.status_line())
 
-    def _do_reload(self) -> None:
-        self._notifier.reloading("reloading the configuration")
-        log.info("reload_started")
-        status = self._target.reload()
-        self._last_status = None
-        if self.ready_sent:
-            self._notifier.ready(status)
-        else:
-            self._notifier.status(status)
+    def _reload_step(self) -> None:
+        """Start a requested reload, or report a finished one.
+
+        The reload runs in a thread of its own: loading models may take longer than the
+        watchdog allows, and the health check (and its pings) must go on meanwhile.
+        """
+        if self._reloading is not None:
+            if self._reloading.is_alive():
+                return
+            self._reloading = None
+            status = self._reload_result or self._target.status_line()
+            self._last_status = status
+            if self.ready_sent:
+                self._notifier.ready(status)
+            else:
+                self._notifier.status(status)
+        if self._reload.is_set():
+            self._reload.clear()
+            self._notifier.reloading("reloading the configuration")
+            log.info("reload_started")
+            self._reloading = threading.Thread(
+                target=self._reload_worker, name="reload", daemon=True
+            )
+            self._reloading.start()
+
+    def _reload_worker(self) -> None:
+        self._reload_result = self._target.reload()
+        self._wake.set()  # report it now, not at the next interval
 
     def _status(self, text: str) -> None:
         if text != self._last_status:

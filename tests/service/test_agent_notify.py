@@ -219,3 +219,25 @@ def test_stop_announces_stopping(
     agent.stop(drain_timeout=2)
     stopping = notify_socket.wait_for("STOPPING", "1")
     assert stopping.fields["STATUS"].startswith("stopping: finishing 0 request(s), at most 2 s")
+
+
+def test_the_watchdog_keeps_being_fed_during_a_slow_reload(
+    watchdog_1s: NotifySocket, make_agent: Callable[..., Agent], broker: MosquittoBroker
+) -> None:
+    """A reload that takes longer than the watchdog timeout (big models to load) does not
+    get the agent killed: it runs beside the health check, whose pings go on."""
+    holder: dict[str, Agent] = {}
+
+    def slow_reread() -> Any:
+        time.sleep(1.5)
+        return holder["agent"].config
+
+    agent = make_agent(broker.port, reload_config=slow_reread)
+    holder["agent"] = agent
+    watchdog_1s.wait_for("READY", "1")
+    before = time.monotonic()
+    agent.request_reload()
+    reloading = watchdog_1s.wait_for("RELOADING", "1", after=before)
+    ready = watchdog_1s.wait_for("READY", "1", after=reloading.at, timeout=5)
+    assert ready.at - reloading.at > 1.4
+    assert pings_after(watchdog_1s, reloading.at) - pings_after(watchdog_1s, ready.at) >= 2
