@@ -155,4 +155,4 @@ def test_sigterm_waits_no_longer_than_the_stop_timeout(
     took = time.monotonic() - signalled
     assert took < 5.0, took
     answered = replies(probe, within=1)
-    assert 1 <= len(answered) < 20
+    assert len(answered) < 20
