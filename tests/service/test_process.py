@@ -3,6 +3,7 @@ SIGTERM that lets in-flight requests finish, within service.stop_timeout_s."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ def run_agent(
     """Start `edge-agent run` on the session broker with a busy model; killed at the end."""
     started: list[AgentProcess] = []
 
-    def start(**env: str) -> AgentProcess:
+    def start(preexec: Callable[[], None] | None = None, **env: str) -> AgentProcess:
         models = tmp_path / "models"
         busy_model(models / "busy.onnx")
         device = f"proc-{uuid.uuid4().hex[:8]}"
@@ -75,6 +76,7 @@ def run_agent(
                     device,
                 ],
                 env=environment,
+                preexec_fn=preexec,  # noqa: PLW1509  (only calls prctl)
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
@@ -156,3 +158,44 @@ def test_sigterm_waits_no_longer_than_the_stop_timeout(
     assert took < 5.0, took
     answered = replies(probe, within=1)
     assert len(answered) < 20
+
+
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+
+
+def _refuse_write_execute() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE)")
+
+
+def _kernel_has_mdwe() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0)
+
+
+@pytest.mark.skipif(not _kernel_has_mdwe(), reason="the kernel has no PR_SET_MDWE (Linux < 6.3)")
+def test_the_agent_serves_with_write_xor_execute_memory_enforced(
+    run_agent: Callable[..., AgentProcess], notify_socket: NotifySocket, probe: Probe
+) -> None:
+    """With the kernel refusing writable-and-executable memory, as MemoryDenyWriteExecute=
+    asks, the agent loads onnxruntime, numpy and paho and answers a request."""
+    wx_map = (
+        "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"
+    )
+    # First show that the restriction bites: a writable and executable mapping is refused.
+    refused = subprocess.run(
+        [sys.executable, "-c", wx_map],
+        check=False,
+        capture_output=True,
+        preexec_fn=_refuse_write_execute,
+    )
+    assert refused.returncode != 0 and b"PermissionError" in refused.stderr
+    agent = run_agent(preexec=_refuse_write_execute)
+    notify_socket.wait_for("READY", "1", timeout=30)
+    wait_subscribed(probe, agent.device_topic)
+    send_busy(probe, agent, count=1, steps=10)
+    (reply,) = replies(probe, within=5)
+    assert reply["outputs"][0]["data"] == [10.0]
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.exit_code(timeout=10) == 0
