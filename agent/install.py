@@ -187,22 +187,49 @@ class Plan:
     warnings: list[str]
 
 
-def make_plan(root: Path, prefix: Path | None) -> Plan:
-    """What to do to install under `root` with the virtual environment at `prefix`."""
+class InstallError(Exception):
+    """install-service cannot proceed; the message says what to do."""
+
+
+def make_plan(root: Path, prefix: Path | None, source: str | None = None) -> Plan:
+    """What to do to install under `root` with the virtual environment at `prefix`.
+
+    A missing venv is created and `source` (what pip installs: a checkout, a wheel, a
+    requirement) installed into it; by default the source this copy was installed from.
+    """
     venv = prefix if prefix is not None else _default_venv()
     executable = venv / "bin" / "edge-agent"
     create: list[list[str]] = []
     if not _under(root, executable).exists():
+        source = source or _install_source()
+        if source is None:
+            # Never fall back to the bare name: "edge-agent" on the public PyPI is an
+            # unrelated project.
+            raise InstallError(
+                f"no venv at {venv} and no way to tell where this edge-agent came from: "
+                "pass --source (this checkout, a wheel, or a requirement for your index)"
+            )
         target = str(_under(root, venv))
         create = [
             [sys.executable, "-m", "venv", target],
-            [f"{target}/bin/pip", "install", "--quiet", _install_spec()],
+            [f"{target}/bin/pip", "install", "--quiet", source],
         ]
     warnings = []
-    if any(venv == hidden or hidden in venv.parents for hidden in _HIDDEN_BY_PROTECT_HOME):
+    if _hidden_by_protect_home(venv):
         warnings.append(
             f"{venv} is under a home directory, which ProtectHome=yes hides from the "
             "service: use --prefix /opt/edge-agent (or a drop-in with ProtectHome=read-only)"
+        )
+    interpreter = Path(sys.base_prefix)
+    if create and _hidden_by_protect_home(interpreter):
+        warnings.append(
+            f"the new venv would run the Python in {interpreter}, under a home directory "
+            "that ProtectHome=yes hides: run install-service with the system's python3"
+        )
+    if create and root != Path("/"):
+        warnings.append(
+            "a venv is not relocatable: the one created under --root only works at that "
+            "path; create it at its final path (e.g. in a chroot of the image) instead"
         )
     steps = [
         Step(UNIT_DIR / UNIT_NAME, 0o644, render_unit(executable)),
@@ -281,6 +308,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=Path("/"),
         help="install under this directory instead of / (images, tests)",
     )
+    parser.add_argument(
+        "--source",
+        help="what pip installs into a new venv (a checkout, a wheel, a requirement); "
+        "default: where this copy was installed from",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show what would be done")
     parser.add_argument("--print-unit", action="store_true", help="print the unit and exit")
 
@@ -288,7 +320,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     """The install-service command."""
     root: Path = args.root.resolve()
-    plan = make_plan(root, args.prefix.absolute() if args.prefix else None)
+    try:
+        plan = make_plan(root, args.prefix.absolute() if args.prefix else None, args.source)
+    except InstallError as exc:
+        print(f"edge-agent install-service: {exc}", file=sys.stderr)
+        return 1
     if args.print_unit:
         print(next(s.content for s in plan.steps if s.path.name == UNIT_NAME), end="")
         return 0
@@ -314,23 +350,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hidden_by_protect_home(path: Path) -> bool:
+    return any(path == hidden or hidden in path.parents for hidden in _HIDDEN_BY_PROTECT_HOME)
+
+
 def _default_venv() -> Path:
     in_venv = sys.prefix != sys.base_prefix
     return Path(sys.prefix) if in_venv else DEFAULT_PREFIX
 
 
-def _install_spec() -> str:
-    """What pip installs into a new venv: this checkout when run from one, else the release."""
-    try:
-        distribution = metadata.distribution("edge-agent")
-    except metadata.PackageNotFoundError:
-        return "edge-agent"
-    direct = distribution.read_text("direct_url.json")
-    if direct:
+def _install_source() -> str | None:
+    """Where this copy of the agent was installed from, for pip; None when unknown.
+
+    A source checkout (editable installs run from one) is itself the source; an installed
+    copy's PEP 610 record (direct_url.json) names the wheel, directory or URL it came from.
+    """
+    here = Path(__file__).resolve()
+    checkout = here.parent.parent
+    pyproject = checkout / "pyproject.toml"
+    if pyproject.is_file() and 'name = "edge-agent"' in pyproject.read_text():
+        return str(checkout)
+    for distribution in metadata.distributions(name="edge-agent"):
+        if Path(str(distribution.locate_file("agent/install.py"))).resolve() != here:
+            continue  # another copy on the path, not the one running
+        direct = distribution.read_text("direct_url.json")
+        if not direct:
+            return None  # from an index: which one is for the operator to say
         url = str(json.loads(direct).get("url", ""))
-        if url.startswith("file://"):
-            return url[len("file://") :]
-    return f"edge-agent=={distribution.version}"
+        return url[len("file://") :] if url.startswith("file://") else f"edge-agent @ {url}"
+    return None
 
 
 def _under(root: Path, path: Path) -> Path:

@@ -205,3 +205,44 @@ def test_a_venv_under_a_home_directory_is_flagged(
     """ProtectHome=yes would hide a venv in /home or /root: install-service says so."""
     main(["install-service", "--root", str(tmp_path), "--prefix", "/root/venv", "--dry-run"])
     assert "ProtectHome=yes hides" in capsys.readouterr().err
+
+
+@pytest.mark.soak
+@needs_systemd_analyze
+def test_install_service_creates_a_working_venv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a venv at --prefix, install-service creates one with this checkout in it,
+    and the unit then verifies clean against it."""
+    target = os_layer(tmp_path / "root")
+    out = install(target, capsys=capsys)
+    assert f"running: {sys.executable} -m venv {target}{PREFIX}" in out
+    executable = target / PREFIX.lstrip("/") / "bin" / "edge-agent"
+    version = subprocess.run(
+        [str(executable), "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout.startswith("edge-agent ")
+    result = analyze("verify", f"--root={target}", UNIT)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    # The installed copy knows where it came from (PEP 610), for the next venv it makes.
+    again = subprocess.run(
+        [str(executable), "install-service", "--root", str(tmp_path / "next"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"pip install --quiet {REPO}" in again.stdout
+
+
+def test_the_venv_source_can_be_given_and_is_never_guessed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--source says what pip installs; with no known origin install-service refuses
+    rather than fetch whatever the public index calls edge-agent."""
+    wheel = "/srv/wheels/edge_agent-0.1.0-py3-none-any.whl"
+    out = install(tmp_path, "--dry-run", "--source", wheel, capsys=capsys)
+    assert f"pip install --quiet {wheel}" in out
+    monkeypatch.setattr("agent.install._install_source", lambda: None)
+    code = main(["install-service", "--root", str(tmp_path), "--prefix", PREFIX, "--dry-run"])
+    assert code == 1
+    assert "pass --source" in capsys.readouterr().err
