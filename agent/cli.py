@@ -311,13 +311,13 @@ def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _install_service(args: argparse.Namespace) -> int:
-    from agent import install  # noqa: PLC0415
+    from agent import install  # noqa: PLC0415  (as above)
 
     return install.run(args)
 
 
 def _sign_manifest(args: argparse.Namespace) -> int:
-    from agent.signing import sign_manifest  # noqa: PLC0415
+    from agent.signing import sign_manifest  # noqa: PLC0415  (as above)
 
     try:
         target = sign_manifest(args.folder, args.key)

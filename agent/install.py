@@ -44,7 +44,6 @@ UNIT_TEMPLATE = """\
 
 [Unit]
 Description=edge-agent: ONNX model inference over MQTT
-Documentation=https://github.com/edge-agent/edge-agent#running-as-a-service
 Wants=network-online.target
 After=network-online.target
 # Five failed starts within ten minutes and systemd stops trying (the unit is "failed").

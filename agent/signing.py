@@ -39,19 +39,15 @@ class ManifestVerifier:
     def from_file(cls, path: Path) -> ManifestVerifier:
         """The verifier for the PEM public key at `path`; ConfigError when it is unusable."""
         try:
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
-                Ed25519PublicKey,
-            )
-            from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
-                load_pem_public_key,
-            )
+            from cryptography.hazmat.primitives import serialization  # noqa: PLC0415  (extra)
+            from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415  (extra)
         except ImportError:
             raise ConfigError(
                 f"security.manifest_public_key = {str(path)!r}: checking signatures needs "
                 f"the cryptography package; {_EXTRA_HINT}"
             ) from None
         try:
-            key = load_pem_public_key(path.read_bytes())
+            key = serialization.load_pem_public_key(path.read_bytes())
         except OSError as exc:
             raise ConfigError(
                 f"security.manifest_public_key = {str(path)!r}: {exc.strerror}"
@@ -60,7 +56,7 @@ class ManifestVerifier:
             raise ConfigError(
                 f"security.manifest_public_key = {str(path)!r}: not a PEM public key ({exc})"
             ) from exc
-        if not isinstance(key, Ed25519PublicKey):
+        if not isinstance(key, ed25519.Ed25519PublicKey):
             raise ConfigError(
                 f"security.manifest_public_key = {str(path)!r}: an Ed25519 key is needed, "
                 f"this is {type(key).__name__}"
@@ -69,7 +65,7 @@ class ManifestVerifier:
 
     def verify(self, manifest: bytes, signature_path: Path) -> None:
         """Raise ManifestError unless `signature_path` holds a valid signature of `manifest`."""
-        from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+        from cryptography.exceptions import InvalidSignature  # noqa: PLC0415  (optional extra)
 
         try:
             raw = signature_path.read_bytes()
@@ -105,16 +101,12 @@ def decode_signature(raw: bytes) -> bytes:
 def sign_manifest(folder: Path, private_key_path: Path) -> Path:
     """Sign `folder/manifest.json` with the PEM Ed25519 private key; returns the .sig path."""
     try:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
-            Ed25519PrivateKey,
-        )
-        from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
-            load_pem_private_key,
-        )
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415  (optional extra)
+        from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415  (extra)
     except ImportError:
         raise ConfigError(f"signing needs the cryptography package; {_EXTRA_HINT}") from None
-    key = load_pem_private_key(private_key_path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
+    key = serialization.load_pem_private_key(private_key_path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"{private_key_path}: an Ed25519 private key is needed")
     signature = key.sign((folder / MANIFEST_FILE).read_bytes())
     target = folder / SIGNATURE_FILE

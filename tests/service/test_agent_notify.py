@@ -109,6 +109,7 @@ def test_watchdog_pings_stop_while_a_model_worker_hangs(
     watchdog_1s.wait_for("READY", "1")
     watchdog_1s.wait_for("WATCHDOG", "1", after=time.monotonic())
     served = agent.manager.get("scale")
+    # A stand-in with the same duck type; mypy does not check tests, this says so anyway.
     served.active = BlockingVariant(served.active, release)  # type: ignore[assignment]
     wait_subscribed(probe, agent.config.mqtt.device_topic)
     probe.publish(f"{agent.config.mqtt.device_topic}/infer/scale", scale_request(probe.reply_topic))
