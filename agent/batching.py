@@ -86,6 +86,7 @@ class BatchingQueue:
         self._closed = False
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._running_since: dict[str, float] = {}  # worker name -> when its batch started
         self._threads = [
             threading.Thread(target=self._work, name=f"model-{model}-{i}", daemon=True)
             for i in range(workers)
@@ -134,8 +135,10 @@ class BatchingQueue:
             if isinstance(first, _Stop):
                 return
             batch, stop = self._gather(first)
+            name = threading.current_thread().name
             with self._busy_lock:
                 self._busy += 1
+                self._running_since[name] = time.monotonic()
             try:
                 self._run_batch(batch)
             except Exception as exc:  # a bug here must not strand the batch or kill the worker
@@ -146,8 +149,24 @@ class BatchingQueue:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+                    del self._running_since[name]
             if stop:
                 return
+
+    def stalled(self, longer_than: float) -> list[str]:
+        """Workers that stopped answering: dead, or on one batch for over `longer_than` s."""
+        if self._closed:
+            return []
+        now = time.monotonic()
+        with self._busy_lock:
+            running = dict(self._running_since)
+        problems = [f"worker {t.name} has died" for t in self._threads if not t.is_alive()]
+        problems += [
+            f"worker {name} has been running one batch for {now - since:.0f} s"
+            for name, since in sorted(running.items())
+            if now - since > longer_than
+        ]
+        return problems
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         batch = [first]

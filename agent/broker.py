@@ -174,6 +174,12 @@ class MosquittoBroker:
             self._dir = None
 
     def _stderr(self) -> str:
+        """What mosquitto said: its stderr when it died (a bad config), else its log file."""
+        process = self._process
+        if process is not None and process.poll() is not None and process.stderr is not None:
+            said = process.stderr.read().decode(errors="replace").strip()
+            if said:
+                return said[-2000:]
         log_file = self.config_dir / "mosquitto.log"
         if log_file.exists():
             return log_file.read_text().strip()[-2000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in _SERVICE_COMMANDS:
+        # Neither needs (nor should fail on) the configuration of the agent.
+        return _SERVICE_COMMANDS[args.command](args)
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -120,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1, help="rows per request")
     bench.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_service_commands(sub)
     return parser
 
 
@@ -154,8 +159,15 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
                 )
             }
         )
+    embedded_mqtt = config.mqtt if broker is not None else None
+
+    def reread() -> AgentConfig:
+        # SIGHUP reads the same file, environment and flags again.
+        fresh = _config(args)
+        return fresh if embedded_mqtt is None else fresh.model_copy(update={"mqtt": embedded_mqtt})
+
     try:
-        agent = Agent(config)
+        agent = Agent(config, reload_config=reread)
         agent.install_signal_handlers()
         agent.start()
         agent.run_until_stopped()
@@ -166,6 +178,12 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     finally:
         if broker is not None:
             broker.stop()
+    if agent.abandoned:
+        # Workers are still inside onnxruntime: finalising the interpreter under them
+        # aborts the process (SIGABRT, a "failed" unit). Leave without finalising.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -295,6 +313,42 @@ def _describe_status(status: dict[str, Any]) -> str:
     elif status.get("state") == "online":
         lines.append("  no models loaded")
     return "\n".join(lines)
+
+
+# --- Service set-up commands (issue 4): install-service, sign-manifest ---
+
+
+def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from agent import install  # noqa: PLC0415  (only these commands need it)
+
+    install.add_parser(sub)
+    sign = sub.add_parser(
+        "sign-manifest",
+        help="sign a model folder's manifest.json with an Ed25519 key (writes manifest.json.sig)",
+    )
+    sign.add_argument("folder", type=Path, help="the model folder")
+    sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    from agent import install  # noqa: PLC0415  (as above)
+
+    return install.run(args)
+
+
+def _sign_manifest(args: argparse.Namespace) -> int:
+    from agent.signing import sign_manifest  # noqa: PLC0415  (as above)
+
+    try:
+        target = sign_manifest(args.folder, args.key)
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"edge-agent sign-manifest: {exc}", file=sys.stderr)
+        return 1
+    print(f"signed: {target}")
+    return 0
+
+
+_SERVICE_COMMANDS = {"install-service": _install_service, "sign-manifest": _sign_manifest}
 
 
 if __name__ == "__main__":

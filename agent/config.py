@@ -167,6 +167,52 @@ class LogConfig(_Section):
     )
 
 
+# --- Running as a service: systemd, persisted state, model supply integrity (issue 4) ---
+
+
+class ServiceConfig(_Section):
+    """Running under systemd: health check, watchdog and shutdown."""
+
+    stop_timeout_s: float = Field(
+        20.0,
+        ge=0.0,
+        le=3600.0,
+        description="On SIGTERM, how long queued and running requests may take to finish "
+        "before the agent exits anyway; keep it below the unit's TimeoutStopSec.",
+    )
+    worker_stall_s: float = Field(
+        60.0,
+        ge=0.1,
+        le=86400.0,
+        description="A model worker busy on one batch for longer counts as hung: the "
+        "watchdog pings stop and systemd restarts the agent. Above the slowest batch.",
+    )
+
+
+class StateConfig(_Section):
+    """What the agent remembers across restarts (pins, last known good variants)."""
+
+    dir: Path | None = Field(
+        None,
+        description="Directory of state.json; unset uses $STATE_DIRECTORY (systemd's "
+        "StateDirectory=), and without it nothing is remembered.",
+    )
+
+
+class SecurityConfig(_Section):
+    """Model supply integrity."""
+
+    require_sha256: bool = Field(
+        True, description="Refuse manifest variants that carry no sha256 to check."
+    )
+    manifest_public_key: Path | None = Field(
+        None,
+        description="Ed25519 public key (PEM). When set, a model folder is served only "
+        "with a valid manifest.json.sig, and bare .onnx files are refused. Needs the "
+        "`signing` extra (cryptography).",
+    )
+
+
 class AgentConfig(_Section):
     """The whole configuration file."""
 
@@ -174,6 +220,9 @@ class AgentConfig(_Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
 
 def load_config(

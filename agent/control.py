@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.errors import InvalidRequest, ModelNotFound
 from agent.models import ModelManager
+from agent.state import StateStore
 
 Command = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -18,9 +19,12 @@ Command = Callable[[dict[str, Any]], dict[str, Any]]
 class ControlCommands:
     """The commands an operator (or a fleet manager) can send to the device."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, state: StateStore | None = None) -> None:
         self._manager = manager
         self._commands: dict[str, Command] = {"models": self.models}
+        self._state = state
+        if state is not None:
+            self._commands.update(pin=self.pin, unpin=self.unpin)
 
     @property
     def names(self) -> list[str]:
@@ -46,3 +50,33 @@ class ControlCommands:
         if name not in self._manager.names():
             raise ModelNotFound(f"model {name!r} is not loaded")
         return {"models": {name: self._manager.get(name).describe()}}
+
+    # --- Pins: an operator fixes a model's variant; remembered across restarts ---
+
+    def pin(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Switch `model` to `variant` and keep it there (also after a restart)."""
+        assert self._state is not None  # registered only with a state store
+        name, variant = _string(body, "model"), _string(body, "variant")
+        served = self._manager.switch(name, variant, reason="pinned")
+        self._state.pin(name, variant)
+        return {"model": name, "pinned": variant, "active": served.active.name}
+
+    def unpin(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Forget the pin of `model`; the active variant stays until something changes it."""
+        assert self._state is not None
+        name = _string(body, "model")
+        served = self._manager.get(name)
+        was_pinned = self._state.unpin(name)
+        return {
+            "model": name,
+            "pinned": None,
+            "was_pinned": was_pinned,
+            "active": served.active.name,
+        }
+
+
+def _string(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{key!r} must be a non-empty string")
+    return value

@@ -117,6 +117,11 @@ def read_manifest(path: Path) -> Manifest:
         raw = path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: Path) -> Manifest:
+    """Validate manifest bytes already read (and, when required, signature-checked)."""
     try:
         return Manifest.model_validate_json(raw)
     except ValidationError as exc:

@@ -21,7 +21,7 @@ from agent.errors import InvalidRequest, ModelNotFound, VariantRejected
 from agent.manifest import TensorSpec, Variant
 from agent.metrics import ModelStats
 from agent.protocol import InferenceRequest
-from agent.repository import ModelSource, verify_variant
+from agent.repository import DEFAULT_POLICY, ModelSource, SupplyPolicy, verify_variant
 from agent.session import LoadedVariant, SessionSettings
 
 log = structlog.get_logger(__name__)
@@ -163,6 +163,9 @@ class ModelManager:
         self._emit = events
         self._stats_window = stats_window
         self._lock = threading.Lock()
+        self._switch_lock = threading.Lock()
+        # What a variant must prove before it loads; the agent sets it from [security].
+        self.supply_policy: SupplyPolicy = DEFAULT_POLICY
         # Replaced, never mutated: readers on the hot path take no lock.
         self._models: Mapping[str, ServedModel] = {}
 
@@ -183,13 +186,15 @@ class ModelManager:
     def served(self) -> list[ServedModel]:
         return [self._models[name] for name in sorted(self._models)]
 
-    def load(self, source: ModelSource) -> ServedModel | None:
+    def load(self, source: ModelSource, prefer: str | None = None) -> ServedModel | None:
         """Load the richest variant of `source` that can serve; None if none can.
 
         Every variant that fails is reported with its reason; the model falls back to the
-        next rung down.
+        next rung down. `prefer` names a variant to try first (a pin, or the last known
+        good variant restored after a restart).
         """
-        for variant in source.variants:
+        # sorted() is stable: the preferred variant first, then the ladder in order.
+        for variant in sorted(source.variants, key=lambda v: v.name != prefer):
             try:
                 loaded = self._load_variant(source, variant)
             except VariantRejected as exc:
@@ -216,9 +221,13 @@ class ModelManager:
         self._emit("model_rejected", model=source.name, reason="no variant could be loaded")
         return None
 
-    def load_all(self, sources: Iterable[ModelSource]) -> None:
+    def load_all(
+        self,
+        sources: Iterable[ModelSource],
+        prefer: Callable[[str], str | None] | None = None,
+    ) -> None:
         for source in sources:
-            self.load(source)
+            self.load(source, prefer(source.name) if prefer is not None else None)
 
     def unload(self, name: str, timeout: float = 30.0) -> bool:
         """Stop serving `name` once its queued requests are done; False if it was not loaded."""
@@ -240,8 +249,39 @@ class ModelManager:
             if not model.queue.close(timeout):
                 log.warning("model_workers_still_busy", model=model.name, timeout_s=timeout)
 
+    # --- Switching the active variant on request (pins) ---
+
+    def switch(self, name: str, variant: str, reason: str) -> ServedModel:
+        """Make `variant` the active one of model `name`: load and warm it up, then switch.
+
+        Requests already running finish on the old variant, which is released once they
+        are done. Raises ModelNotFound, InvalidRequest (no such variant) or VariantRejected
+        (it cannot load); the model then keeps serving what it had.
+        """
+        served = self.get(name)
+        target = next((v for v in served.ladder if v.name == variant), None)
+        if target is None:
+            raise InvalidRequest(
+                f"model {name}: no variant {variant!r}; it has {[v.name for v in served.ladder]}"
+            )
+        with self._switch_lock:
+            previous = served.active
+            if previous.name == variant:
+                return served
+            loaded = self._load_variant(served.source, target)
+            served.active = loaded  # one reference: the next batch runs on the new variant
+        self._emit(
+            "variant_swapped",
+            model=name,
+            variant=loaded.name,
+            previous=previous.name,
+            reason=reason,
+            ms=round(loaded.load_ms, 1),
+        )
+        return served
+
     def _load_variant(self, source: ModelSource, variant: Variant) -> LoadedVariant:
-        path = verify_variant(source, variant, self._config.dir)
+        path = verify_variant(source, variant, self._config.dir, self.supply_policy)
         manifest = source.manifest
         loaded = LoadedVariant.load(
             source.name,

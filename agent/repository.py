@@ -12,12 +12,35 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.config import SecurityConfig
 from agent.errors import ManifestError, VariantRejected
-from agent.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, Variant, read_manifest
+from agent.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, Variant, parse_manifest
+from agent.onnx_check import check_model_file
+from agent.signing import SIGNATURE_FILE, ManifestVerifier
 
 BARE_VARIANT = "default"
 _NAME = re.compile(NAME_PATTERN)
 _HASH_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SupplyPolicy:
+    """What a model must prove before it is served (the `[security]` section)."""
+
+    require_sha256: bool = True
+    verifier: ManifestVerifier | None = None
+
+    @classmethod
+    def from_config(cls, security: SecurityConfig) -> SupplyPolicy:
+        """The policy for `security`; ConfigError when its public key is unusable."""
+        key = security.manifest_public_key
+        return cls(
+            require_sha256=security.require_sha256,
+            verifier=ManifestVerifier.from_file(key) if key is not None else None,
+        )
+
+
+DEFAULT_POLICY = SupplyPolicy()
 
 
 @dataclass(frozen=True)
@@ -43,7 +66,9 @@ class Rejection:
     reason: str
 
 
-def scan(models_dir: Path) -> tuple[list[ModelSource], list[Rejection]]:
+def scan(
+    models_dir: Path, policy: SupplyPolicy = DEFAULT_POLICY
+) -> tuple[list[ModelSource], list[Rejection]]:
     """Read every model in `models_dir`; entries that cannot be served come back as rejections.
 
     Hidden entries (a leading '.') are skipped: they are where pushes stage their files
@@ -58,25 +83,40 @@ def scan(models_dir: Path) -> tuple[list[ModelSource], list[Rejection]]:
             continue
         if entry.is_dir() or entry.suffix == ".onnx":
             try:
-                models.append(read_model(entry, models_dir))
+                models.append(read_model(entry, models_dir, policy))
             except ManifestError as exc:
                 rejected.append(Rejection(entry, str(exc)))
     return models, rejected
 
 
-def read_model(path: Path, models_dir: Path) -> ModelSource:
+def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLICY) -> ModelSource:
     """Describe the model at `path` (a folder with a manifest, or a bare .onnx file)."""
     _check_inside(path, models_dir)
     if path.is_dir():
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise ManifestError(f"{path}: no {MANIFEST_FILE} in the model folder")
-        manifest = read_manifest(manifest_path)
+        _check_inside(manifest_path, models_dir, what="manifest")
+        try:
+            raw = manifest_path.read_bytes()
+        except OSError as exc:
+            raise ManifestError(f"{manifest_path}: cannot read: {exc.strerror}") from exc
+        if policy.verifier is not None:
+            # The bytes checked are the bytes parsed: no window for a swap in between.
+            signature_path = path / SIGNATURE_FILE
+            _check_inside(signature_path, models_dir, what="signature")
+            policy.verifier.verify(raw, signature_path)
+        manifest = parse_manifest(raw, manifest_path)
         if manifest.name != path.name:
             raise ManifestError(
                 f"{manifest_path}: name {manifest.name!r} differs from its folder {path.name!r}"
             )
         return ModelSource(manifest.name, path, tuple(manifest.variants), manifest)
+    if policy.verifier is not None:
+        raise ManifestError(
+            f"{path}: a bare .onnx file has no signed manifest "
+            "(security.manifest_public_key is set)"
+        )
     name = path.stem
     if not _NAME.match(name):
         raise ManifestError(f"{path}: {name!r} is not a valid model name ({NAME_PATTERN})")
@@ -84,12 +124,21 @@ def read_model(path: Path, models_dir: Path) -> ModelSource:
     return ModelSource(name, path, (variant,), None)
 
 
-def verify_variant(source: ModelSource, variant: Variant, models_dir: Path) -> Path:
-    """The variant's file, once it is known to exist, stay inside the models and match its hash."""
+def verify_variant(
+    source: ModelSource, variant: Variant, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLICY
+) -> Path:
+    """The variant's file, once it is known to exist, stay inside the models, match its
+    hash, and need neither custom operators nor data from outside its folder."""
     path = source.folder / variant.file
     _check_inside(path, models_dir, what=f"variant {variant.name}")
     if not path.is_file():
         raise VariantRejected(f"variant {variant.name}: file {variant.file} is missing")
+    signed = policy.verifier is not None
+    if variant.sha256 is None and source.manifest is not None and (policy.require_sha256 or signed):
+        raise VariantRejected(
+            f"variant {variant.name}: the manifest gives no sha256 for {variant.file} "
+            "(security.require_sha256)"
+        )
     if variant.sha256 is not None:
         digest = sha256_of(path)
         if digest != variant.sha256:
@@ -97,6 +146,7 @@ def verify_variant(source: ModelSource, variant: Variant, models_dir: Path) -> P
                 f"variant {variant.name}: sha256 of {variant.file} is {digest}, "
                 f"the manifest says {variant.sha256}"
             )
+    check_model_file(path, source.folder, variant=variant.name, allow_external_data=not signed)
     return path
 
 
@@ -113,5 +163,5 @@ def _check_inside(path: Path, models_dir: Path, what: str = "model") -> None:
     # resolve() follows symlinks: a link pointing out of the model directory is refused.
     resolved, root = path.resolve(), models_dir.resolve()
     if resolved != root and root not in resolved.parents:
-        error = VariantRejected if what != "model" else ManifestError
+        error = VariantRejected if what.startswith("variant") else ManifestError
         raise error(f"{what}: {path} resolves to {resolved}, outside {root}")

@@ -8,7 +8,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -17,12 +19,17 @@ import structlog
 from agent import __version__
 from agent.config import AgentConfig, read_password, usable_cpus
 from agent.control import ControlCommands
+from agent.errors import ConfigError
 from agent.events import Events
+from agent.logs import configure_logging
 from agent.models import ModelManager
 from agent.monitor import ResourceMonitor
 from agent.mqtt.frontend import MqttFrontend
-from agent.repository import scan
+from agent.repository import SupplyPolicy, scan
+from agent.sdnotify import Notifier, watchdog_interval
 from agent.session import SessionSettings
+from agent.state import StateStore
+from agent.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -32,17 +39,26 @@ DRAIN_TIMEOUT_S = 30.0
 class Agent:
     """One running agent. `start()` loads and connects; `stop()` shuts down in order."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(
+        self, config: AgentConfig, reload_config: Callable[[], AgentConfig] | None = None
+    ) -> None:
         self.config = config
         self.events = Events()
         threads = config.models.threads or usable_cpus()
         self.manager = ModelManager(
             config.models,
             SessionSettings(threads=threads, spin=config.models.spin, warmup=config.models.warmup),
-            self.events.emit,
+            self._on_model_event,
             stats_window=config.metrics.window,
         )
-        self.control = ControlCommands(self.manager)
+        self.state = StateStore(config.state.dir)
+        self.control = ControlCommands(self.manager, self.state)
+        # systemd integration; both are replaced in start(), which reads the environment.
+        self.notifier = Notifier(None)
+        self.supervisor: Supervisor | None = None
+        self._reload_config = reload_config
+        self._started = False
+        self.abandoned = 0  # requests still queued or running when stop() gave up
         self.monitor = ResourceMonitor()
         self.frontend: MqttFrontend | None = None
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -58,10 +74,17 @@ class Agent:
             device=self.config.mqtt.device_id,
             pid=os.getpid(),
         )
-        sources, rejected = scan(models_dir)
+        self.notifier = Notifier.from_environment()
+        self.notifier.status(f"loading models from {models_dir}")
+        self.manager.supply_policy = SupplyPolicy.from_config(self.config.security)
+        self.state = StateStore(self.config.state.dir or _state_directory())
+        self.control = ControlCommands(self.manager, self.state)
+        self.state.load()
+        sources, rejected = scan(models_dir, self.manager.supply_policy)
         for rejection in rejected:
             self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
-        self.manager.load_all(sources)
+        self.manager.load_all(sources, prefer=self.state.preferred)
+        self._warn_unhonoured_pins()
         self.frontend = MqttFrontend(
             self.config.mqtt,
             self.manager,
@@ -71,6 +94,9 @@ class Agent:
             password=read_password(self.config.mqtt),
         )
         self.frontend.start()
+        self._started = True
+        self.supervisor = Supervisor(self, self.notifier, watchdog_interval())
+        self.supervisor.start()
 
     def status(self) -> dict[str, Any]:
         """The retained status body: who we are and what we serve."""
@@ -116,13 +142,146 @@ class Agent:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.request_reload())
 
-    def stop(self, drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
-        """Stop taking requests, finish the queued ones, publish `stopped`, disconnect."""
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop taking requests, finish the queued ones, publish `stopped`, disconnect.
+
+        Requests still running after `drain_timeout` (service.stop_timeout_s by default)
+        are abandoned: systemd would kill the agent a little later anyway.
+        """
+        if drain_timeout is None:
+            drain_timeout = self.config.service.stop_timeout_s
         self._stop.set()
+        self.notifier.stopping(self._stopping_line(drain_timeout))
         if self.frontend is not None:
             self.frontend.stop_intake()
         self.manager.close(drain_timeout)
+        self.abandoned = sum(m.queue.depth + m.queue.busy for m in self.manager.served())
+        if self.abandoned:
+            log.warning("requests_abandoned", count=self.abandoned, timeout_s=drain_timeout)
         if self.frontend is not None:
             self.frontend.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.notifier.close()
         log.info("agent_stopped")
+
+    # --- Running as a systemd service: readiness, health, status, reload (issue 4) ---
+
+    @property
+    def ready(self) -> bool:
+        """Models loaded and the broker connected: what READY=1 promises."""
+        return self._started and self.frontend is not None and self.frontend.connected
+
+    def request_reload(self) -> None:
+        """Re-read the configuration soon (SIGHUP); the supervisor thread does the work."""
+        if self.supervisor is not None:
+            self.supervisor.request_reload()
+
+    def health_problems(self, loop_stale_after: float) -> list[str]:
+        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker."""
+        problems: list[str] = []
+        if self.frontend is not None:
+            self.frontend.probe_loop(idle_after=loop_stale_after / 6)
+            loop = self.frontend.loop_problem(loop_stale_after)
+            if loop is not None:
+                problems.append(loop)
+        stall = self.config.service.worker_stall_s
+        for model in self.manager.served():
+            problems += [f"model {model.name}: {p}" for p in model.queue.stalled(stall)]
+        return problems
+
+    def status_line(self) -> str:
+        """What `systemctl status` shows: models with their active variant, broker state."""
+        if self._stop.is_set():
+            return "stopping"
+        served = self.manager.served()
+        models = ", ".join(f"{m.name}={m.active.name}" for m in served) or "none"
+        mqtt = self.config.mqtt
+        broker = self.frontend.broker_state if self.frontend is not None else "not started"
+        verb = "serving" if self.ready else "waiting for the broker;"
+        return f"{verb} {len(served)} model(s) [{models}]; broker {mqtt.host}:{mqtt.port} {broker}"
+
+    def reload(self) -> str:
+        """Re-read the configuration, apply what can change live, rescan the models.
+
+        Sections that shape connections or threads (mqtt, models, metrics, state) need a
+        restart; a change there is logged, not applied. Never raises: a bad file keeps
+        the running configuration.
+        """
+        if self._reload_config is None:
+            log.warning("reload_unsupported", reason="no configuration source")
+            return self.status_line()
+        try:
+            new = self._reload_config()
+            policy = SupplyPolicy.from_config(new.security)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return f"reload failed, running on the previous configuration: {exc}"
+        changed = [
+            name
+            for name in AgentConfig.model_fields
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        live = [name for name in changed if name in _LIVE_SECTIONS]
+        if "log" in live:
+            configure_logging(new.log.level, new.log.format)
+        self.config = self.config.model_copy(update={name: getattr(new, name) for name in live})
+        self.manager.supply_policy = policy
+        restart = [name for name in changed if name not in _LIVE_SECTIONS]
+        if restart:
+            log.warning("reload_needs_restart", sections=restart)
+        self._rescan()
+        if self.frontend is not None:
+            self.frontend.publish_status()
+        log.info("reload_done", applied=live, needs_restart=restart)
+        return self.status_line()
+
+    def _rescan(self) -> None:
+        """Load models that are new or changed on disk, unload those that are gone."""
+        sources, rejected = scan(self.config.models.dir, self.manager.supply_policy)
+        for rejection in rejected:
+            self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
+        served = {model.name: model for model in self.manager.served()}
+        for source in sources:
+            current = served.get(source.name)
+            if current is None or current.source != source:
+                self.manager.load(source, prefer=self.state.preferred(source.name))
+        # A model whose folder is there but now rejected keeps serving what it had.
+        present = {s.name for s in sources} | {
+            r.path.stem if r.path.suffix == ".onnx" else r.path.name for r in rejected
+        }
+        for name in served.keys() - present:
+            self.manager.unload(name)
+
+    def _on_model_event(self, event: str, **fields: Any) -> None:
+        """Events from the model manager: published, and remembered as last known good."""
+        self.events.emit(event, **fields)
+        if event in ("model_loaded", "variant_swapped"):
+            self.state.record_good(fields["model"], fields["variant"])
+            if self.frontend is not None:
+                self.frontend.publish_status()
+
+    def _warn_unhonoured_pins(self) -> None:
+        for model in self.manager.served():
+            pinned = self.state.pinned(model.name)
+            if pinned is not None and model.active.name != pinned:
+                log.warning(
+                    "pin_not_honoured", model=model.name, pinned=pinned, active=model.active.name
+                )
+
+    def _stopping_line(self, drain_timeout: float) -> str:
+        waiting = sum(m.queue.depth + m.queue.busy for m in self.manager.served())
+        return f"stopping: finishing {waiting} request(s), at most {drain_timeout:g} s"
+
+
+# Sections a SIGHUP applies without a restart.
+_LIVE_SECTIONS = frozenset({"log", "service", "security"})
+
+
+def _state_directory() -> Path | None:
+    """systemd's StateDirectory= (the first one, when it lists several)."""
+    value = os.environ.get("STATE_DIRECTORY", "")
+    first = value.split(":")[0]
+    return Path(first) if first else None

@@ -120,4 +120,4 @@ def _spec(arg: ort.NodeArg, where: str) -> TensorSpec:
             "(export classifiers without ZipMap, e.g. skl2onnx option zipmap=False)"
         )
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape or ())
-    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)  # type: ignore[arg-type]
+    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)

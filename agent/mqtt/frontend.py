@@ -100,6 +100,12 @@ class MqttFrontend:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        # For the health check and systemd's STATUS= line (see "Health" below).
+        self.broker_state = "connecting"
+        self.heartbeat_topic = f"{root}/heartbeat"
+        self._refusals = 0
+        self._client.on_publish = self._on_publish
+        self._client.on_connect_fail = self._on_connect_fail
 
     @property
     def connected(self) -> bool:
@@ -190,11 +196,22 @@ class MqttFrontend:
         reason: ReasonCode,
         _properties: Properties | None,
     ) -> None:
+        self._last_loop = time.monotonic()
         if reason.is_failure:
+            self._refusals += 1
+            self.broker_state = f"refused by the broker: {reason} ({self._refusals} attempts)"
             self._events.emit(
-                "broker_refused", reason=str(reason), host=self._config.host, port=self._config.port
+                "broker_refused",
+                reason=str(reason),
+                host=self._config.host,
+                port=self._config.port,
+                username=self._config.username,
+                attempt=self._refusals,
+                hint=_refusal_hint(reason),
             )
             return
+        self._refusals = 0
+        self.broker_state = "connected"
         qos = self._config.qos
         topics: list[tuple[str, Any]] = [
             (topic, SubscribeOptions(qos=qos) if self._v5 else qos) for topic in self.subscriptions
@@ -243,6 +260,8 @@ class MqttFrontend:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if was_connected and not self._stopping:
+            self.broker_state = f"disconnected: {reason}; reconnecting"
         self._events.attach(None)
         if self._stopping:
             log.info("broker_disconnected", reason="agent stopping")
@@ -400,6 +419,61 @@ class MqttFrontend:
             if header_length is not None:
                 properties.UserProperty = [(HEADER_LENGTH_PROPERTY, str(header_length))]
         self._client.publish(address.topic, payload, qos=address.qos, properties=properties)
+
+    # --- Health: is the network loop turning? (for the systemd watchdog) ---
+
+    def _on_publish(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _mid: int,
+        _reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        # paho runs this on its network thread once a publication has been written (QoS 0)
+        # or acknowledged (QoS 1/2): proof that the loop turns.
+        self._last_loop = time.monotonic()
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # paho does not say why (DNS, refused, TLS); it retries with backoff.
+        self.broker_state = "broker unreachable; retrying"
+        log.warning(
+            "broker_unreachable",
+            host=self._config.host,
+            port=self._config.port,
+            tls=self._config.tls.enabled,
+        )
+
+    def probe_loop(self, idle_after: float) -> None:
+        """When the loop has been silent for `idle_after` s, make it show it still turns.
+
+        A QoS 0 publication on the heartbeat topic is written by paho's network thread,
+        whose `on_publish` then stamps the time; a busy agent never needs one.
+        """
+        if self.connected and time.monotonic() - self._last_loop > idle_after:
+            self._client.publish(self.heartbeat_topic, b"", qos=0)
+
+    def loop_problem(self, stale_after: float) -> str | None:
+        """Why the MQTT loop looks dead, or None when it is alive."""
+        if self._stopping:
+            return None
+        # paho keeps its network thread private; it is None once the thread has ended.
+        thread: threading.Thread | None = getattr(self._client, "_thread", None)
+        if thread is None or not thread.is_alive():
+            return "the MQTT network thread is not running"
+        silence = time.monotonic() - self._last_loop
+        if self.connected and silence > stale_after:
+            return f"the MQTT network loop has been silent for {silence:.0f} s"
+        return None
+
+
+def _refusal_hint(reason: ReasonCode) -> str | None:
+    text = str(reason).lower()
+    if "not authorized" in text or "user name or password" in text:
+        return "check mqtt.username and the password (file or systemd credential)"
+    if "identifier" in text:
+        return "another client may use this client id; set mqtt.client_id"
+    return None
 
 
 def _header_length(props: Properties | None) -> int | None:

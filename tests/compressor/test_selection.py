@@ -10,7 +10,7 @@ from compressor.metrics import Fidelity
 from compressor.selection import select_ladder
 
 
-def _e(  # noqa: PLR0917 -- a compact table of made-up figures reads best positionally
+def _e(
     name: str,
     acc: float,
     size: int,
