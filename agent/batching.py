@@ -58,6 +58,15 @@ class Job:
         )
 
 
+INLINE_MAX_ROWS = 8
+"""Requests with more rows than this always go to a worker."""
+
+
+def _rows(job: Job) -> int:
+    first = next(iter(job.feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
 class _Stop:
     """Tells a worker to exit once the jobs queued before it are done."""
 
@@ -76,8 +85,12 @@ class BatchingQueue:
         max_batch_size: int,
         batch_delay_s: float,
         batchable: bool,
+        inline_max_ms: float = 0.0,
+        expected_ms: float | None = None,
     ) -> None:
         self.model = model
+        self._inline_max_ms = inline_max_ms
+        self._recent_ms = expected_ms
         self._current = current
         self._stats = stats
         self._queue: queue.Queue[Job | _Stop] = queue.Queue(maxsize=max_queue)
@@ -135,23 +148,52 @@ class BatchingQueue:
             if isinstance(first, _Stop):
                 return
             batch, stop = self._gather(first)
-            name = threading.current_thread().name
-            with self._busy_lock:
-                self._busy += 1
-                self._running_since[name] = time.monotonic()
-            try:
-                self._run_batch(batch)
-            except Exception as exc:  # a bug here must not strand the batch or kill the worker
-                log.exception("batch_failed", model=self.model, size=len(batch))
-                for job in batch:
-                    if not job.notified:
-                        self._finish(job, InferenceError(f"model {self.model}: {exc!r}"))
-            finally:
-                with self._busy_lock:
-                    self._busy -= 1
-                    del self._running_since[name]
+            self._execute(batch)
             if stop:
                 return
+
+    def try_inline(self, job: Job) -> bool:
+        """Run a small request on the calling thread when that is cheaper than a hand-off.
+
+        Only when the model is idle (nothing queued, no worker busy), the request is small
+        and the model's recent small runs took under `inline_max_ms`: handing such a
+        request to a worker and its reply back to the network thread costs more than the
+        inference itself. Everything else goes through the queue.
+        """
+        if (
+            self._recent_ms is None
+            or self._recent_ms > self._inline_max_ms
+            or self._busy
+            or self._closed
+            or not self._queue.empty()
+            or _rows(job) > INLINE_MAX_ROWS
+        ):
+            return False
+        self._execute([job])
+        return True
+
+    def _execute(self, batch: list[Job]) -> None:
+        name = threading.current_thread().name
+        with self._busy_lock:
+            self._busy += 1
+            self._running_since[name] = time.monotonic()
+        try:
+            self._run_batch(batch)
+        except Exception as exc:  # a bug here must not strand the batch or kill the worker
+            log.exception("batch_failed", model=self.model, size=len(batch))
+            for job in batch:
+                if not job.notified:
+                    self._finish(job, InferenceError(f"model {self.model}: {exc!r}"))
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                del self._running_since[name]
+
+    def _observe(self, infer_ms: float, rows: int) -> None:
+        """Track how long small runs take, for the inline decision."""
+        if rows <= INLINE_MAX_ROWS:
+            recent = self._recent_ms
+            self._recent_ms = infer_ms if recent is None else 0.8 * recent + 0.2 * infer_ms
 
     def stalled(self, longer_than: float) -> list[str]:
         """Workers that stopped answering: dead, or on one batch for over `longer_than` s."""
@@ -197,6 +239,9 @@ class BatchingQueue:
                 self._notify(job, RequestExpired(f"model {self.model}: expired while queued"))
             else:
                 live.append(job)
+        if len(live) == 1:  # the common case when traffic is light: nothing to group
+            self._run_one(live[0])
+            return
         groups: dict[tuple[object, ...], list[Job]] = {}
         for job in live:
             groups.setdefault(job.batch_key(), []).append(job)
@@ -215,6 +260,7 @@ class BatchingQueue:
             self._finish(job, exc)
             return
         end = time.monotonic()
+        self._observe((end - start) * 1000.0, _rows(job))
         self._finish(
             job,
             Completed(
@@ -230,7 +276,7 @@ class BatchingQueue:
         """Run a group as one batch; False when it must be retried job by job."""
         variant = self._current()
         names = group[0].outputs or tuple(spec.name for spec in variant.outputs)
-        rows = [next(iter(job.feeds.values())).shape[0] for job in group]
+        rows = [_rows(job) for job in group]
         feeds = {
             name: np.concatenate([job.feeds[name] for job in group], axis=0)
             for name in group[0].feeds
@@ -242,6 +288,7 @@ class BatchingQueue:
             return False  # one of them is bad: isolate it by running each alone
         end = time.monotonic()
         total = sum(rows)
+        self._observe((end - start) * 1000.0, total)
         if any(result.ndim == 0 or result.shape[0] != total for result in results):
             log.warning("batching_disabled", model=self.model, reason="outputs not per row")
             self._max_batch = 1

@@ -85,17 +85,8 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
     broker = MosquittoBroker(port)
     broker.start()
     mqtt = MqttConfig(port=port, device_id="bench")
-    results: dict[str, Figures] = {}
+    echo_topic, agent_topic = f"{ECHO_TOPIC}/x", f"edge/bench/infer/{source.name}"
     try:
-        with _process([sys.executable, "-m", "agent.bench", "--echo", str(port)]):
-            _wait_for(lambda: _answers(mqtt, f"{ECHO_TOPIC}/x", payload, header_length), 30)
-            progress(
-                f"bare MQTT 5 echo: {args.requests} sequential, then "
-                f"{args.concurrency} in flight for {args.duration} s"
-            )
-            results["echo_seq"], results["echo_conc"] = _bench_mqtt(
-                "echo", mqtt, f"{ECHO_TOPIC}/x", payload, header_length, args
-            )
         with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
             models = Path(tmp) / "models"
             models.mkdir()
@@ -106,29 +97,25 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
                 "EDGE_AGENT_METRICS__INTERVAL_S": "0",
                 "EDGE_AGENT_LOG__LEVEL": "warning",
             }
-            command = [
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                "--mqtt-port",
-                str(port),
-                "--device-id",
-                "bench",
-                "--models-dir",
-                str(models),
-            ]
+            command = [sys.executable, "-m", "agent", "run", "--mqtt-port", str(port)]
+            command += ["--device-id", "bench", "--models-dir", str(models)]
             if args.config is not None:
                 command += ["--config", str(args.config)]
-            with _process(command, env):
-                topic = f"edge/bench/infer/{source.name}"
-                _wait_for(lambda: _answers(mqtt, topic, payload, header_length), 60)
+            echo = [sys.executable, "-m", "agent.bench", "--echo", str(port)]
+            with _process(echo), _process(command, env):
+                _wait_for(lambda: _answers(mqtt, echo_topic, payload, header_length), 30)
+                _wait_for(lambda: _answers(mqtt, agent_topic, payload, header_length), 60)
                 progress(
-                    f"edge-agent: {args.requests} sequential, then {args.concurrency} "
-                    f"in flight for {args.duration} s"
+                    f"bare MQTT 5 echo and edge-agent side by side, in {args.rounds} "
+                    f"alternating rounds: {args.requests} sequential requests each, then "
+                    f"{args.concurrency} in flight for {args.duration} s each"
                 )
-                results["agent_seq"], results["agent_conc"] = _bench_mqtt(
-                    "agent", mqtt, topic, payload, header_length, args
+                results = _bench_mqtt(
+                    {"echo": echo_topic, "agent": agent_topic},
+                    mqtt,
+                    payload,
+                    header_length,
+                    args,
                 )
     finally:
         broker.stop()
@@ -148,6 +135,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
         "batch": args.batch,
         "qos": 1,
         "concurrency": args.concurrency,
+        "rounds": args.rounds,
         "threads": threads,
         "onnxruntime": asdict(raw),
         **{key: asdict(value) for key, value in results.items()},
@@ -254,33 +242,60 @@ def _bench_onnxruntime(
 
 
 def _bench_mqtt(
-    name: str,
+    topics: dict[str, str],
     mqtt: MqttConfig,
-    topic: str,
     payload: bytes,
     header_length: int | None,
     args: argparse.Namespace,
-) -> tuple[Figures, Figures]:
+) -> dict[str, Figures]:
+    """Sequential and in-flight figures per target, measured in alternating rounds.
+
+    Alternating (echo, agent, echo, agent...) spreads the machine's drifts and moods over
+    both targets instead of letting one of them have a quiet minute.
+    """
     from agent.mqtt.requester import Requester  # noqa: PLC0415
 
+    latencies: dict[str, list[float]] = {name: [] for name in topics}
+    seconds: dict[str, float] = dict.fromkeys(topics, 0.0)
+    flight: dict[str, list[float]] = {name: [] for name in topics}
+    flight_seconds: dict[str, float] = dict.fromkeys(topics, 0.0)
+    per_round = max(1, args.requests // args.rounds)
     with Requester(mqtt, protocol="5") as requester:
         requester.connect()
-        for _ in range(200):  # warm both ends up
-            requester.request(topic, payload, header_length)
-        latencies = []
-        start = time.perf_counter()
-        for _ in range(args.requests):
-            t0 = time.perf_counter()
-            reply = requester.request(topic, payload, header_length)
-            latencies.append((time.perf_counter() - t0) * 1000.0)
-        sequential = _figures(
-            f"{name}_seq", latencies, args.requests / (time.perf_counter() - start)
+        for name, topic in topics.items():
+            for _ in range(200):  # warm both ends up
+                reply = requester.request(topic, payload, header_length)
+            _check_reply(name, reply.payload, reply.header_length)
+        for _ in range(args.rounds):
+            for name, topic in topics.items():
+                start = time.perf_counter()
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    requester.request(topic, payload, header_length)
+                    latencies[name].append((time.perf_counter() - t0) * 1000.0)
+                seconds[name] += time.perf_counter() - start
+        for _ in range(args.rounds):
+            for name, topic in topics.items():
+                done, elapsed = _in_flight(
+                    name,
+                    requester,
+                    topic,
+                    payload,
+                    header_length,
+                    args.concurrency,
+                    args.duration / args.rounds,
+                )
+                flight[name] += done
+                flight_seconds[name] += elapsed
+    results = {}
+    for name in topics:
+        results[f"{name}_seq"] = _figures(
+            f"{name}_seq", latencies[name], len(latencies[name]) / seconds[name]
         )
-        _check_reply(name, reply.payload, reply.header_length)
-        concurrent = _in_flight(
-            name, requester, topic, payload, header_length, args.concurrency, args.duration
+        results[f"{name}_conc"] = _figures(
+            f"{name}_conc", flight[name], len(flight[name]) / flight_seconds[name]
         )
-    return sequential, concurrent
+    return results
 
 
 def _in_flight(
@@ -291,8 +306,8 @@ def _in_flight(
     header_length: int | None,
     concurrency: int,
     duration: float,
-) -> Figures:
-    """Keep `concurrency` requests outstanding for `duration` seconds."""
+) -> tuple[list[float], float]:
+    """Keep `concurrency` requests outstanding for `duration` seconds: latencies, seconds."""
     lock = threading.Lock()
     latencies: list[float] = []
     stop_at = time.perf_counter() + duration
@@ -327,8 +342,7 @@ def _in_flight(
         launch()
     if not finished.wait(duration + 30):
         raise TimeoutError(f"{name}: replies stopped arriving with {concurrency} in flight")
-    elapsed = time.perf_counter() - start
-    return _figures(f"{name}_conc", latencies, len(latencies) / elapsed)
+    return latencies, time.perf_counter() - start
 
 
 def _check_reply(name: str, payload: bytes | bytearray, header_length: int | None) -> None:

@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds with N in flight")
     bench.add_argument("--batch", type=int, default=1, help="rows per request")
+    bench.add_argument(
+        "--rounds", type=int, default=10, help="alternate echo and agent this many times"
+    )
     bench.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_service_commands(sub)

@@ -142,6 +142,14 @@ class ModelsConfig(_Section):
         description="How long a worker waits for more requests to fill a batch; 0 takes "
         "only what is already queued.",
     )
+    inline_max_ms: float = Field(
+        0.5,
+        ge=0.0,
+        le=100.0,
+        description="Run a small request (up to 8 rows) on the MQTT thread instead of a worker "
+        "when the model is idle and its recent small runs took less than this: the hand-off "
+        "to a worker and back costs more than such a run. 0 always uses workers.",
+    )
     spin: bool = Field(
         False,
         description="Let onnxruntime threads spin between runs: lower latency, more CPU burnt.",

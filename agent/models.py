@@ -60,6 +60,8 @@ class ServedModel:
             max_batch_size=config.max_batch_size,
             batch_delay_s=config.batch_delay_ms / 1000.0,
             batchable=self.batching,
+            inline_max_ms=config.inline_max_ms,
+            expected_ms=active.warmup_ms,
         )
 
     def submit(
@@ -79,7 +81,9 @@ class ServedModel:
         except InvalidRequest:
             self.stats.record_error()
             raise
-        self.queue.submit(Job(feeds, names, done, deadline))
+        job = Job(feeds, names, done, deadline)
+        if not self.queue.try_inline(job):
+            self.queue.submit(job)
 
     def describe(self) -> dict[str, Any]:
         """The model as status and the control topic show it."""

@@ -53,6 +53,7 @@ class LoadedVariant:
         self.outputs = tuple(outputs)
         self.load_ms = load_ms
         self.warmed_up = False
+        self.warmup_ms: float | None = None  # a batch-1 run after warm-up; None if not run
         self._session = session
 
     @classmethod
@@ -120,9 +121,12 @@ class LoadedVariant:
         """
         feeds = {spec.name: _zeros(spec) for spec in self.inputs}
         try:
+            self.run(feeds)  # the first run allocates; the second shows the steady cost
+            start = time.monotonic()
             self.run(feeds)
         except InferenceError:
             return False
+        self.warmup_ms = (time.monotonic() - start) * 1000.0
         return True
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from agent.config import MqttConfig
 
@@ -51,6 +52,45 @@ def build_client(
     # then wait on each other's acknowledgements.
     client.max_inflight_messages_set(1000)
     return client
+
+
+class ReplyProperties(Properties):
+    """The PUBLISH properties of a reply (Correlation Data, User Properties), built fast.
+
+    paho's generic Properties builds four lookup tables per instance and scans them on
+    every attribute set and on pack: about 40 µs per reply, measured, a quarter of the
+    agent's own time on a small request. A reply needs two properties with fixed codes.
+    """
+
+    # Shared, read-only copies of paho's tables, for __str__ and paho's debug logging.
+    _prototype = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    types = _prototype.types
+    names = _prototype.names
+    properties = _prototype.properties
+
+    def __init__(
+        self, correlation: bytes | None = None, user: list[tuple[str, str]] | None = None
+    ) -> None:
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        if correlation is not None:
+            object.__setattr__(self, "CorrelationData", correlation)
+        if user:
+            object.__setattr__(self, "UserProperty", list(user))
+
+    def pack(self) -> bytes:
+        parts: list[bytes] = []
+        correlation = getattr(self, "CorrelationData", None)
+        if correlation is not None:
+            parts += [b"\x09", _LENGTH.pack(len(correlation)), correlation]
+        for key, value in getattr(self, "UserProperty", ()):
+            k, v = key.encode(), value.encode()
+            parts += [b"\x26", _LENGTH.pack(len(k)), k, _LENGTH.pack(len(v)), v]
+        body = b"".join(parts)
+        length = VariableByteIntegers.encode(len(body))  # type: ignore[no-untyped-call]
+        return bytes(length) + body
+
+
+_LENGTH = struct.Struct("!H")
 
 
 def publish_properties() -> Properties:

@@ -38,7 +38,12 @@ from agent.errors import (
 )
 from agent.events import Events
 from agent.models import ModelManager
-from agent.mqtt.connection import build_client, connect_properties, is_v5, publish_properties
+from agent.mqtt.connection import (
+    ReplyProperties,
+    build_client,
+    connect_properties,
+    is_v5,
+)
 from agent.protocol import (
     HEADER_LENGTH_PROPERTY,
     InferenceRequest,
@@ -285,10 +290,10 @@ class MqttFrontend:
             log.exception("message_handler_failed", topic=topic)
 
     def _infer(self, model: str, msg: mqtt.MQTTMessage, received: float) -> None:
-        props = msg.properties if self._v5 else None
-        response_topic: str | None = getattr(props, "ResponseTopic", None)
-        correlation: bytes | None = getattr(props, "CorrelationData", None)
-        expiry: int | None = getattr(props, "MessageExpiryInterval", None)
+        props = _properties(msg)
+        response_topic: str | None = props.get("ResponseTopic")
+        correlation: bytes | None = props.get("CorrelationData")
+        expiry: int | None = props.get("MessageExpiryInterval")
         qos = msg.qos
         payload = msg.payload
         if len(payload) > self._config.max_payload_bytes:
@@ -303,7 +308,7 @@ class MqttFrontend:
             )
             return
         try:
-            request = decode_request(payload, _header_length(props))
+            request = decode_request(payload, _header_length(props.get("UserProperty", ())))
         except RequestError as exc:
             address = self._address(response_topic or exc.reply_to, correlation, qos)
             self._fail(address, model, exc.request_id, exc)
@@ -355,9 +360,9 @@ class MqttFrontend:
         return reply
 
     def _command(self, command: str, msg: mqtt.MQTTMessage) -> None:
-        props = msg.properties if self._v5 else None
-        response_topic: str | None = getattr(props, "ResponseTopic", None)
-        correlation: bytes | None = getattr(props, "CorrelationData", None)
+        props = _properties(msg)
+        response_topic: str | None = props.get("ResponseTopic")
+        correlation: bytes | None = props.get("CorrelationData")
         reply_to: str | None = None
         try:
             body = json.loads(msg.payload) if msg.payload.strip() else {}
@@ -413,11 +418,8 @@ class MqttFrontend:
     def _send(self, address: ReplyAddress, payload: bytes, header_length: int | None) -> None:
         properties = None
         if self._v5 and (address.correlation is not None or header_length is not None):
-            properties = publish_properties()
-            if address.correlation is not None:
-                properties.CorrelationData = address.correlation
-            if header_length is not None:
-                properties.UserProperty = [(HEADER_LENGTH_PROPERTY, str(header_length))]
+            user = None if header_length is None else [(HEADER_LENGTH_PROPERTY, str(header_length))]
+            properties = ReplyProperties(address.correlation, user)
         self._client.publish(address.topic, payload, qos=address.qos, properties=properties)
 
     # --- Health: is the network loop turning? (for the systemd watchdog) ---
@@ -476,8 +478,18 @@ def _refusal_hint(reason: ReasonCode) -> str | None:
     return None
 
 
-def _header_length(props: Properties | None) -> int | None:
-    for key, value in getattr(props, "UserProperty", ()):
+def _properties(msg: mqtt.MQTTMessage) -> dict[str, Any]:
+    """A message's MQTT 5 properties by name (empty for 3.1.1).
+
+    Read from the instance's dict: getattr() on an absent property raises and catches an
+    AttributeError, a measurable cost on every request.
+    """
+    props = msg.properties
+    return vars(props) if props is not None else {}
+
+
+def _header_length(user_properties: list[tuple[str, str]]) -> int | None:
+    for key, value in user_properties:
         if key == HEADER_LENGTH_PROPERTY:
             try:
                 return int(value)

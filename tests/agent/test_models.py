@@ -73,6 +73,8 @@ def make_manager(tmp_path: Path) -> Iterator[Callable[..., tuple[ModelManager, R
     managers: list[ModelManager] = []
 
     def make(models: Path | None = None, **config: Any) -> tuple[ModelManager, Recorder]:
+        # Workers unless a test asks otherwise: the tests hold a worker to shape the queue.
+        config.setdefault("inline_max_ms", 0.0)
         directory = models or tmp_path
         recorder = Recorder()
         manager = ModelManager(
@@ -314,3 +316,63 @@ def test_a_failing_reply_callback_does_not_stop_the_worker(
     model.submit(req(x=x(1)), explode)
     model.submit(req(x=x(1)), outcomes.record)
     assert isinstance(outcomes.wait_for(1)[0], Completed)
+
+
+def test_small_requests_to_an_idle_fast_model_run_on_the_calling_thread(
+    tmp_path: Path, make_manager: Callable[..., Any]
+) -> None:
+    """A fast model's small request skips the worker hand-off; a big one does not."""
+    onnx_models.scale_model(tmp_path / "scale.onnx")
+    manager, _ = make_manager(inline_max_ms=50.0)
+    model = manager.get("scale")
+    threads: list[str] = []
+    outcomes = Outcomes()
+
+    def record(outcome: Outcome) -> None:
+        threads.append(threading.current_thread().name)
+        outcomes.record(outcome)
+
+    model.submit(req(x=x(1)), record)
+    model.submit(req(x=x(64)), record)
+    first, second = outcomes.wait_for(2)
+    assert threads[0] == threading.current_thread().name
+    assert threads[1].startswith("model-scale-")
+    assert isinstance(first, Completed) and first.outputs["y"].tolist() == [[3.0] * 4]
+    assert isinstance(second, Completed) and second.outputs["y"].shape == (64, 4)
+
+
+def test_inline_stops_when_the_model_is_busy_or_disabled(
+    tmp_path: Path, make_manager: Callable[..., Any]
+) -> None:
+    """With a worker busy, or inline_max_ms = 0, requests go through the queue."""
+    onnx_models.scale_model(tmp_path / "scale.onnx")
+    manager, _ = make_manager(inline_max_ms=50.0, workers=1)
+    model = manager.get("scale")
+    outcomes = Outcomes()
+    threads: list[str] = []
+
+    def hold(outcome: Outcome) -> None:
+        threads.append(threading.current_thread().name)
+        outcomes.blocking(outcome)
+
+    def record(outcome: Outcome) -> None:
+        threads.append(threading.current_thread().name)
+        outcomes.record(outcome)
+
+    model.submit(req(x=x(64)), hold)  # too big for inline: holds the worker
+    outcomes.wait_for(1)
+    model.submit(req(x=x(1)), record)  # small, but the model is busy: queued
+    outcomes.release.set()
+    outcomes.wait_for(2)
+    assert threads == ["model-scale-0", "model-scale-0"]
+    disabled, _ = make_manager(inline_max_ms=0.0)
+    done = Outcomes()
+    names: list[str] = []
+
+    def note(outcome: Outcome) -> None:
+        names.append(threading.current_thread().name)
+        done.record(outcome)
+
+    disabled.get("scale").submit(req(x=x(1)), note)
+    done.wait_for(1)
+    assert names[0].startswith("model-scale-")
