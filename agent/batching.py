@@ -60,6 +60,11 @@ class Job:
 
 INLINE_MAX_ROWS = 8
 """Requests with more rows than this always go to a worker."""
+INLINE_EVIDENCE = 20
+"""Small runs a model must have shown (on workers) before any request runs inline."""
+INLINE_STRIKE = 10.0
+"""An inline run this many times over inline_max_ms disables inline runs for the model."""
+INLINE_RUNNER = "the MQTT thread (inline run)"
 
 
 def _rows(job: Job) -> int:
@@ -86,11 +91,11 @@ class BatchingQueue:
         batch_delay_s: float,
         batchable: bool,
         inline_max_ms: float = 0.0,
-        expected_ms: float | None = None,
     ) -> None:
         self.model = model
         self._inline_max_ms = inline_max_ms
-        self._recent_ms = expected_ms
+        self._recent_ms: float | None = None
+        self._observed = 0
         self._current = current
         self._stats = stats
         self._queue: queue.Queue[Job | _Stop] = queue.Queue(maxsize=max_queue)
@@ -161,7 +166,8 @@ class BatchingQueue:
         inference itself. Everything else goes through the queue.
         """
         if (
-            self._recent_ms is None
+            self._observed < INLINE_EVIDENCE
+            or self._recent_ms is None
             or self._recent_ms > self._inline_max_ms
             or self._busy
             or self._closed
@@ -169,11 +175,17 @@ class BatchingQueue:
             or _rows(job) > INLINE_MAX_ROWS
         ):
             return False
-        self._execute([job])
+        start = time.monotonic()
+        self._execute([job], who=INLINE_RUNNER)
+        took_ms = (time.monotonic() - start) * 1000.0
+        if took_ms > INLINE_STRIKE * self._inline_max_ms:
+            # Its cost depends on the data (a Loop, a search): never block the loop again.
+            self._inline_max_ms = 0.0
+            log.warning("inline_disabled", model=self.model, ms=round(took_ms, 3))
         return True
 
-    def _execute(self, batch: list[Job]) -> None:
-        name = threading.current_thread().name
+    def _execute(self, batch: list[Job], who: str | None = None) -> None:
+        name = who or f"worker {threading.current_thread().name}"
         with self._busy_lock:
             self._busy += 1
             self._running_since[name] = time.monotonic()
@@ -194,6 +206,7 @@ class BatchingQueue:
         if rows <= INLINE_MAX_ROWS:
             recent = self._recent_ms
             self._recent_ms = infer_ms if recent is None else 0.8 * recent + 0.2 * infer_ms
+            self._observed += 1
 
     def stalled(self, longer_than: float) -> list[str]:
         """Workers that stopped answering: dead, or on one batch for over `longer_than` s."""
@@ -204,7 +217,7 @@ class BatchingQueue:
             running = dict(self._running_since)
         problems = [f"worker {t.name} has died" for t in self._threads if not t.is_alive()]
         problems += [
-            f"worker {name} has been running one batch for {now - since:.0f} s"
+            f"{name} has been running one batch for {now - since:.0f} s"
             for name, since in sorted(running.items())
             if now - since > longer_than
         ]

@@ -61,7 +61,6 @@ class ServedModel:
             batch_delay_s=config.batch_delay_ms / 1000.0,
             batchable=self.batching,
             inline_max_ms=config.inline_max_ms,
-            expected_ms=active.warmup_ms,
         )
 
     def submit(

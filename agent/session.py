@@ -53,7 +53,6 @@ class LoadedVariant:
         self.outputs = tuple(outputs)
         self.load_ms = load_ms
         self.warmed_up = False
-        self.warmup_ms: float | None = None  # a batch-1 run after warm-up; None if not run
         self._session = session
 
     @classmethod
@@ -121,12 +120,9 @@ class LoadedVariant:
         """
         feeds = {spec.name: _zeros(spec) for spec in self.inputs}
         try:
-            self.run(feeds)  # the first run allocates; the second shows the steady cost
-            start = time.monotonic()
             self.run(feeds)
         except InferenceError:
             return False
-        self.warmup_ms = (time.monotonic() - start) * 1000.0
         return True
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.batching import Completed, Outcome
+from agent.batching import INLINE_EVIDENCE, Completed, Outcome
 from agent.config import ModelsConfig
 from agent.datatypes import datatype_of
 from agent.errors import (
@@ -27,6 +27,7 @@ from agent.protocol import InferenceRequest, RequestedOutput
 from agent.repository import scan
 from agent.session import SessionSettings
 from tests import onnx_models
+from tests.service.busy_model import busy_model
 
 
 class Recorder:
@@ -318,61 +319,95 @@ def test_a_failing_reply_callback_does_not_stop_the_worker(
     assert isinstance(outcomes.wait_for(1)[0], Completed)
 
 
+class ThreadRecorder(Outcomes):
+    """Outcomes, plus the name of the thread each callback ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def note(self, outcome: Outcome) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.record(outcome)
+
+
+def settle(model: ServedModel, count: int = INLINE_EVIDENCE) -> None:
+    """Serve `count` small requests (on workers) so the model has shown how fast it is."""
+    done = Outcomes()
+    for n in range(count):
+        model.submit(req(x=x(1)), done.record)
+        done.wait_for(n + 1)
+
+
 def test_small_requests_to_an_idle_fast_model_run_on_the_calling_thread(
     tmp_path: Path, make_manager: Callable[..., Any]
 ) -> None:
-    """A fast model's small request skips the worker hand-off; a big one does not."""
+    """Once a model has shown it is fast, a small request skips the worker hand-off; a big
+    one, or any request before that evidence, does not."""
     onnx_models.scale_model(tmp_path / "scale.onnx")
     manager, _ = make_manager(inline_max_ms=50.0)
     model = manager.get("scale")
-    threads: list[str] = []
-    outcomes = Outcomes()
-
-    def record(outcome: Outcome) -> None:
-        threads.append(threading.current_thread().name)
-        outcomes.record(outcome)
-
-    model.submit(req(x=x(1)), record)
-    model.submit(req(x=x(64)), record)
-    first, second = outcomes.wait_for(2)
-    assert threads[0] == threading.current_thread().name
-    assert threads[1].startswith("model-scale-")
+    early = ThreadRecorder()
+    model.submit(req(x=x(1)), early.note)
+    early.wait_for(1)
+    assert early.threads[0].startswith("model-scale-")
+    settle(model)
+    seen = ThreadRecorder()
+    model.submit(req(x=x(1)), seen.note)
+    model.submit(req(x=x(64)), seen.note)
+    first, second = seen.wait_for(2)
+    assert seen.threads[0] == threading.current_thread().name
+    assert seen.threads[1].startswith("model-scale-")
     assert isinstance(first, Completed) and first.outputs["y"].tolist() == [[3.0] * 4]
     assert isinstance(second, Completed) and second.outputs["y"].shape == (64, 4)
 
 
-def test_inline_stops_when_the_model_is_busy_or_disabled(
+def test_inline_is_off_when_the_model_is_busy_or_when_disabled(
     tmp_path: Path, make_manager: Callable[..., Any]
 ) -> None:
     """With a worker busy, or inline_max_ms = 0, requests go through the queue."""
     onnx_models.scale_model(tmp_path / "scale.onnx")
     manager, _ = make_manager(inline_max_ms=50.0, workers=1)
     model = manager.get("scale")
-    outcomes = Outcomes()
-    threads: list[str] = []
+    settle(model)
+    held = ThreadRecorder()
 
     def hold(outcome: Outcome) -> None:
-        threads.append(threading.current_thread().name)
-        outcomes.blocking(outcome)
+        held.threads.append(threading.current_thread().name)
+        held.blocking(outcome)
 
-    def record(outcome: Outcome) -> None:
-        threads.append(threading.current_thread().name)
-        outcomes.record(outcome)
-
-    model.submit(req(x=x(64)), hold)  # too big for inline: holds the worker
-    outcomes.wait_for(1)
-    model.submit(req(x=x(1)), record)  # small, but the model is busy: queued
-    outcomes.release.set()
-    outcomes.wait_for(2)
-    assert threads == ["model-scale-0", "model-scale-0"]
+    model.submit(req(x=x(64)), hold)  # too big for inline: holds the only worker
+    held.wait_for(1)
+    model.submit(req(x=x(1)), held.note)  # small, but the model is busy: queued
+    held.release.set()
+    held.wait_for(2)
+    assert held.threads == ["model-scale-0", "model-scale-0"]
     disabled, _ = make_manager(inline_max_ms=0.0)
-    done = Outcomes()
-    names: list[str] = []
+    settle(disabled.get("scale"))
+    off = ThreadRecorder()
+    disabled.get("scale").submit(req(x=x(1)), off.note)
+    off.wait_for(1)
+    assert off.threads[0].startswith("model-scale-")
 
-    def note(outcome: Outcome) -> None:
-        names.append(threading.current_thread().name)
-        done.record(outcome)
 
-    disabled.get("scale").submit(req(x=x(1)), note)
-    done.wait_for(1)
-    assert names[0].startswith("model-scale-")
+def test_a_slow_inline_run_turns_inline_off_for_good(
+    tmp_path: Path, make_manager: Callable[..., Any]
+) -> None:
+    """A model whose cost depends on its data blocks the MQTT thread at most once."""
+    busy_model(tmp_path / "busy.onnx")
+    manager, _ = make_manager(inline_max_ms=1.0)
+    model = manager.get("busy")
+
+    def busy(steps: int) -> InferenceRequest:
+        return req(x=np.zeros((1, 1), np.float32), steps=np.array([[steps]], np.int64))
+
+    done = ThreadRecorder()
+    for n in range(INLINE_EVIDENCE):
+        model.submit(busy(1), done.note)
+        done.wait_for(n + 1)
+    model.submit(busy(200_000), done.note)  # fast so far: runs inline, and slowly
+    model.submit(busy(1), done.note)
+    done.wait_for(INLINE_EVIDENCE + 2)
+    here = threading.current_thread().name
+    assert done.threads[-2] == here
+    assert done.threads[-1].startswith("model-busy-")
