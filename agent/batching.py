@@ -265,7 +265,7 @@ class BatchingQueue:
 
     def _run_one(self, job: Job) -> None:
         variant = self._current()
-        names = job.outputs or tuple(spec.name for spec in variant.outputs)
+        names = job.outputs or variant.output_names
         start = time.monotonic()
         try:
             results = variant.run(job.feeds, names)
@@ -288,7 +288,7 @@ class BatchingQueue:
     def _run_stacked(self, group: Sequence[Job]) -> bool:
         """Run a group as one batch; False when it must be retried job by job."""
         variant = self._current()
-        names = group[0].outputs or tuple(spec.name for spec in variant.outputs)
+        names = group[0].outputs or variant.output_names
         rows = [_rows(job) for job in group]
         feeds = {
             name: np.concatenate([job.feeds[name] for job in group], axis=0)
@@ -321,10 +321,9 @@ class BatchingQueue:
         return True
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
-        self._stats.record(
-            (time.monotonic() - job.enqueued) * 1000.0, ok=isinstance(outcome, Completed)
-        )
-        self._notify(job, outcome)
+        latency_ms = (time.monotonic() - job.enqueued) * 1000.0
+        self._notify(job, outcome)  # the reply first: bookkeeping is not on its path
+        self._stats.record(latency_ms, ok=isinstance(outcome, Completed))
 
     def _notify(self, job: Job, outcome: Outcome) -> None:
         job.notified = True

@@ -51,6 +51,7 @@ class LoadedVariant:
         self.path = path
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
+        self.output_names = tuple(spec.name for spec in self.outputs)
         self.load_ms = load_ms
         self.warmed_up = False
         self._session = session
