@@ -31,6 +31,7 @@ class BlockingVariant:
         self.name = inner.name
         self.inputs = inner.inputs
         self.outputs = inner.outputs
+        self.output_names = inner.output_names
 
     def run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
