@@ -81,7 +81,11 @@ def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     _data_args(p, calib_required=False)
     _budget_arg(p)
     _timing_args(p)
-    p.add_argument("--name", help="model name in the manifest (default: the file's stem)")
+    p.add_argument(
+        "--name",
+        help="model name in the manifest (default: the --out folder's name, which the agent "
+        "requires it to be)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for training and sampling")
     p.add_argument(
         "--prune-ratios",

@@ -112,7 +112,11 @@ def build_ladder(
             for n in kept
         ]
         manifest = build_manifest(
-            model_name(name or model.path.stem), model.signature, rungs, measured[REFERENCE]
+            # The agent names a model by its folder: anything else would be refused there.
+            model_name(name or out.name),
+            model.signature,
+            rungs,
+            measured[REFERENCE],
         )
         report = table(REFERENCE, measured, scores, decisions)
 

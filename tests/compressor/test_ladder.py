@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.manifest import MANIFEST_FILE, read_manifest
+from agent.repository import scan
 from compressor.candidates import Recipe, plan
 from compressor.data import load_dataset
 from compressor.errors import DataError, OutputExistsError, UnsupportedModelError
@@ -60,9 +61,13 @@ def digits_ladder(
 
 
 def test_manifest_validates_with_agent_schema(digits_ladder: LadderResult) -> None:
-    """manifest.json parses with the agent's schema and names the demo's signature."""
+    """manifest.json parses with the agent's schema, is named after its folder (as the agent
+    requires) and names the demo's signature."""
     manifest = read_manifest(digits_ladder.out / MANIFEST_FILE)
-    assert manifest.name == "digits_gemm"
+    assert manifest.name == "digits"
+    models, rejected = scan(digits_ladder.out.parent)
+    assert [m.name for m in models] == ["digits"]
+    assert rejected == []
     assert [(t.name, t.shape) for t in manifest.inputs] == [("input", (-1, 64))]
     assert [(t.name, t.shape) for t in manifest.outputs] == [("probabilities", (-1, 10))]
     assert manifest.variants[0].name == "fp32"
