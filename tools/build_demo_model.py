@@ -4,8 +4,9 @@
 Writes `models/digits/` (manifest.json + fp32.onnx), sample requests under
 `tools/requests/`, and the data the compressor needs: `digits-calib.npz` (training images)
 and `digits-eval.npz` (held-out images with labels). `tools/build_demo_ladder.sh` then
-turns the model into the committed ladder of variants. The graph is plain ONNX (Gemm -> Relu -> Gemm -> Softmax) taking raw
-8x8 pixel values 0..16 as 64 floats, so that a request can be typed by hand.
+turns the model into the committed ladder of variants. The graph is plain ONNX
+(Gemm -> Relu -> Gemm -> Softmax) taking raw 8x8 pixel values 0..16 as 64 floats, so that a
+request can be typed by hand.
 Needs the `compress` extra (scikit-learn, onnx). Deterministic for a given seed.
 """
 
