@@ -155,6 +155,22 @@ class ModelsConfig(_Section):
         description="Let onnxruntime threads spin between runs: lower latency, more CPU burnt.",
     )
     warmup: bool = Field(True, description="Run one inference on load before serving.")
+    watch: bool = Field(
+        True, description="Load, reload and unload models as the model directory changes."
+    )
+    settle_s: float = Field(
+        1.0,
+        ge=0.05,
+        le=60.0,
+        description="Quiet time after the last change before a pushed model is looked at.",
+    )
+    settle_max_s: float = Field(
+        120.0,
+        ge=1.0,
+        le=3600.0,
+        description="Longest wait for a push to complete (files and hashes) before acting "
+        "on it anyway and reporting what is wrong.",
+    )
 
 
 class MetricsConfig(_Section):

@@ -17,7 +17,7 @@ import structlog
 
 from agent.batching import BatchingQueue, Job, Outcome
 from agent.config import ModelsConfig
-from agent.errors import InvalidRequest, ModelNotFound, VariantRejected
+from agent.errors import InvalidRequest, ModelNotFound, ModelNotReady, VariantRejected
 from agent.manifest import TensorSpec, Variant
 from agent.metrics import ModelStats
 from agent.protocol import InferenceRequest
@@ -182,6 +182,27 @@ class ModelManager:
             return self._models[name]
         except KeyError:
             raise ModelNotFound(f"model {name!r} is not loaded") from None
+
+    def submit(
+        self,
+        name: str,
+        request: InferenceRequest,
+        done: Callable[[Outcome], None],
+        deadline: float | None = None,
+    ) -> None:
+        """Hand a request to the model called `name` (see ServedModel.submit).
+
+        A model replaced between the look-up and the hand-off (a reload) refuses with
+        ModelNotReady; the request then goes to its successor, so a reload drops nothing.
+        """
+        model = self.get(name)
+        try:
+            model.submit(request, done, deadline)
+        except ModelNotReady:
+            successor = self.get(name)
+            if successor is model:
+                raise
+            successor.submit(request, done, deadline)
 
     def names(self) -> list[str]:
         return sorted(self._models)

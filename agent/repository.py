@@ -51,6 +51,9 @@ class ModelSource:
     path: Path
     variants: tuple[Variant, ...]
     manifest: Manifest | None
+    # Size and modification time of every file the model is made of, as read: a model
+    # whose stamp changed is loaded again, even when its manifest reads the same.
+    stamp: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -111,7 +114,8 @@ def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLI
             raise ManifestError(
                 f"{manifest_path}: name {manifest.name!r} differs from its folder {path.name!r}"
             )
-        return ModelSource(manifest.name, path, tuple(manifest.variants), manifest)
+        files = [manifest_path, *(path / v.file for v in manifest.variants)]
+        return ModelSource(manifest.name, path, tuple(manifest.variants), manifest, _stamp(files))
     if policy.verifier is not None:
         raise ManifestError(
             f"{path}: a bare .onnx file has no signed manifest "
@@ -121,7 +125,19 @@ def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLI
     if not _NAME.match(name):
         raise ManifestError(f"{path}: {name!r} is not a valid model name ({NAME_PATTERN})")
     variant = Variant(name=BARE_VARIANT, file=path.name, size_bytes=path.stat().st_size)
-    return ModelSource(name, path, (variant,), None)
+    return ModelSource(name, path, (variant,), None, _stamp([path]))
+
+
+def _stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    stamps = []
+    for file in files:
+        try:
+            info = file.stat()
+        except OSError:
+            stamps.append((file.name, -1, -1))  # missing now: verify_variant will say so
+            continue
+        stamps.append((file.name, info.st_size, info.st_mtime_ns))
+    return tuple(stamps)
 
 
 def verify_variant(

@@ -30,6 +30,7 @@ from agent.sdnotify import Notifier, watchdog_interval
 from agent.session import SessionSettings
 from agent.state import StateStore
 from agent.supervisor import Supervisor
+from agent.watcher import ModelWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +62,8 @@ class Agent:
         self.abandoned = 0  # requests still queued or running when stop() gave up
         self.monitor = ResourceMonitor()
         self.frontend: MqttFrontend | None = None
+        self.watcher: ModelWatcher | None = None
+        self._rescan_lock = threading.Lock()
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._stop = threading.Event()
 
@@ -94,6 +97,14 @@ class Agent:
             password=read_password(self.config.mqtt),
         )
         self.frontend.start()
+        if self.config.models.watch:
+            self.watcher = ModelWatcher(
+                models_dir,
+                self._on_models_changed,
+                settle_s=self.config.models.settle_s,
+                max_wait_s=self.config.models.settle_max_s,
+            )
+            self.watcher.start()
         self._started = True
         self.supervisor = Supervisor(self, self.notifier, watchdog_interval())
         self.supervisor.start()
@@ -154,6 +165,8 @@ class Agent:
             drain_timeout = self.config.service.stop_timeout_s
         self._stop.set()
         self.notifier.stopping(self._stopping_line(drain_timeout))
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.frontend is not None:
             self.frontend.stop_intake()
         self.manager.close(drain_timeout)
@@ -238,8 +251,19 @@ class Agent:
         log.info("reload_done", applied=live, needs_restart=restart)
         return self.status_line()
 
+    def _on_models_changed(self, entries: set[str]) -> None:
+        """The watcher saw pushes settle: bring the served models in line with the disk."""
+        log.info("models_changed", entries=sorted(entries))
+        self._rescan()
+        if self.frontend is not None:
+            self.frontend.publish_status()
+
     def _rescan(self) -> None:
         """Load models that are new or changed on disk, unload those that are gone."""
+        with self._rescan_lock:  # the watcher and a SIGHUP reload may both ask
+            self._rescan_locked()
+
+    def _rescan_locked(self) -> None:
         sources, rejected = scan(self.config.models.dir, self.manager.supply_policy)
         for rejection in rejected:
             self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)

@@ -319,8 +319,9 @@ class MqttFrontend:
             return
         deadline = received + expiry if expiry is not None else None
         try:
-            served = self._manager.get(model)
-            served.submit(request, self._replier(address, model, request, received), deadline)
+            self._manager.submit(
+                model, request, self._replier(address, model, request, received), deadline
+            )
         except EdgeAgentError as exc:
             self._fail(address, model, request.id, exc)
 
