@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,18 +320,7 @@ def encode_request(
     reply_to: str | None = None,
 ) -> tuple[bytes, int | None]:
     """A request payload for `inputs`, and its JSON header length when binary data follows."""
-    entries: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
-    for name, array in inputs.items():
-        datatype = datatype_of(array)
-        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
-        if binary:
-            blob = _to_bytes(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = _to_json(array, datatype)
-        entries.append(entry)
+    entries, blobs = _encode_tensors((name, array, binary) for name, array in inputs.items())
     request: dict[str, Any] = {}
     if request_id is not None:
         request["id"] = request_id
@@ -344,10 +333,7 @@ def encode_request(
         ]
     elif binary_outputs:
         request["parameters"] = {"binary_data_output": True}
-    header = json.dumps(request, separators=(",", ":")).encode()
-    if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+    return _with_blobs(request, blobs)
 
 
 def encode_response(
@@ -361,9 +347,23 @@ def encode_response(
 
     `outputs` holds (name, array, as_binary) in the order the reply lists them.
     """
+    entries, blobs = _encode_tensors(outputs)
+    reply: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        reply["id"] = request_id
+    if parameters:
+        reply["parameters"] = dict(parameters)
+    reply["outputs"] = entries
+    return _with_blobs(reply, blobs)
+
+
+def _encode_tensors(
+    tensors: Iterable[tuple[str, np.ndarray, bool]],
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Tensor entries for a JSON header, and the raw bytes of those sent as binary."""
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for name, array, binary in outputs:
+    for name, array, binary in tensors:
         datatype = datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
@@ -373,16 +373,15 @@ def encode_response(
         else:
             entry["data"] = _to_json(array, datatype)
         entries.append(entry)
-    reply: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    if request_id is not None:
-        reply["id"] = request_id
-    if parameters:
-        reply["parameters"] = dict(parameters)
-    reply["outputs"] = entries
-    header = json.dumps(reply, separators=(",", ":")).encode()
+    return entries, blobs
+
+
+def _with_blobs(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+    """The payload: the JSON header, then the binary data; and the header's length if any."""
+    encoded = json.dumps(header, separators=(",", ":")).encode()
     if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+        return encoded, None
+    return b"".join([encoded, *blobs]), len(encoded)
 
 
 def encode_error(
