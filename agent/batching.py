@@ -176,7 +176,7 @@ class BatchingQueue:
         ):
             return False
         start = time.monotonic()
-        self._execute([job], who=INLINE_RUNNER)
+        self._execute([job], who=INLINE_RUNNER, single=True)
         took_ms = (time.monotonic() - start) * 1000.0
         if took_ms > INLINE_STRIKE * self._inline_max_ms:
             # Its cost depends on the data (a Loop, a search): never block the loop again.
@@ -184,13 +184,16 @@ class BatchingQueue:
             log.warning("inline_disabled", model=self.model, ms=round(took_ms, 3))
         return True
 
-    def _execute(self, batch: list[Job], who: str | None = None) -> None:
+    def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> None:
         name = who or f"worker {threading.current_thread().name}"
         with self._busy_lock:
             self._busy += 1
             self._running_since[name] = time.monotonic()
         try:
-            self._run_batch(batch)
+            if single:  # an inline request: known live and alone
+                self._run_one(batch[0])
+            else:
+                self._run_batch(batch)
         except Exception as exc:  # a bug here must not strand the batch or kill the worker
             log.exception("batch_failed", model=self.model, size=len(batch))
             for job in batch:

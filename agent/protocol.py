@@ -21,6 +21,9 @@ from agent.errors import InvalidRequest
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 
+# One encoder for every reply: json.dumps(..., separators=...) builds a new one each call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
 
 
@@ -378,7 +381,7 @@ def _encode_tensors(
 
 def _with_blobs(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
     """The payload: the JSON header, then the binary data; and the header's length if any."""
-    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded = _COMPACT.encode(header).encode()
     if not blobs:
         return encoded, None
     return b"".join([encoded, *blobs]), len(encoded)
@@ -393,7 +396,7 @@ def encode_error(
         reply["id"] = request_id
     if model_name is not None:
         reply["model_name"] = model_name
-    return json.dumps(reply, separators=(",", ":")).encode()
+    return _COMPACT.encode(reply).encode()
 
 
 def _to_bytes(array: np.ndarray, datatype: str) -> bytes:
