@@ -17,6 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,7 @@ class MqttFrontend:
         self._fleet_prefix = f"{config.prefix}/fleet/infer/"
         self._control_prefix = f"{root}/control/"
         self._connected = threading.Event()
+        self._commands = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
         self._subscribe_mid: int | None = None
         self._session_present = False
         self._accepting = True
@@ -160,6 +162,8 @@ class MqttFrontend:
     def stop(self, timeout: float = 5.0) -> None:
         """Publish `stopped`, disconnect cleanly (no last will) and end the network thread."""
         self._stopping = True
+        # A command under way (a pin loading a model) finishes and answers first.
+        self._commands.shutdown(wait=True, cancel_futures=True)
         if self.connected:
             info = self._client.publish(
                 self.status_topic, self._state_payload("stopped"), qos=1, retain=True
@@ -369,20 +373,31 @@ class MqttFrontend:
             body = json.loads(msg.payload) if msg.payload.strip() else {}
             if not isinstance(body, dict):
                 raise InvalidRequest("a control request body must be a JSON object")
-            if isinstance(body.get("reply_to"), str):
-                reply_to = body.pop("reply_to")
-            address = self._address(response_topic or reply_to, correlation, msg.qos)
-            result = self._control.handle(command, body)
         except (ValueError, EdgeAgentError) as exc:
             error = (
                 exc if isinstance(exc, EdgeAgentError) else InvalidRequest(f"malformed JSON: {exc}")
             )
-            self._fail(
-                self._address(response_topic or reply_to, correlation, msg.qos),
-                f"control/{command}",
-                None,
-                error,
-            )
+            address = self._address(response_topic, correlation, msg.qos)
+            self._fail(address, f"control/{command}", None, error)
+            return
+        if isinstance(body.get("reply_to"), str):
+            reply_to = body.pop("reply_to")
+        address = self._address(response_topic or reply_to, correlation, msg.qos)
+        # A command may load a model (a pin): that must not stall the network loop. One
+        # thread runs them in the order they came.
+        self._commands.submit(self._run_command, command, body, address)
+
+    def _run_command(
+        self, command: str, body: dict[str, Any], address: ReplyAddress | None
+    ) -> None:
+        try:
+            result = self._control.handle(command, body)
+        except EdgeAgentError as exc:
+            self._fail(address, f"control/{command}", None, exc)
+            return
+        except Exception as exc:  # a bug in a command still gets its caller an answer
+            log.exception("control_command_failed", command=command)
+            self._fail(address, f"control/{command}", None, EdgeAgentError(repr(exc)))
             return
         log.info("control_command", command=command)
         if address is not None:

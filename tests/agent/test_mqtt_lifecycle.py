@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.broker import MosquittoBroker, free_port
 from tests.conftest import Probe, RunningAgent, agent_config, body
@@ -253,3 +256,32 @@ def test_agent_waits_for_a_broker_that_is_not_there_yet(tmp_path: Path, models_d
     finally:
         running.stop()
         own.stop()
+
+
+def test_a_slow_control_command_does_not_hold_up_inference(
+    agent: RunningAgent, probe: Probe
+) -> None:
+    """Control commands run off the network thread: a request sent after a slow command
+    (such as a pin that loads a big variant) is answered first."""
+    started = threading.Event()
+
+    def slow(_body: dict[str, object]) -> dict[str, object]:
+        started.set()
+        time.sleep(1.0)
+        return {"slept": True}
+
+    agent.agent.control._commands["slow"] = slow
+    probe.publish(f"{agent.topic}/control/slow", b"{}", _reply_props(probe, b"slow"))
+    assert started.wait(5)
+    probe.publish(f"{agent.topic}/infer/scale", VALID, _reply_props(probe, b"infer"))
+    first = probe.expect(probe.reply_topic)
+    second = probe.expect(probe.reply_topic)
+    assert first.properties.CorrelationData == b"infer"
+    assert body(second) == {"slept": True}
+
+
+def _reply_props(probe: Probe, correlation: bytes) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = probe.reply_topic
+    props.CorrelationData = correlation
+    return props
