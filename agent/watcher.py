@@ -183,6 +183,13 @@ def _first_unfinished(folder: Path, variants: list[object]) -> str | None:
         file = folder / variant["file"]
         if not file.is_file():
             return f"{variant['file']} is not there yet"
+        size = variant.get("size_bytes")
+        if isinstance(size, int) and size > 0:
+            # Copies grow until whole: the size says it without reading the file, which
+            # loading will hash anyway.
+            if file.stat().st_size != size:
+                return f"{variant['file']} does not have its {size} bytes yet"
+            continue
         expected = variant.get("sha256")
         if isinstance(expected, str):
             with contextlib.suppress(OSError):

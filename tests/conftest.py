@@ -4,8 +4,11 @@ spot, an agent running in this process, and a plain paho client to talk to it.""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,6 +63,30 @@ def agent_config(port: int, models_dir: Path, **sections: dict[str, Any]) -> Age
         for key, value in values.items():
             overrides[f"{section}.{key}"] = value
     return load_config(None, env={}, overrides=overrides)
+
+
+def spawn_agent(port: int, device: str, models: Path, *extra: str) -> subprocess.Popen[str]:
+    """`edge-agent run` as a real process, JSON logs on a pipe, metrics off."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--mqtt-port",
+            str(port),
+            "--device-id",
+            device,
+            "--models-dir",
+            str(models),
+            "--log-format",
+            "json",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EDGE_AGENT_METRICS__INTERVAL_S": "0"},
+    )
 
 
 class RunningAgent:

@@ -4,7 +4,6 @@ quick start."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.broker import MosquittoBroker, free_port
-from tests.conftest import RunningAgent
+from tests.conftest import RunningAgent, spawn_agent
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_JSON = REPO / "tools" / "requests" / "digits.json"
@@ -120,27 +119,7 @@ def test_status_shows_the_device(agent: RunningAgent) -> None:
 def embedded_amqtt(models_dir: Path) -> Iterator[tuple[int, str]]:
     """`edge-agent run --embedded-broker amqtt` as a subprocess (MQTT 3.1.1 end to end)."""
     port, device = free_port(), f"emb-{uuid.uuid4().hex[:6]}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            "--embedded-broker",
-            "amqtt",
-            "--mqtt-port",
-            str(port),
-            "--device-id",
-            device,
-            "--models-dir",
-            str(models_dir),
-            "--log-format",
-            "json",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "EDGE_AGENT_METRICS__INTERVAL_S": "0"},
-    )
+    process = spawn_agent(port, device, models_dir, "--embedded-broker", "amqtt")
     assert process.stderr is not None
     deadline = time.monotonic() + 60
     for line in process.stderr:
@@ -192,3 +171,29 @@ def test_quickstart_answers() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "answered by variant fp32" in result.stdout
     assert "row 0: top 7" in result.stdout
+
+
+def test_bench_runs_and_prints_its_ratios() -> None:
+    """`edge-agent bench` (tiny run) measures onnxruntime, the echo and the agent and
+    reports the two ratios the core issue sets targets for; no timing is asserted."""
+    result = edge_agent(
+        "bench",
+        "--model-dir",
+        str(REPO / "models" / "digits"),
+        "--requests",
+        "50",
+        "--duration",
+        "0.5",
+        "--rounds",
+        "2",
+        "--concurrency",
+        "8",
+        "--json",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for target in ("onnxruntime", "echo_seq", "agent_seq", "echo_conc", "agent_conc"):
+        assert report[target]["count"] > 0
+    assert report["ratios"]["agent_p50_over_echo_p50"] > 0
+    assert report["ratios"]["agent_rps_over_echo_rps_in_flight"] > 0

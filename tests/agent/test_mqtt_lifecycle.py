@@ -4,10 +4,8 @@ and how it survives the broker going away."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.broker import MosquittoBroker, free_port
-from tests.conftest import Probe, RunningAgent, agent_config, body
+from tests.conftest import Probe, RunningAgent, agent_config, body, spawn_agent
 
 VALID = json.dumps(
     {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -55,25 +53,7 @@ def agent_process(
     broker: MosquittoBroker, models_dir: Path
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     device = f"proc-{uuid.uuid4().hex[:6]}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            "--mqtt-port",
-            str(broker.port),
-            "--device-id",
-            device,
-            "--models-dir",
-            str(models_dir),
-            "--log-format",
-            "json",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "EDGE_AGENT_METRICS__INTERVAL_S": "0"},
-    )
+    process = spawn_agent(broker.port, device, models_dir)
     yield process, device
     if process.poll() is None:
         process.kill()

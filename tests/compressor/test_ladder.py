@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -46,15 +47,7 @@ def digits_ladder(
 ) -> LadderResult:
     """One ladder of the demo-form digits model, with memory probing and the plot."""
     out = tmp_path_factory.mktemp("ladder") / "models" / "digits"
-    settings = LadderSettings(
-        recipe=QUICK_RECIPE,
-        threads=1,
-        batch_size=16,
-        rounds=1,
-        seconds_per_round=0.005,
-        measure_memory=True,
-        plot=True,
-    )
+    settings = replace(QUICK, measure_memory=True, plot=True)
     return build_ladder(
         digits_gemm, out, calib=digits_calib, evaluation=digits_eval, settings=settings
     )
@@ -122,17 +115,7 @@ def test_tight_budget_drops_lossy_variants(
     tmp_path: Path, digits_gemm: Path, digits_calib: Path, digits_eval: Path
 ) -> None:
     """With a zero budget every kept rung matches the original's accuracy."""
-    settings = LadderSettings(
-        budget=Budget(0.0),
-        recipe=QUICK_RECIPE,
-        threads=1,
-        batch_size=16,
-        rounds=1,
-        seconds_per_round=0.005,
-        measure_memory=False,
-        plot=False,
-        mixed=False,
-    )
+    settings = replace(QUICK, budget=Budget(0.0), mixed=False)
     result = build_ladder(
         digits_gemm, tmp_path / "d", calib=digits_calib, evaluation=digits_eval, settings=settings
     )
@@ -146,15 +129,7 @@ def test_cnn_ladder_uses_fidelity(
 ) -> None:
     """Without labels the manifest records cosine, and only one calibrator's int8 is timed."""
     recipe = Recipe(prune_ratios=(0.5,), calibrations=(Calibration.MINMAX, Calibration.PERCENTILE))
-    settings = LadderSettings(
-        recipe=recipe,
-        threads=1,
-        batch_size=16,
-        rounds=1,
-        seconds_per_round=0.005,
-        measure_memory=False,
-        plot=False,
-    )
+    settings = replace(QUICK, recipe=recipe)
     result = build_ladder(
         cnn, tmp_path / "cnn", calib=cnn_calib, evaluation=cnn_eval, settings=settings
     )
@@ -257,15 +232,7 @@ def test_mixed_precision_rescues_int8(tmp_path: Path, outlier_mlp: Path, vector1
         int4=False,
         fp16=False,
     )
-    settings = LadderSettings(
-        recipe=recipe,
-        threads=1,
-        batch_size=16,
-        rounds=1,
-        seconds_per_round=0.005,
-        measure_memory=False,
-        plot=False,
-    )
+    settings = replace(QUICK, recipe=recipe)
     result = build_ladder(
         outlier_mlp, tmp_path / "m", calib=vector16, evaluation=None, settings=settings
     )
