@@ -7,8 +7,10 @@ no reply in time, 78 invalid configuration (EX_CONFIG, so systemd does not resta
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -147,6 +149,9 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     from agent.service import Agent  # noqa: PLC0415  (keeps `infer`/`status` start-up light)
 
     configure_logging(config.log.level, config.log.format)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a hung
+    # agent is doing, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     broker = None
     if args.embedded_broker:
         broker = local_broker(args.embedded_broker, config.mqtt.port, "127.0.0.1")

@@ -57,9 +57,7 @@ def agent_process(
     yield process, device
     if process.poll() is None:
         process.kill()
-    process.wait(10)
-    assert process.stderr is not None
-    process.stderr.close()
+    process.communicate(timeout=10)
 
 
 def wait_online(probe: Probe, device: str) -> None:
@@ -89,14 +87,17 @@ def test_sigterm_stops_cleanly_with_exit_0(
     process, device = agent_process
     wait_online(probe, device)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(30) == 0
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # the agent dumps its threads' stacks
+        time.sleep(1)
+        process.kill()
+        _, stderr = process.communicate()
+        raise AssertionError(f"no exit within 30 s of SIGTERM:\n{stderr[-6000:]}") from None
+    assert process.returncode == 0
     assert body(probe.expect(f"edge/{device}/status", timeout=10))["state"] == "stopped"
-    assert process.stderr is not None
-    events = [
-        json.loads(line)["event"]
-        for line in process.stderr.read().splitlines()
-        if line.startswith("{")
-    ]
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert events[-1] == "agent_stopped"
     assert "model_loaded" in events
 
