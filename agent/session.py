@@ -33,6 +33,29 @@ class SessionSettings:
     warmup: bool = True
 
 
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+def session_options(settings: SessionSettings) -> ort.SessionOptions:
+    """The onnxruntime options every session of the agent runs with.
+
+    The compressor measures its variants with these too, so that the figures in a manifest
+    are the figures the agent will see.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle spinning keeps a core busy between requests: costly on a board that is short
+    # of CPU, which is exactly when this agent matters.
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if settings.spin else "0"
+    )
+    options.log_severity_level = 4
+    return options
+
+
 class LoadedVariant:
     """A variant ready to run: its session and the signature it serves."""
 
@@ -72,20 +95,9 @@ class LoadedVariant:
         from the manifest's.
         """
         start = time.monotonic()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle spinning keeps a core busy between requests: costly on a board that is short
-        # of CPU, which is exactly when this agent matters.
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if settings.spin else "0"
-        )
-        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(path), sess_options=session_options(settings), providers=PROVIDERS
             )
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail/InvalidGraph
             raise VariantRejected(f"variant {name}: onnxruntime cannot load it: {exc}") from exc
