@@ -180,6 +180,9 @@ class MetricsConfig(_Section):
     window: int = Field(
         2048, ge=16, le=1_000_000, description="Latest latencies kept for percentiles."
     )
+    latency_window_s: float = Field(
+        30.0, ge=1.0, le=3600.0, description="Per-variant figures cover the last this many s."
+    )
 
 
 class LogConfig(_Section):

@@ -57,9 +57,11 @@ class ControlCommands:
         """Switch `model` to `variant` and keep it there (also after a restart)."""
         assert self._state is not None  # registered only with a state store
         name, variant = _string(body, "model"), _string(body, "variant")
-        served = self._manager.switch(name, variant, reason="pinned")
-        self._state.pin(name, variant)
-        return {"model": name, "pinned": variant, "active": served.active.name}
+        # Under the model's lock: a reload cannot slip between the switch and the record.
+        with self._manager.owner(name):
+            served = self._manager.switch(name, variant, reason="pinned")
+            self._state.pin(name, variant)
+        return {"model": name, "pinned": variant, "active": served.active_name}
 
     def unpin(self, body: dict[str, Any]) -> dict[str, Any]:
         """Forget the pin of `model`; the active variant stays until something changes it."""
@@ -71,7 +73,7 @@ class ControlCommands:
             "model": name,
             "pinned": None,
             "was_pinned": was_pinned,
-            "active": served.active.name,
+            "active": served.active_name,
         }
 
 

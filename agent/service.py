@@ -83,6 +83,7 @@ class Agent:
         self.state = StateStore(self.config.state.dir or _state_directory())
         self.control = ControlCommands(self.manager, self.state)
         self.state.load()
+        self.manager.preferred = self.state.preferred
         sources, rejected = scan(models_dir, self.manager.supply_policy)
         for rejection in rejected:
             self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
@@ -121,12 +122,18 @@ class Agent:
     def metrics(self) -> dict[str, Any]:
         """The periodic metrics body: resources, then per-model traffic and latency."""
         models = {}
+        window = self.config.metrics.latency_window_s
         for model in self.manager.served():
             models[model.name] = {
-                "variant": model.active.name,
+                "variant": model.active_name,
                 "queue_depth": model.queue.depth,
                 "busy_workers": model.queue.busy,
+                "arrival_rate": round(model.stats.arrival_rate(window), 3),
                 **model.stats.snapshot().as_dict(),
+                "variants": {
+                    name: model.stats.variant_figures(name, window).as_dict()
+                    for name in model.stats.variants_seen()
+                },
             }
         return {
             "ts": time.time(),
@@ -169,8 +176,7 @@ class Agent:
             self.watcher.stop()
         if self.frontend is not None:
             self.frontend.stop_intake()
-        self.manager.close(drain_timeout)
-        self.abandoned = sum(m.queue.depth + m.queue.busy for m in self.manager.served())
+        self.abandoned = self.manager.close(drain_timeout)
         if self.abandoned:
             log.warning("requests_abandoned", count=self.abandoned, timeout_s=drain_timeout)
         if self.frontend is not None:
@@ -210,7 +216,7 @@ class Agent:
         if self._stop.is_set():
             return "stopping"
         served = self.manager.served()
-        models = ", ".join(f"{m.name}={m.active.name}" for m in served) or "none"
+        models = ", ".join(f"{m.name}={m.active_name}" for m in served) or "none"
         mqtt = self.config.mqtt
         broker = self.frontend.broker_state if self.frontend is not None else "not started"
         verb = "serving" if self.ready else "waiting for the broker;"
@@ -282,17 +288,22 @@ class Agent:
     def _on_model_event(self, event: str, **fields: Any) -> None:
         """Events from the model manager: published, and remembered as last known good."""
         self.events.emit(event, **fields)
-        if event in ("model_loaded", "variant_swapped"):
-            self.state.record_good(fields["model"], fields["variant"])
-            if self.frontend is not None:
-                self.frontend.publish_status()
+        if event == "model_loaded" or (event == "variant_swapped" and fields["reason"] == "pinned"):
+            # What the policy chose is not remembered: the next boot starts from the pin
+            # or the richest variant that loads, and the policy decides again from there.
+            self.state.record_good(fields["model"], fields.get("variant") or fields["to"])
+        if (
+            event in ("model_loaded", "variant_swapped", "variant_restored")
+            and self.frontend is not None
+        ):
+            self.frontend.publish_status()
 
     def _warn_unhonoured_pins(self) -> None:
         for model in self.manager.served():
             pinned = self.state.pinned(model.name)
-            if pinned is not None and model.active.name != pinned:
+            if pinned is not None and model.active_name != pinned:
                 log.warning(
-                    "pin_not_honoured", model=model.name, pinned=pinned, active=model.active.name
+                    "pin_not_honoured", model=model.name, pinned=pinned, active=model.active_name
                 )
 
     def _stopping_line(self, drain_timeout: float) -> str:
