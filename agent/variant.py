@@ -83,4 +83,4 @@ class VariantHandle:
             self._closed = True
         self.runtime.close()
         self._drained.set()
-        log.debug("variant_released", model=self.runtime.model, variant=self.name)
+        log.debug("variant_released", variant=self.name)
