@@ -84,6 +84,23 @@ def parse_keyed(text: str) -> dict[str, int]:
     return figures
 
 
+def keyed_value(text: str, key: str) -> int | None:
+    """One key of a flat-keyed file, without parsing the other lines (memory.stat is long)."""
+    needle = key + " "
+    if text.startswith(needle):
+        start = len(needle)
+    else:
+        at = text.find("\n" + needle)
+        if at < 0:
+            return None
+        start = at + 1 + len(needle)
+    end = text.find("\n", start)
+    try:
+        return int(text[start : end if end >= 0 else None])
+    except ValueError:
+        return None
+
+
 def parse_cpu_max(text: str) -> float | None:
     """cgroup v2 `cpu.max` ("max 100000" or "20000 100000") as cores; None without a quota."""
     quota, _, period = text.strip().partition(" ")
@@ -485,10 +502,9 @@ def _memory_usage(v1: bool, directory: str) -> tuple[int | None, int]:
     if text is None:
         return None, 0
     stat_text = _read(f"{directory}/memory.stat")
-    stat = parse_keyed(stat_text) if stat_text is not None else {}
     # v1's hierarchical figure is total_*, v2's figures are hierarchical already.
-    cache = stat.get("total_inactive_file" if v1 else "inactive_file", 0)
-    return int(text), cache
+    cache = keyed_value(stat_text or "", "total_inactive_file" if v1 else "inactive_file")
+    return int(text), cache or 0
 
 
 def _usable_cpus() -> int:

@@ -24,6 +24,7 @@ from agent.adapt.monitor import (
     ResourceSampler,
     SnapshotHistory,
     calm_snapshot,
+    keyed_value,
     parse_cfs_quota,
     parse_cpu_max,
     parse_keyed,
@@ -122,6 +123,12 @@ def test_parsers_read_v1_and_v2_file_formats() -> None:
         "throttled_usec": 900,
     }
     assert parse_keyed("low 0\nhigh 3\nmax 1\noom 0\noom_kill 0\n")["high"] == 3
+    memory_stat = "anon 5\ninactive_file 7\ntotal_inactive_file 9\nbroken x\n"
+    assert keyed_value(memory_stat, "anon") == 5
+    assert keyed_value(memory_stat, "inactive_file") == 7
+    assert keyed_value(memory_stat, "total_inactive_file") == 9
+    assert keyed_value(memory_stat, "file") is None
+    assert keyed_value(memory_stat, "broken") is None
 
 
 def test_proc_cgroup_and_mountinfo_of_hybrid_and_unified_hosts() -> None:
