@@ -203,9 +203,10 @@ def parse_mountinfo(text: str) -> list[CgroupMount]:
 
 @dataclass(frozen=True, slots=True)
 class CgroupChain:
-    """A process's cgroup in one hierarchy and its ancestors, leaf first, as directories.
-
-    The hierarchy's real root is left out: the kernel sets no quota or limit there."""
+    """A process's cgroup in one hierarchy and its ancestors, leaf first, as directories,
+    up to the mount point. That one is read too: in a cgroup namespace (a container) it is
+    the container's own cgroup, with its limits; the real root has no limit files (v2) or
+    reads "unlimited" (v1)."""
 
     version: int
     dirs: tuple[str, ...]
@@ -217,8 +218,6 @@ def _chain(mount: CgroupMount, path: str) -> CgroupChain | None:
         return None  # this mount shows another part of the hierarchy
     parts = [p for p in path[len(root) :].split("/") if p]
     dirs = [str(mount.mountpoint.joinpath(*parts[:n])) for n in range(len(parts), -1, -1)]
-    if mount.root == "/":
-        dirs.pop()  # the hierarchy's root: no limit can be set on it
     return CgroupChain(mount.version, tuple(dirs))
 
 

@@ -188,8 +188,8 @@ def test_v2_quota_throttling_limit_and_events(tmp_path: Path) -> None:
         "0::/system.slice/edge-agent.service\n",
         f"41 31 0:38 / {root} rw - cgroup2 cgroup2 rw,nsdelegate\n",
     )
-    # The kernel sets no limits on the root; figures there must not be taken for limits.
-    write_files(root, cpu_max="10000 100000\n", memory_max="1\n", memory_current="1\n")
+    # The real root, as the kernel shows it: no cpu.max, memory.max or memory.current.
+    write_files(root, cpu_stat="usage_usec 1\n", memory_stat="anon 1\n")
     slice_ = root / "system.slice"
     service = slice_ / "edge-agent.service"
     write_files(slice_, cpu_max="max 100000\n", memory_max="max\n")
@@ -236,6 +236,24 @@ def test_v2_quota_throttling_limit_and_events(tmp_path: Path) -> None:
     assert third.cgroup_memory_max_mb == 300
     assert third.cgroup_memory_current_mb == 290
     assert third.cgroup_memory_events is None
+
+
+def test_a_containers_cgroup_namespace_root_is_read(tmp_path: Path) -> None:
+    """In a cgroup namespace the process's cgroup is the mount point itself ("0::/"), and its
+    limits there are read."""
+    root = tmp_path / "cg"
+    proc = fake_proc(tmp_path, "0::/\n", f"41 31 0:38 / {root} rw - cgroup2 cgroup2 rw\n")
+    write_files(
+        root,
+        cpu_max="100000 100000\n",
+        memory_max=f"{256 * MIB}\n",
+        memory_current=f"{100 * MIB}\n",
+        memory_events="low 0\nhigh 0\nmax 0\noom 0\n",
+    )
+    snapshot = ResourceMonitor(proc_root=proc).sample()
+    assert snapshot.cgroup_cpu_quota_cores == 1.0
+    assert snapshot.cgroup_memory_max_mb == 256
+    assert snapshot.cgroup_memory_current_mb == 100
 
 
 def test_a_move_to_another_cgroup_is_noticed(tmp_path: Path) -> None:
