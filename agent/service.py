@@ -17,13 +17,13 @@ from typing import Any
 import structlog
 
 from agent import __version__
+from agent.adapt.monitor import ResourceMonitor
 from agent.config import AgentConfig, read_password, usable_cpus
 from agent.control import ControlCommands
 from agent.errors import ConfigError
 from agent.events import Events
 from agent.logs import configure_logging
 from agent.models import ModelManager
-from agent.monitor import ResourceMonitor
 from agent.mqtt.frontend import MqttFrontend
 from agent.repository import SupplyPolicy, scan
 from agent.sdnotify import Notifier, watchdog_interval

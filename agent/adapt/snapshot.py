@@ -33,6 +33,8 @@ class ResourceSnapshot:
     """Share of CFS periods throttled since the previous sample, 0-1."""
     cgroup_memory_max_mb: float | None = None
     cgroup_memory_current_mb: float | None = None
+    """The cgroup's usage less its inactive page cache (which the kernel drops before it
+    fails a charge): what counts against cgroup_memory_max_mb."""
     cgroup_memory_events: int | None = None
     """memory.events high+max+oom (v2) or failcnt (v1) since the previous sample."""
     cpu_temperature_c: float | None = None
@@ -40,6 +42,8 @@ class ResourceSnapshot:
     """The sensor's high/critical trip point when it reports one."""
     cpu_freq_mhz: float | None = None
     cpu_freq_max_mhz: float | None = None
+    cgroup_memory_cache_mb: float | None = None
+    """Inactive page cache charged to the cgroup, left out of cgroup_memory_current_mb."""
 
     @property
     def memory_headroom_mb(self) -> float:
