@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from agent import __version__
-from agent.adapt.monitor import ResourceMonitor
+from agent.adapt.loop import Adapter
+from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource
 from agent.config import AgentConfig, read_password, usable_cpus
 from agent.control import ControlCommands
 from agent.errors import ConfigError
@@ -41,7 +42,10 @@ class Agent:
     """One running agent. `start()` loads and connects; `stop()` shuts down in order."""
 
     def __init__(
-        self, config: AgentConfig, reload_config: Callable[[], AgentConfig] | None = None
+        self,
+        config: AgentConfig,
+        reload_config: Callable[[], AgentConfig] | None = None,
+        resources: SnapshotSource | None = None,
     ) -> None:
         self.config = config
         self.events = Events()
@@ -60,7 +64,10 @@ class Agent:
         self._reload_config = reload_config
         self._started = False
         self.abandoned = 0  # requests still queued or running when stop() gave up
-        self.monitor = ResourceMonitor()
+        # One sampler feeds the metrics and the policy; tests may script the figures.
+        self._resources = resources
+        self.sampler: ResourceSampler | None = None
+        self.adapter: Adapter | None = None
         self.frontend: MqttFrontend | None = None
         self.watcher: ModelWatcher | None = None
         self._rescan_lock = threading.Lock()
@@ -84,6 +91,15 @@ class Agent:
         self.control = ControlCommands(self.manager, self.state)
         self.state.load()
         self.manager.preferred = self.state.preferred
+        adapt = self.config.adapt
+        self.sampler = ResourceSampler(
+            self._resources or ResourceMonitor(),
+            adapt.interval_s,
+            history_size=max(16, int(adapt.history_s / adapt.interval_s)),
+        )
+        self.sampler.start()
+        self.manager.headroom_mb = self._headroom_mb
+        self.manager.drain_timeout_s = adapt.drain_timeout_s
         sources, rejected = scan(models_dir, self.manager.supply_policy)
         for rejection in rejected:
             self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
@@ -98,6 +114,17 @@ class Agent:
             password=read_password(self.config.mqtt),
         )
         self.frontend.start()
+        if self.config.adapt.enabled:
+            self.adapter = Adapter(
+                self.manager,
+                self.config.adapt,
+                self.sampler.history.all,
+                pinned=self.state.pinned,
+                emit=self.events.emit,
+                fleet=self._fleet_hook(),
+            )
+            self.control.adapter = self.adapter
+            self.adapter.start()
         if self.config.models.watch:
             self.watcher = ModelWatcher(
                 models_dir,
@@ -138,7 +165,7 @@ class Agent:
         return {
             "ts": time.time(),
             "device": self.config.mqtt.device_id,
-            "resources": self.monitor.sample().as_dict(),
+            "resources": self._latest_resources(),
             "models": models,
         }
 
@@ -172,6 +199,8 @@ class Agent:
             drain_timeout = self.config.service.stop_timeout_s
         self._stop.set()
         self.notifier.stopping(self._stopping_line(drain_timeout))
+        if self.adapter is not None:
+            self.adapter.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.frontend is not None:
@@ -183,6 +212,8 @@ class Agent:
             self.frontend.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
         self.notifier.close()
         log.info("agent_stopped")
 
@@ -297,6 +328,23 @@ class Agent:
             and self.frontend is not None
         ):
             self.frontend.publish_status()
+        if event in ("model_loaded", "model_unloaded") and self.frontend is not None:
+            self.frontend.refresh_fleet()
+
+    def _headroom_mb(self) -> float | None:
+        latest = self.sampler.history.latest() if self.sampler is not None else None
+        return latest.memory_headroom_mb if latest is not None else None
+
+    def _latest_resources(self) -> dict[str, Any]:
+        latest = self.sampler.history.latest() if self.sampler is not None else None
+        return latest.as_dict() if latest is not None else {}
+
+    def _fleet_hook(self) -> Callable[[str, bool], None] | None:
+        """How the policy gives a model's fleet traffic away, when this agent is in a fleet."""
+        frontend = self.frontend
+        if frontend is None or not self.config.mqtt.fleet_group:
+            return None
+        return frontend.set_fleet_membership
 
     def _warn_unhonoured_pins(self) -> None:
         for model in self.manager.served():
