@@ -498,7 +498,7 @@ class ModelManager:
     ) -> None:
         need = self.predicted_mb(served.name, target)
         headroom = self.headroom_mb()
-        both_fit = need is None or headroom is None or need * MEMORY_MARGIN <= headroom
+        both_fit = need is None or headroom is None or need * MEMORY_MARGIN < headroom
         start = time.monotonic()
         rows = served.typical_rows()
         if both_fit:
