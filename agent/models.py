@@ -203,6 +203,7 @@ class ServedModel:
         return {
             "active": self.active_name,
             "reason": swap.reason if swap is not None else None,
+            "why": swap.figures.get("explanation") if swap is not None else None,
             "variants": [
                 {
                     "name": v.name,
@@ -483,12 +484,14 @@ class ModelManager:
         return served
 
     def predicted_mb(self, model: str, variant: Variant) -> float | None:
-        """What loading `variant` is expected to add to the RSS: measured when it loaded
-        before, else the manifest's peak figure, else None."""
+        """What loading `variant` is expected to add to the RSS: the larger of what the
+        agent measured when it loaded before and the manifest's peak figure (either alone
+        when only one is known; None when neither is). The larger, because a load that
+        reuses pages freed by an earlier one measures less than a cold one needs."""
         measured = self._measured_mb.get((model, variant.name))
-        if measured is not None:
-            return measured
-        return variant.metrics.peak_rss_mb
+        declared = variant.metrics.peak_rss_mb
+        known = [v for v in (measured, declared) if v is not None]
+        return max(known) if known else None
 
     def measured_mb(self, model: str, variant: str) -> float | None:
         return self._measured_mb.get((model, variant))
