@@ -407,3 +407,24 @@ def test_stop_is_one_bound_for_all_models_and_answers_what_it_abandons(tmp_path:
         errors = [o[0] for o in answers.by_id.values() if isinstance(o[0], ModelNotReady)]
     assert len(errors) == 6
     assert all("stopping" in str(e) for e in errors)
+
+
+def test_unloading_releases_the_workers_and_the_session(tmp_path: Path) -> None:
+    """Issue 12 item 10: 100 models loaded and unloaded leave no worker thread behind, and
+    each unloaded model's variant is closed."""
+    models = tmp_path / "models"
+    for i in range(100):
+        onnx_models.scale_model(models / f"m{i}.onnx")
+    manager = ModelManager(
+        ModelsConfig(dir=models, inline_max_ms=0.0), SessionSettings(threads=1), Events()
+    )
+    before = threading.active_count()
+    sources, _ = scan(models)
+    manager.load_all(sources)
+    assert threading.active_count() >= before + 100
+    handles = [m.active for m in manager.served()]
+    for name in manager.names():
+        assert manager.unload(name, timeout=5)
+    assert threading.active_count() <= before + 2
+    assert all(h is not None and h.closed for h in handles)
+    assert manager.served() == []
