@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from agent.errors import InferenceError, ManifestError, VariantRejected
-from agent.manifest import Manifest, read_manifest
 from agent.files import RefusedFile, open_regular, read_regular
+from agent.manifest import Manifest, read_manifest
 from agent.onnx_check import inspect_model
 from agent.repository import MAX_MANIFEST_BYTES, scan, sha256_of, verify_variant
 from agent.session import LoadedVariant, SessionSettings
