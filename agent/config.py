@@ -171,6 +171,14 @@ class ModelsConfig(_Section):
         description="Longest wait for a push to complete (files and hashes) before acting "
         "on it anyway and reporting what is wrong.",
     )
+    load_timeout_s: float = Field(
+        120.0,
+        ge=0.1,
+        le=3600.0,
+        description="Longest a model's load (checks, session, warm-up) may take, at start "
+        "and on a push. Past it the load is abandoned to its thread, reported "
+        "(model_load_stuck) and shown by the health check; other models go on loading.",
+    )
 
 
 class MetricsConfig(_Section):
