@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--config", type=Path, help="TOML config (default /etc/edge-agent/config.toml)"
+            "--config",
+            type=Path,
+            help="TOML config (default: $EDGE_AGENT_CONFIG, else none; the service's is "
+            "/etc/edge-agent/config.toml)",
         )
         p.add_argument("--mqtt-host", help="broker host")
         p.add_argument("--mqtt-port", type=int, help="broker port")

@@ -2,7 +2,9 @@
 
 Precedence, lowest to highest: built-in defaults, the TOML file, `EDGE_AGENT_<SECTION>__<KEY>`
 environment variables, command-line flags. An invalid value is refused with its key, the
-value, where it came from and why.
+value, where it came from and why. A file is read only when named (`--config` or
+`$EDGE_AGENT_CONFIG`): never found by looking, so that a run by hand or a test cannot pick
+up an installed service's configuration (and with it the service's state directory).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
-DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
+# Where `install-service` puts the service's file; its unit passes it with --config. Never
+# read unless named.
+SERVICE_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
 MIB = 1024 * 1024
 
 # MQTT topic levels must not contain these; a device id or prefix is one or more levels.
@@ -395,9 +399,10 @@ def load_config(
 ) -> AgentConfig:
     """Build the configuration from a TOML file, the environment and flag overrides.
 
-    `path` None reads `EDGE_AGENT_CONFIG` or `/etc/edge-agent/config.toml` when they exist
-    and defaults otherwise; an explicit path must exist. `overrides` maps dotted keys
-    (`"mqtt.port"`) to values from the command line; None values are ignored.
+    `path` None reads the file `EDGE_AGENT_CONFIG` names, when set, and no file otherwise
+    (not even /etc/edge-agent/config.toml: the service's unit names it); a named file must
+    exist. `overrides` maps dotted keys (`"mqtt.port"`) to values from the command line;
+    None values are ignored.
     """
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
@@ -405,8 +410,6 @@ def load_config(
 
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = Path(env[f"{ENV_PREFIX}CONFIG"])
-    elif path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
             with path.open("rb") as f:

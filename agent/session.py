@@ -23,6 +23,7 @@ from agent.manifest import TensorSpec
 # onnxruntime prints its own errors to stderr, bypassing structlog; every failure it reports
 # reaches us as an exception that we log (or answer) ourselves.
 ort.set_default_logger_severity(4)
+ort.disable_telemetry_events()
 
 
 @dataclass(frozen=True)

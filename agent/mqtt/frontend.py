@@ -39,6 +39,7 @@ from agent.errors import (
 )
 from agent.events import Events
 from agent.models import ModelManager
+from agent.mqtt import rtt
 from agent.mqtt.connection import (
     ReplyProperties,
     build_client,
@@ -302,6 +303,7 @@ class MqttFrontend:
             port=self._config.port,
             session_present=self._session_present,
         )
+        rtt.check_in_background(self._config, self._password)  # warns of a slow broker (Nagle)
 
     def _on_disconnect(
         self,
