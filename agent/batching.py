@@ -68,7 +68,10 @@ INLINE_MAX_ROWS = 8
 INLINE_EVIDENCE = 20
 """Small runs a model must have shown (on workers) before any request runs inline."""
 INLINE_STRIKE = 10.0
-"""An inline run this many times over inline_max_ms disables inline runs for the model."""
+"""An inline run this many times over inline_max_ms suspends inline runs for the model."""
+INLINE_SUSPEND_S = 30.0
+"""The first suspension; each further strike doubles it (a model whose cost depends on its
+data blocks the network thread once per suspension at most, and ever more rarely)."""
 INLINE_RUNNER = "the MQTT thread (inline run)"
 
 
@@ -115,6 +118,8 @@ class BatchingQueue:
         self._inline_max_ms = inline_max_ms
         self._recent_ms: float | None = None
         self._observed = 0
+        self._strikes = 0
+        self._inline_off_until = 0.0
         self._lease = lease
         self._stats = stats
         # Unbounded underneath: the bound is checked in submit(), under the same lock as
@@ -212,6 +217,7 @@ class BatchingQueue:
         """
         if (
             self._observed < INLINE_EVIDENCE
+            or time.monotonic() < self._inline_off_until
             or self._recent_ms is None
             or self._recent_ms > self._inline_max_ms
             or self._busy
@@ -226,9 +232,15 @@ class BatchingQueue:
         self._stats.arrived(start)
         took_ms = (time.monotonic() - start) * 1000.0
         if took_ms > INLINE_STRIKE * self._inline_max_ms:
-            # Its cost depends on the data (a Loop, a search): never block the loop again.
-            self._inline_max_ms = 0.0
-            log.warning("inline_disabled", model=self.model, ms=round(took_ms, 3))
+            # One large request, or a cost that depends on the data (a Loop, a search):
+            # workers only for a while, and fresh evidence before inline runs again.
+            suspend = INLINE_SUSPEND_S * 2.0 ** min(self._strikes, 10)
+            self._strikes += 1
+            self._inline_off_until = time.monotonic() + suspend
+            self._observed = 0
+            log.warning(
+                "inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend
+            )
         return True
 
     def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> bool:
