@@ -477,21 +477,6 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> st
     return "\n".join(lines)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here: the affinity mask is the limit
-    return cpus
-
-
 def read_password(mqtt: MqttConfig, env: Mapping[str, str] | None = None) -> str | None:
     """The broker password from its file or systemd credential, never from the config itself."""
     env = os.environ if env is None else env

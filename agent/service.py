@@ -18,9 +18,9 @@ import structlog
 
 from agent import __version__
 from agent.adapt.loop import Adapter
-from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource
+from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource, usable_cpus
 from agent.coalesce import Coalescer
-from agent.config import AgentConfig, read_password, usable_cpus
+from agent.config import AgentConfig, read_password
 from agent.control import ControlCommands
 from agent.errors import ConfigError
 from agent.events import Events
