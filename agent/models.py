@@ -630,9 +630,11 @@ class ModelManager:
             return None
         try:
             start = time.monotonic()
-            if not handle.runtime.warm_up():
+            if not handle.runtime.warm_up(timeout_s=self._settings.warmup_timeout_s):
                 return None
             took_ms = (time.monotonic() - start) * 1000.0
+        except VariantRejected:  # it did not finish on zeros: nothing to learn from it
+            return None
         finally:
             handle.release()
         served.stats.record_probe(handle.name, took_ms)
