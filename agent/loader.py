@@ -49,14 +49,12 @@ class ModelLoader:
         scan: Scan,
         emit: EventSink,
         *,
-        prefer: Callable[[str], str | None],
         timeout_s: float,
         stopping: threading.Event,
     ) -> None:
         self._manager = manager
         self._scan = scan
         self._emit = emit
-        self._prefer = prefer
         self.timeout_s = timeout_s
         self._stopping = stopping
         self._cond = threading.Condition()
@@ -196,12 +194,13 @@ class ModelLoader:
         name = source.name
         if self.before_load is not None:
             self.before_load(name)
-        prefer = self._prefer(name)
         outcome: list[ServedModel | None] = []
 
         def load() -> None:
             try:
-                outcome.append(self._manager.load(source, prefer=prefer))
+                # The manager reads the preference (the pin) under the model's lock: a pin
+                # that arrives while this load waits for that lock is still honoured.
+                outcome.append(self._manager.load(source, reason="reload"))
             except Exception:  # a bug in one load must not take the loader with it
                 log.exception("model_load_failed", model=name)
                 outcome.append(None)

@@ -81,7 +81,6 @@ class Agent:
             self.manager,
             lambda: scan(self.config.models.dir, self.manager.supply_policy),
             self._emit,
-            prefer=self._preferred,
             timeout_s=config.models.load_timeout_s,
             stopping=self._stop,
         )
@@ -331,9 +330,6 @@ class Agent:
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, **fields)  # looked up on each call: start() replaces parts
-
-    def _preferred(self, model: str) -> str | None:
-        return self.state.preferred(model)  # the state store is replaced in start()
 
     def _starting_load(self, model: str) -> None:
         # Start-up may load many models, each within the bound: keep systemd's start timeout
