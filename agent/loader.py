@@ -195,12 +195,13 @@ class ModelLoader:
         if self.before_load is not None:
             self.before_load(name)
         outcome: list[ServedModel | None] = []
+        reason = "start" if self.before_load is not None else "reload"
 
         def load() -> None:
             try:
                 # The manager reads the preference (the pin) under the model's lock: a pin
                 # that arrives while this load waits for that lock is still honoured.
-                outcome.append(self._manager.load(source, reason="reload"))
+                outcome.append(self._manager.load(source, reason=reason))
             except Exception:  # a bug in one load must not take the loader with it
                 log.exception("model_load_failed", model=name)
                 outcome.append(None)
