@@ -85,6 +85,8 @@ binds=()
 for path in $( (cat /etc/pip.conf "$home_pip" 2>/dev/null; env | grep '^PIP_') |
                grep -oE '(file://)?/[^ ,;"]+' | sed 's|^file://||' | sort -u); do
   while [ ! -d "$path" ] && [ "$path" != / ]; do path=$(dirname "$path"); done
+  # A file:// index (…/simple) may link to files beside it: bind its parent.
+  [ "$(basename "$path")" = simple ] && path=$(dirname "$path")
   case "$path" in /|/etc|/etc/*|/usr|/usr/*|/root|/home) continue ;; esac
   binds+=("--bind-ro=$path")
 done
