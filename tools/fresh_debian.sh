@@ -100,6 +100,9 @@ for home in root home/newbie; do
 done
 chroot "$root" chown -R newbie:newbie /home/newbie/edge-agent
 echo edge-fresh > "$root/etc/hostname"
+# What Debian's installer writes and debootstrap does not: localhost must resolve.
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tedge-fresh\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+  > "$root/etc/hosts"
 
 # --- what runs inside, at each boot, as a oneshot unit that powers off when done ---
 cat > "$root/usr/local/sbin/edge-agent-fresh-check" <<'INSIDE'
