@@ -296,7 +296,7 @@ print(bad)' 2>> /out/service.log)
     result FAIL "service state.json untouched by tests" "it changed"
   t=$(now)
   check "systemctl stop edge-agent" systemctl stop edge-agent.service
-  journalctl -b -q _SYSTEMD_UNIT=edge-agent.service -o cat | tail -n3 | grep -q '"agent_stopped"' &&
+  journalctl -b -q _SYSTEMD_UNIT=edge-agent.service -o cat | tail -n5 | grep -q '"agent_stopped"' &&
     result PASS "stopped cleanly" "$(took "$t")" || result FAIL "stopped cleanly" "no agent_stopped"
 }
 
