@@ -149,6 +149,10 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 
 def _run(args: argparse.Namespace, config: AgentConfig) -> int:
+    # Before onnxruntime is imported: its telemetry would otherwise try to persist a device
+    # id under $XDG_CACHE_HOME or ~/.cache, and where it cannot (the unit's read-only file
+    # system) print a coloured non-JSON warning into the journal at every start.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from agent.service import Agent  # noqa: PLC0415  (keeps `infer`/`status` start-up light)
 
     configure_logging(config.log.level, config.log.format)

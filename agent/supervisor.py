@@ -32,6 +32,8 @@ _STARTING_POLL_S = 0.1
 BROKER_WAIT_S = 10.0
 # What Supervised.reload() returns when the new configuration was refused.
 RELOAD_FAILED = "reload failed"
+# What Supervised.status_line() begins with once the agent is shutting down.
+STOPPING = "stopping"
 
 
 class Supervised(Protocol):
@@ -123,9 +125,12 @@ class Supervisor:
             self._status("unhealthy: " + "; ".join(problems))
             return
         waited = time.monotonic() - self._started_at >= self.broker_wait_s
-        if not self.ready_sent and (self._target.ready or waited):
+        line = self._line()
+        # Not once shutdown has begun (STOPPING=1 went out; the status line says so).
+        stopping = self._target.status_line().startswith(STOPPING)
+        if not self.ready_sent and (self._target.ready or waited) and not stopping:
             self.ready_sent = True
-            self._last_status = status = self._line()
+            self._last_status = status = line
             self._notifier.ready(status)
             log.info("service_ready", status=status, broker_connected=self._target.ready)
         if self.ready_sent:
@@ -135,7 +140,7 @@ class Supervisor:
             # Waiting a moment for the broker, alive: keep systemd's start timeout away.
             self._extended_at = time.monotonic()
             self._notifier.extend_timeout(3 * self.interval)
-        self._status(self._line())
+        self._status(line)
 
     def _line(self) -> str:
         """The agent's status line, after why the last reload was refused, if it was."""

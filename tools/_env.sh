@@ -42,16 +42,26 @@ apt_install() {
 # not installed, fetched with `apt-get download` and unpacked under DIR with `dpkg-deb -x`.
 # Needs no root: nothing is installed system-wide, no maintainer script runs.
 debian_unpack() {
-  local dest="$1" name status
+  local dest="$1" name dep status
   shift
-  local wanted=() debs="$dest/debs"
+  local wanted=() queue=("$@") seen=" " debs="$dest/debs"
   command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 ||
     { echo "no apt-get/dpkg-deb: install $* yourself" >&2; return 1; }
-  for name in $(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-                  --no-breaks --no-replaces --no-enhances "$@" 2>/dev/null |
-                grep -E '^[a-z0-9]' | sort -u); do
-    status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$name" 2>/dev/null || true)
-    if [[ " $* " == *" $name "* ]] || [ "${status:0:2}" != "ii" ]; then wanted+=("$name"); fi
+  # The packages, and the shared libraries they need that are not installed (the first of
+  # each set of alternatives); the rest (adduser, debconf) only serves maintainer scripts.
+  while [ ${#queue[@]} -gt 0 ]; do
+    name=${queue[0]}
+    queue=("${queue[@]:1}")
+    [[ "$seen" == *" $name "* ]] && continue
+    seen+="$name "
+    wanted+=("$name")
+    while read -r dep; do
+      [[ "$dep" == lib* ]] || continue
+      status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$dep" 2>/dev/null || true)
+      [ "${status:0:2}" = "ii" ] || queue+=("$dep")
+    done < <(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+               --no-replaces --no-enhances "$name" 2>/dev/null |
+             awk '/Depends:/ { if (!alt) print $2; alt = ($1 ~ /^\|/) }')
   done
   [ ${#wanted[@]} -gt 0 ] || wanted=("$@")
   mkdir -p "$debs"

@@ -85,6 +85,8 @@ binds=()
 for path in $( (cat /etc/pip.conf "$home_pip" 2>/dev/null; env | grep '^PIP_') |
                grep -oE '(file://)?/[^ ,;"]+' | sed 's|^file://||' | sort -u); do
   while [ ! -d "$path" ] && [ "$path" != / ]; do path=$(dirname "$path"); done
+  # A file:// index (…/simple) may link to files beside it: bind its parent.
+  [ "$(basename "$path")" = simple ] && path=$(dirname "$path")
   case "$path" in /|/etc|/etc/*|/usr|/usr/*|/root|/home) continue ;; esac
   binds+=("--bind-ro=$path")
 done
@@ -98,6 +100,9 @@ for home in root home/newbie; do
 done
 chroot "$root" chown -R newbie:newbie /home/newbie/edge-agent
 echo edge-fresh > "$root/etc/hostname"
+# What Debian's installer writes and debootstrap does not: localhost must resolve.
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tedge-fresh\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+  > "$root/etc/hosts"
 
 # --- what runs inside, at each boot, as a oneshot unit that powers off when done ---
 cat > "$root/usr/local/sbin/edge-agent-fresh-check" <<'INSIDE'
@@ -291,7 +296,7 @@ print(bad)' 2>> /out/service.log)
     result FAIL "service state.json untouched by tests" "it changed"
   t=$(now)
   check "systemctl stop edge-agent" systemctl stop edge-agent.service
-  journalctl -b -q _SYSTEMD_UNIT=edge-agent.service -o cat | tail -n3 | grep -q '"agent_stopped"' &&
+  journalctl -b -q _SYSTEMD_UNIT=edge-agent.service -o cat | tail -n5 | grep -q '"agent_stopped"' &&
     result PASS "stopped cleanly" "$(took "$t")" || result FAIL "stopped cleanly" "no agent_stopped"
 }
 

@@ -62,7 +62,7 @@ echo "  .venv/bin/edge-agent status --mqtt-port $port --device-id $device"
 if grep -q "kind=mosquitto" "$log"; then
   rr=mosquitto_rr
   command -v mosquitto_rr >/dev/null 2>&1 || rr=.venv/bin/mosquitto_rr
-  echo "  $rr -p $port -t edge/$device/infer/digits -e edge/reply/me -m \"\$(cat tools/requests/digits.json)\""
+  echo "  $rr -W 10 -h 127.0.0.1 -p $port -t edge/$device/infer/digits -e edge/reply/me -m \"\$(cat tools/requests/digits.json)\""
 fi
 [ $once = 1 ] && exit 0
 echo "Ctrl-C stops it."

@@ -161,6 +161,43 @@ def test_embedded_amqtt_broker_serves_mqtt311_end_to_end(
     assert "Failed to initialize" not in rest, rest
 
 
+def test_the_agent_writes_only_json_lines_where_onnxruntime_cannot_cache(
+    broker: MosquittoBroker, models_dir: Path
+) -> None:
+    """With JSON logs every line the agent writes is JSON, also where onnxruntime could not
+    persist a telemetry id (no writable cache, as under the unit): journald gets ours only."""
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": "/dev/null/cache",  # cannot be created, even by root
+        "EDGE_AGENT_METRICS__INTERVAL_S": "0",
+    }
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    device = f"json-{uuid.uuid4().hex[:6]}"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "agent", "run", "--mqtt-port", str(broker.port)),
+            *("--device-id", device, "--models-dir", str(models_dir), "--log-format", "json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    for line in process.stderr:
+        lines.append(line)
+        if '"service_ready"' in line or time.monotonic() > deadline:
+            break
+    process.terminate()
+    assert process.wait(30) == 0
+    lines += process.stderr.readlines()
+    process.stderr.close()
+    assert any('"agent_stopped"' in line for line in lines), lines
+    for line in lines:
+        json.loads(line)
+
+
 def test_embedded_broker_refuses_a_busy_port(broker: MosquittoBroker) -> None:
     """--embedded-broker on a port already taken exits 1 and says so."""
     result = edge_agent(
