@@ -52,6 +52,7 @@ class ModelLoader:
         prefer: Callable[[str], str | None],
         timeout_s: float,
         stopping: threading.Event,
+        unsettled: Callable[[], set[str]] = set,
     ) -> None:
         self._manager = manager
         self._scan = scan
@@ -59,6 +60,7 @@ class ModelLoader:
         self._prefer = prefer
         self.timeout_s = timeout_s
         self._stopping = stopping
+        self._unsettled = unsettled
         self._cond = threading.Condition()
         self._requested = 0  # rescans asked for, counted
         self._completed = 0  # the last asked-for rescan that a finished pass covered
@@ -78,7 +80,8 @@ class ModelLoader:
     def request(self, *, retry: bool = False) -> int:
         """Ask for a rescan (soon, after the one running); returns its number for `wait`.
 
-        `retry` also tries again what failed or was rejected before, and reports it again.
+        `retry` also tries again what failed or was rejected before, and reports it again,
+        and looks at entries the watcher has not seen settle yet.
         """
         with self._cond:
             self._requested += 1
@@ -140,8 +143,14 @@ class ModelLoader:
         if retry:
             self._failed.clear()
             self._reported.clear()
+        # Entries still being written (the watcher has not seen them settle) are left as
+        # they are: a rescan for one push must not judge another push half-way through.
+        # A reload (retry) is the operator asking for everything now.
+        busy = set() if retry else self._unsettled()
         sources, rejected = self._scan()
-        self._report(rejected)
+        sources = [s for s in sources if s.path.name not in busy]
+        rejected = [r for r in rejected if r.path.name not in busy]
+        self._report(rejected, busy)
         self._reap()
         served = {model.name: model for model in self._manager.served()}
         for source in sources:
@@ -160,15 +169,16 @@ class ModelLoader:
             self._load(source)
         # A model whose folder is there but now rejected keeps serving what it had.
         present = {s.name for s in sources} | {_model_name(r.path) for r in rejected}
+        present |= {_model_name(Path(entry)) for entry in busy}
         for name in sorted(served.keys() - present):
             if self._stopping.is_set():
                 return
             self._unload(name)
         self._failed = {k: v for k, v in self._failed.items() if k in present}
 
-    def _report(self, rejected: list[Rejection]) -> None:
+    def _report(self, rejected: list[Rejection], busy: set[str]) -> None:
         """Emit each rejection once; one that goes away or changes is forgotten."""
-        keys = set()
+        keys = {key for key in self._reported if Path(key[0]).name in busy}
         for rejection in rejected:
             key = (str(rejection.path), rejection.reason, rejection.stamp)
             keys.add(key)

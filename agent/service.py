@@ -77,6 +77,7 @@ class Agent:
             prefer=self._preferred,
             timeout_s=config.models.load_timeout_s,
             stopping=self._stop,
+            unsettled=self._unsettled,
         )
         self._status_updates = Coalescer(
             self._publish_status, STATUS_INTERVAL_S, name="status-publisher"
@@ -294,6 +295,9 @@ class Agent:
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, **fields)  # looked up on each call: start() replaces parts
+
+    def _unsettled(self) -> set[str]:
+        return self.watcher.unsettled() if self.watcher is not None else set()
 
     def _preferred(self, model: str) -> str | None:
         return self.state.preferred(model)  # the state store is replaced in start()
