@@ -26,8 +26,9 @@ log = structlog.get_logger(__name__)
 Scan = Callable[[], tuple[list[ModelSource], list[Rejection]]]
 
 # How often waits look at the stop event: it is set from a signal handler, which must not
-# take a lock to wake anyone.
+# take a lock to wake anyone. Idle, the loader thread looks less often.
 _POLL_S = 0.1
+_IDLE_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class ModelLoader:
         while True:
             with self._cond:
                 while self._completed >= self._requested and not self._stopping.is_set():
-                    self._cond.wait(_POLL_S)
+                    self._cond.wait(_IDLE_POLL_S)
                 if self._stopping.is_set():
                     self._cond.notify_all()
                     return

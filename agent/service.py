@@ -80,7 +80,7 @@ class Agent:
             unsettled=self._unsettled,
         )
         self._status_updates = Coalescer(
-            self._publish_status, STATUS_INTERVAL_S, name="status-publisher"
+            self._publish_status, STATUS_INTERVAL_S, name="status-publisher", stopping=self._stop
         )
 
     def start(self) -> None:

@@ -60,6 +60,7 @@ class ModelWatcher:
         self._lock = threading.Lock()
         # entry name -> (first event, last event, last completeness check), monotonic
         self._pending: dict[str, tuple[float, float, float]] = {}
+        self._waiting_for: dict[str, str] = {}  # entry -> why it is incomplete, as last logged
         self._wake = threading.Event()
         self._stopping = False
         self._observer: Observer | None = None  # type: ignore[valid-type]
@@ -151,7 +152,11 @@ class ModelWatcher:
                         )
                 else:
                     self._pending[entry] = (first, last, now)
-                    log.info("model_push_waiting", entry=entry, reason=why)
+                    if self._waiting_for.get(entry) != why:  # once per reason, not per look
+                        self._waiting_for[entry] = why
+                        log.info("model_push_waiting", entry=entry, reason=why)
+                if entry not in self._pending:
+                    self._waiting_for.pop(entry, None)
         return ready
 
 
