@@ -194,6 +194,7 @@ def _complete(path: Path) -> tuple[bool, str]:
 
 def _first_unfinished(folder: Path, variants: list[object]) -> str | None:
     """Why the first variant file that is not there (or not whole) yet is not, or None."""
+    root = folder.parent.resolve()  # the model directory
     for variant in variants:
         if not isinstance(variant, dict) or not isinstance(variant.get("file"), str):
             continue
@@ -204,6 +205,8 @@ def _first_unfinished(folder: Path, variants: list[object]) -> str | None:
             return f"{variant['file']} is not there yet"
         if not stat.S_ISREG(info.st_mode):
             continue  # a FIFO or a device will not become a model: loading rejects it
+        if root not in file.resolve().parents:
+            continue  # a link out of the model directory: loading rejects it, unread
         size = variant.get("size_bytes")
         if isinstance(size, int) and size > 0:
             # Copies grow until whole: the size says it without reading the file, which
