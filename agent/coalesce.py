@@ -16,12 +16,23 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+_IDLE_POLL_S = 1.0
+
 
 class Coalescer:
     """Calls `action` on its own thread: at once when idle, else once the interval is up."""
 
-    def __init__(self, action: Callable[[], None], interval_s: float, name: str) -> None:
+    def __init__(
+        self,
+        action: Callable[[], None],
+        interval_s: float,
+        name: str,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self._action = action
+        # Set from a signal handler, which must not take the lock to wake us: looked at
+        # once a second while idle, and before each run.
+        self._stopping = stopping or threading.Event()
         self._interval_s = interval_s
         self._cond = threading.Condition()
         self._wanted = False
@@ -39,7 +50,7 @@ class Coalescer:
             self._cond.notify()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop; a pending request is dropped."""
+        """Stop (as setting `stopping` does); a pending request is dropped."""
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -49,9 +60,9 @@ class Coalescer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._wanted and not self._closed:
-                    self._cond.wait()
-                if self._closed:
+                while not self._wanted and not self._closed and not self._stopping.is_set():
+                    self._cond.wait(_IDLE_POLL_S)
+                if self._closed or self._stopping.is_set():
                     return
                 delay = self._last + self._interval_s - time.monotonic()
                 if delay > 0:

@@ -3,9 +3,10 @@
 Start-up, the watcher and a SIGHUP reload only ask for a rescan. This thread scans, and runs
 each load (and unload) on a short-lived thread that it waits for at most
 `models.load_timeout_s`: a load past that is abandoned to its thread (Python cannot stop
-it), reported as `model_load_stuck`, shown by the health check and left out of rescans
-until it ends, so that one model that never finishes loading holds up neither the other
-models nor the agent. What cannot be served is reported once per (entry, reason, stamp).
+it), reported as `model_load_stuck` and shown by the health check until it ends; the same
+files are not loaded again meanwhile, a newer push of the model is. One model that never
+finishes loading holds up neither the other models nor the agent. What cannot be served
+is reported once per (entry, reason, stamp).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ log = structlog.get_logger(__name__)
 Scan = Callable[[], tuple[list[ModelSource], list[Rejection]]]
 
 # How often waits look at the stop event: it is set from a signal handler, which must not
-# take a lock to wake anyone.
+# take a lock to wake anyone. Idle, the loader thread looks less often.
 _POLL_S = 0.1
+_IDLE_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,19 @@ class ModelLoader:
         *,
         timeout_s: float,
         stopping: threading.Event,
+        unsettled: Callable[[], set[str]] = set,
     ) -> None:
         self._manager = manager
         self._scan = scan
         self._emit = emit
         self.timeout_s = timeout_s
         self._stopping = stopping
+        self._unsettled = unsettled
         self._cond = threading.Condition()
         self._requested = 0  # rescans asked for, counted
         self._completed = 0  # the last asked-for rescan that a finished pass covered
         self._retry = False
-        self._stuck: dict[str, StuckLoad] = {}
+        self._stuck: list[StuckLoad] = []
         self._workers: set[threading.Thread] = set()
         # Touched by the loader thread only.
         self._failed: dict[str, ModelSource] = {}  # these files could not load: said once
@@ -76,7 +80,8 @@ class ModelLoader:
     def request(self, *, retry: bool = False) -> int:
         """Ask for a rescan (soon, after the one running); returns its number for `wait`.
 
-        `retry` also tries again what failed or was rejected before, and reports it again.
+        `retry` also tries again what failed or was rejected before, and reports it again,
+        and looks at entries the watcher has not seen settle yet.
         """
         with self._cond:
             self._requested += 1
@@ -105,7 +110,7 @@ class ModelLoader:
         """(model, seconds) of every load past its bound that has not ended yet."""
         now = time.monotonic()
         with self._cond:
-            loads = list(self._stuck.values())
+            loads = list(self._stuck)
         return [(s.model, now - s.since) for s in loads if not s.done.is_set()]
 
     def running(self) -> int:
@@ -120,7 +125,7 @@ class ModelLoader:
         while True:
             with self._cond:
                 while self._completed >= self._requested and not self._stopping.is_set():
-                    self._cond.wait(_POLL_S)
+                    self._cond.wait(_IDLE_POLL_S)
                 if self._stopping.is_set():
                     self._cond.notify_all()
                     return
@@ -138,8 +143,14 @@ class ModelLoader:
         if retry:
             self._failed.clear()
             self._reported.clear()
+        # Entries still being written (the watcher has not seen them settle) are left as
+        # they are: a rescan for one push must not judge another push half-way through.
+        # A reload (retry) is the operator asking for everything now.
+        busy = set() if retry else self._unsettled()
         sources, rejected = self._scan()
-        self._report(rejected)
+        sources = [s for s in sources if s.path.name not in busy]
+        rejected = [r for r in rejected if r.path.name not in busy]
+        self._report(rejected, busy)
         self._reap()
         served = {model.name: model for model in self._manager.served()}
         for source in sources:
@@ -147,8 +158,8 @@ class ModelLoader:
                 return
             name = source.name
             with self._cond:
-                if name in self._stuck:
-                    continue  # still loading an earlier version; looked at again when it ends
+                if any(s.model == name and s.source == source for s in self._stuck):
+                    continue  # these very files are still loading; looked at again when done
             current = served.get(name)
             if current is not None and current.source == source:
                 self._failed.pop(name, None)
@@ -158,15 +169,16 @@ class ModelLoader:
             self._load(source)
         # A model whose folder is there but now rejected keeps serving what it had.
         present = {s.name for s in sources} | {_model_name(r.path) for r in rejected}
+        present |= {_model_name(Path(entry)) for entry in busy}
         for name in sorted(served.keys() - present):
             if self._stopping.is_set():
                 return
             self._unload(name)
         self._failed = {k: v for k, v in self._failed.items() if k in present}
 
-    def _report(self, rejected: list[Rejection]) -> None:
+    def _report(self, rejected: list[Rejection], busy: set[str]) -> None:
         """Emit each rejection once; one that goes away or changes is forgotten."""
-        keys = set()
+        keys = {key for key in self._reported if Path(key[0]).name in busy}
         for rejection in rejected:
             key = (str(rejection.path), rejection.reason, rejection.stamp)
             keys.add(key)
@@ -176,13 +188,13 @@ class ModelLoader:
 
     def _reap(self) -> None:
         with self._cond:
-            ended = [s for s in self._stuck.values() if s.done.is_set()]
-            for load in ended:
-                del self._stuck[load.model]
+            ended = [s for s in self._stuck if s.done.is_set()]
+            self._stuck = [s for s in self._stuck if not s.done.is_set()]
         for load in ended:
             loaded = self._served_from(load.model, load.source)
             if not loaded:
-                self._failed[load.model] = load.source  # not once more: it may stick again
+                # Not these files once more (they may stick again); a newer failure stays.
+                self._failed.setdefault(load.model, load.source)
             self._emit(
                 "model_load_ended",
                 model=load.model,
@@ -207,7 +219,7 @@ class ModelLoader:
                 outcome.append(None)
 
         started = time.monotonic()
-        done = self._spawn(f"load-{name}", load, late=name)
+        done = self._spawn(f"load-{name}", load, reap=True)
         if self._wait(done, started + self.timeout_s):
             if outcome and outcome[0] is not None:
                 self._failed.pop(name, None)
@@ -219,7 +231,9 @@ class ModelLoader:
         if self._served_from(name, source):
             return  # loaded: only the previous version is still draining
         with self._cond:
-            self._stuck[name] = StuckLoad(name, source, started, done)
+            # A stale load that ends after a newer one replaces it for a moment: the rescan
+            # its end asks for loads the newer files again.
+            self._stuck.append(StuckLoad(name, source, started, done))
         self._emit(
             "model_load_stuck",
             model=name,
@@ -237,9 +251,7 @@ class ModelLoader:
             # It no longer serves: only its in-flight requests are still finishing.
             log.warning("model_unload_slow", model=name, timeout_s=self.timeout_s)
 
-    def _spawn(
-        self, name: str, work: Callable[[], object], late: str | None = None
-    ) -> threading.Event:
+    def _spawn(self, name: str, work: Callable[[], object], reap: bool = False) -> threading.Event:
         done = threading.Event()
 
         def run() -> None:
@@ -247,10 +259,10 @@ class ModelLoader:
                 work()
             finally:
                 done.set()
-                if late is not None:
+                if reap:
                     with self._cond:
-                        stuck = self._stuck.get(late)
-                    if stuck is not None and stuck.done is done:
+                        was_stuck = any(s.done is done for s in self._stuck)
+                    if was_stuck:
                         self.request()  # a stuck load ended: see what it left
 
         thread = threading.Thread(target=run, name=name, daemon=True)

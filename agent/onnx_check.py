@@ -3,14 +3,13 @@ native library loaded into the agent) and no external data outside the model's f
 (onnxruntime would read whatever file the model names, e.g. `../../etc/shadow`).
 
 The agent does not depend on the `onnx` package, so this reads the protobuf wire format
-itself, and only the few fields it needs. The file is memory-mapped: tensor payloads are
-skipped by length, never copied.
+itself, and only the few fields it needs. The file is read whole, once (onnxruntime reads
+it whole right after anyway), and tensor payloads are skipped by length, never copied. Not
+memory-mapped: a push truncating the file under a mapping would kill the agent (SIGBUS).
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -122,17 +121,11 @@ def inspect_model(path: Path) -> OnnxFacts:
     Only a regular file is opened (RefusedFile otherwise): a FIFO would block the read.
     """
     with open_regular(path) as f:
-        try:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as exc:  # an empty file cannot be mapped
-            raise OnnxFormatError("empty file") from exc
+        data = f.read()
+    if not data:
+        raise OnnxFormatError("empty file")
     facts = OnnxFacts()
-    try:
-        _model(memoryview(mapped), facts)
-    finally:
-        # A view still referenced from a traceback keeps the map open until collected.
-        with contextlib.suppress(BufferError):
-            mapped.close()
+    _model(memoryview(data), facts)
     return facts
 
 

@@ -8,6 +8,7 @@ hashes, so that the session layer only ever sees files that are safe to open.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,8 @@ def scan(
             try:
                 models.append(read_model(entry, models_dir, policy))
             except ManifestError as exc:
+                if not os.path.lexists(entry):
+                    continue  # removed while we looked: not a bad entry, just gone
                 files = [entry, entry / MANIFEST_FILE] if entry.is_dir() else [entry]
                 rejected.append(Rejection(entry, str(exc), _stamp(files)))
     return models, rejected

@@ -83,9 +83,10 @@ class Agent:
             self._emit,
             timeout_s=config.models.load_timeout_s,
             stopping=self._stop,
+            unsettled=self._unsettled,
         )
         self._status_updates = Coalescer(
-            self._publish_status, STATUS_INTERVAL_S, name="status-publisher"
+            self._publish_status, STATUS_INTERVAL_S, name="status-publisher", stopping=self._stop
         )
 
     def start(self) -> None:
@@ -330,6 +331,9 @@ class Agent:
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, **fields)  # looked up on each call: start() replaces parts
+
+    def _unsettled(self) -> set[str]:
+        return self.watcher.unsettled() if self.watcher is not None else set()
 
     def _starting_load(self, model: str) -> None:
         # Start-up may load many models, each within the bound: keep systemd's start timeout

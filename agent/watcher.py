@@ -60,6 +60,7 @@ class ModelWatcher:
         self._lock = threading.Lock()
         # entry name -> (first event, last event, last completeness check), monotonic
         self._pending: dict[str, tuple[float, float, float]] = {}
+        self._waiting_for: dict[str, str] = {}  # entry -> why it is incomplete, as last logged
         self._wake = threading.Event()
         self._stopping = False
         self._observer: Observer | None = None  # type: ignore[valid-type]
@@ -92,6 +93,11 @@ class ModelWatcher:
             self._observer.join(5)
         if self._thread.is_alive():
             self._thread.join(5)
+
+    def unsettled(self) -> set[str]:
+        """Entries changed lately that have not been handed to `on_change` yet."""
+        with self._lock:
+            return set(self._pending)
 
     def touched(self, path: str) -> None:
         """Something changed at `path`: note which top-level entry it belongs to."""
@@ -146,7 +152,11 @@ class ModelWatcher:
                         )
                 else:
                     self._pending[entry] = (first, last, now)
-                    log.info("model_push_waiting", entry=entry, reason=why)
+                    if self._waiting_for.get(entry) != why:  # once per reason, not per look
+                        self._waiting_for[entry] = why
+                        log.info("model_push_waiting", entry=entry, reason=why)
+                if entry not in self._pending:
+                    self._waiting_for.pop(entry, None)
         return ready
 
 
@@ -184,6 +194,7 @@ def _complete(path: Path) -> tuple[bool, str]:
 
 def _first_unfinished(folder: Path, variants: list[object]) -> str | None:
     """Why the first variant file that is not there (or not whole) yet is not, or None."""
+    root = folder.parent.resolve()  # the model directory
     for variant in variants:
         if not isinstance(variant, dict) or not isinstance(variant.get("file"), str):
             continue
@@ -194,6 +205,8 @@ def _first_unfinished(folder: Path, variants: list[object]) -> str | None:
             return f"{variant['file']} is not there yet"
         if not stat.S_ISREG(info.st_mode):
             continue  # a FIFO or a device will not become a model: loading rejects it
+        if root not in file.resolve().parents:
+            continue  # a link out of the model directory: loading rejects it, unread
         size = variant.get("size_bytes")
         if isinstance(size, int) and size > 0:
             # Copies grow until whole: the size says it without reading the file, which

@@ -267,3 +267,47 @@ def test_a_fifo_entry_is_rejected_once_and_later_pushes_still_load(
     wait_until(lambda: serves(watched, "later"))
     assert len(rejections_of(watched, entry)) == 1
     assert serves(watched, "scale")
+
+
+def test_a_push_elsewhere_does_not_judge_a_push_still_being_written(
+    watched: RunningAgent, tmp_path: Path
+) -> None:
+    """While one folder is half-copied (manifest there, variant file short), another model
+    pushed meanwhile loads, and the half-copied one is neither rejected nor loaded until
+    its file is whole."""
+    models = Path(watched.config.models.dir)
+    built = onnx_models.scale_model(tmp_path / "build" / "fp32.onnx")
+    staging = onnx_models.ladder_folder(tmp_path / "stage" / "slow", [("fp32", built)], **SCALE_IO)
+    (models / "slow").mkdir()
+    shutil.copyfile(staging / "manifest.json", models / "slow" / "manifest.json")
+    (models / "slow" / "fp32.onnx").write_bytes(built.read_bytes()[:100])
+    for index in range(8):  # keep the slow push unsettled while the other one lands
+        if index == 1:
+            onnx_models.scale_model(models / "other.onnx")
+        with (models / "slow" / "fp32.onnx").open("ab") as f:
+            f.write(b"\0")
+        time.sleep(0.1)
+    wait_until(lambda: serves(watched, "other"))
+    assert not serves(watched, "slow")
+    assert events_named(watched, "variant_rejected") == []
+    assert events_named(watched, "model_rejected") == []
+    shutil.copyfile(built, models / "slow" / "fp32.onnx")
+    wait_until(lambda: serves(watched, "slow"))
+    assert events_named(watched, "variant_rejected") == []
+
+
+def test_a_bad_entry_is_reported_once_and_again_when_it_changes(watched: RunningAgent) -> None:
+    """A folder with an invalid manifest is rejected once however many rescans follow, and
+    again once its manifest is rewritten (still invalid, differently)."""
+    models = Path(watched.config.models.dir)
+    (models / "broken").mkdir()
+    (models / "broken" / "manifest.json").write_text('{"name": "broken"}')
+    wait_until(lambda: len(events_named(watched, "model_rejected")) == 1)
+    for index in range(3):
+        onnx_models.scale_model(models / f"push{index}.onnx")
+        wait_until(lambda i=index: serves(watched, f"push{i}"))
+    assert len(events_named(watched, "model_rejected")) == 1
+    (models / "broken" / "manifest.json").write_text("[]")
+    wait_until(lambda: len(events_named(watched, "model_rejected")) == 2)
+    first, second = (e["reason"] for e in events_named(watched, "model_rejected"))
+    assert first != second
