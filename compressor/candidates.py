@@ -17,6 +17,7 @@ import onnx
 from compressor.data import Dataset
 from compressor.distill import DistillSettings, distill
 from compressor.errors import UnsupportedModelError
+from compressor.fp16 import convert_fp16_safe
 from compressor.graph import (
     GraphIndex,
     constants_to_initializers,
@@ -31,7 +32,6 @@ from compressor.prune.structured import prune_structured
 from compressor.prune.units import find_units
 from compressor.quantize import (
     Calibration,
-    convert_fp16,
     quantize_dynamic_int8,
     quantize_int4,
     quantize_static_int8,
@@ -129,7 +129,7 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
     if mix.subnormals:
         found.append(Candidate("fp32-ftz", _flushed))
     if recipe.fp16:
-        found.append(Candidate("fp16", lambda m, out: Built(convert_fp16(m, out), "fp16")))
+        found.append(Candidate("fp16", _fp16(calibration)))
     if mix.dense:
         found.append(Candidate("int8-dynamic", _dynamic))
     for method in recipe.calibrations:
@@ -157,6 +157,14 @@ def _flushed(model: OnnxModel, out: Path) -> Built:
     proto.CopyFrom(model.proto)
     flush_subnormals(proto)
     return Built(save_model(proto, out), "fp32")
+
+
+def _fp16(calibration: Dataset) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        path, _ = convert_fp16_safe(model, out, calibration)
+        return Built(path, "fp16")
+
+    return build
 
 
 def _dynamic(model: OnnxModel, out: Path) -> Built:

@@ -25,8 +25,8 @@ from compressor.mixed import quantize_mixed
 from compressor.model import OnnxModel, load_model
 from compressor.quantize import Calibration
 from compressor.report import plot, table
-from compressor.selection import Decision, over_budget_reason, select_ladder
-from compressor.session import agent_threads
+from compressor.selection import Decision, Rules, over_budget_reason, select_ladder
+from compressor.session import agent_batch_size, agent_threads
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +43,8 @@ class LadderSettings:
     budget: Budget = field(default_factory=Budget)
     recipe: Recipe = field(default_factory=Recipe)
     threads: int = field(default_factory=agent_threads)
-    batch_size: int = 64
+    batch_size: int = field(default_factory=agent_batch_size)
+    rules: Rules = field(default_factory=Rules)
     rounds: int = 5
     seconds_per_round: float = 0.15
     measure_memory: bool = True
@@ -104,7 +105,7 @@ def build_ladder(
             for n in paths
             if n not in survivors
         ]
-        kept, decisions = select_ladder(REFERENCE, measured, settings.budget)
+        kept, decisions = select_ladder(REFERENCE, measured, settings.budget, settings.rules)
         decisions += over_budget + failures
         original = Built(model.path, "fp32")
         rungs = [

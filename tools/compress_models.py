@@ -259,6 +259,59 @@ def outlier_mlp_model(seed: int = 0) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def map_model(size: int = 32, width: int = 16, seed: int = 0, hot: float = 3e6) -> onnx.ModelProto:
+    """A segmentation-style net: conv stages, a skip Concat, a one-channel sigmoid map.
+
+    One channel of the middle activation runs about `hot` times wider than the rest (as
+    text detectors' unnormalised features do) and the next conv scales it back down: the
+    function is ordinary, but float16 overflows on that tensor where it enters the Concat
+    (which onnxruntime runs in float16 on a CPU), and an int8 per-tensor range sized for it
+    crushes every other channel.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = {"stem": (width, 3), "wide": (width, width), "mix": (width, 2 * width)}
+    shapes["head"] = (1, width)
+    weights = {
+        name: rng.normal(0, np.sqrt(2.0 / (cin * 9)), (cout, cin, 3, 3)).astype(np.float32)
+        for name, (cout, cin) in shapes.items()
+    }
+    weights["wide"][0] = np.abs(weights["wide"][0]) * hot  # channel 0: positive and huge
+    weights["mix"][:, 0] /= hot
+    weights["head"] *= 4.0  # a confident map: most pixels near 0 or 1, as a trained one is
+    inits: list[TensorProto] = []
+    for name, w in weights.items():
+        bias = rng.normal(0, 0.1, w.shape[0]).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"{name}.w"),
+            numpy_helper.from_array(bias, f"{name}.b"),
+        ]
+
+    def conv(name: str, source: str, out: str) -> onnx.NodeProto:
+        return helper.make_node(
+            "Conv", [source, f"{name}.w", f"{name}.b"], [out], name=name, pads=[1, 1, 1, 1]
+        )
+
+    nodes = [
+        conv("stem", "input", "stem"),
+        helper.make_node("Relu", ["stem"], ["stem.r"], name="stem.relu"),
+        conv("wide", "stem.r", "wide"),
+        helper.make_node("Relu", ["wide"], ["wide.r"], name="wide.relu"),
+        helper.make_node("Concat", ["wide.r", "stem.r"], ["skip"], name="skip", axis=1),
+        conv("mix", "skip", "mix"),
+        helper.make_node("Relu", ["mix"], ["mix.r"], name="mix.relu"),
+        conv("head", "mix.r", "logits"),
+        helper.make_node("Sigmoid", ["logits"], ["map"], name="sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "map",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 3, size, size])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, [-1, 1, size, size])],
+        inits,
+    )
+    return _finish(graph)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Check and write a model; returns the path for chaining in fixtures."""
     onnx.checker.check_model(model, full_check=True)
