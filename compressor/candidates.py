@@ -28,6 +28,7 @@ from compressor.graph import (
     weight_elements,
 )
 from compressor.model import OnnxModel, save_model
+from compressor.prune.groups import trace
 from compressor.prune.structured import prune_structured
 from compressor.prune.units import find_units
 from compressor.quantize import (
@@ -109,13 +110,14 @@ def op_mix(model: OnnxModel) -> OpMix:
             f"nothing to compress: no MatMul, Gemm or Conv with constant weights (op mix: {ops})"
         )
     units, _ = find_units(proto)
+    groups = trace(proto).groups() if "Conv" in weighted else []
     spec = model.signature.inputs
     vector = len(spec) == 1 and spec[0].datatype == "FP32" and len(spec[0].shape) == 2
     return OpMix(
         # A conv net's small classifier head is no reason to run dense-only quantizers.
         dense=dense >= weighted.get("Conv", 0),
         conv="Conv" in weighted,
-        prunable=bool(units),
+        prunable=bool(units or groups),
         vector_input=vector,
         subnormals=count_subnormals(proto),
         ops=ops,

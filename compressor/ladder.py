@@ -86,7 +86,7 @@ def build_ladder(
         paths = {REFERENCE: model.path} | {n: b.path for n, b in built.items()}
         scores = score(model.path, paths, eval_set, settings.threads)
         if settings.mixed and _needs_mixed(scores, settings.budget):
-            mixed = _mixed(model, calib_set, eval_set, settings, work)
+            mixed = _mixed(model, calib_set, eval_set, settings, work, _best_calibrator(scores))
             if isinstance(mixed, Decision):
                 failures.append(mixed)
             else:
@@ -198,20 +198,35 @@ def _build_all(
 
 
 def _mixed(
-    model: OnnxModel, calib: Dataset, evaluation: Dataset, settings: LadderSettings, work: Path
+    model: OnnxModel,
+    calib: Dataset,
+    evaluation: Dataset,
+    settings: LadderSettings,
+    work: Path,
+    method: Calibration,
 ) -> Built | Decision:
     """The mixed-precision candidate, searched against the budget on the evaluation set."""
-    log.info("ladder_phase", phase="mixed_precision")
+    log.info("ladder_phase", phase="mixed_precision", calibration=str(method))
 
     def meets(path: Path) -> bool:
         quality = score(model.path, {MIXED: path}, evaluation, settings.threads)[MIXED]
         return quality.within(settings.budget)
 
     try:
-        result = quantize_mixed(model, work / f"{MIXED}.onnx", calib, meets)
+        result = quantize_mixed(model, work / f"{MIXED}.onnx", calib, meets, method=method)
     except CompressorError as exc:
         return Decision(MIXED, False, f"failed: {exc}")
+    for layer, why in result.reasons.items():
+        log.info("mixed_float_layer", layer=layer, why=why)
     return Built(result.path, "mixed")
+
+
+def _best_calibrator(scores: dict[str, Quality]) -> Calibration:
+    """The static int8 calibrator that scored best: the mixed search starts from its ranges."""
+    static = {c: scores[f"int8-{c}"] for c in Calibration if f"int8-{c}" in scores}
+    if not static:
+        return Calibration.MINMAX
+    return max(static, key=lambda c: (static[c].quality, static[c].fidelity.cosine))
 
 
 def _needs_mixed(scores: dict[str, Quality], budget: Budget) -> bool:

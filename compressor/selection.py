@@ -137,7 +137,8 @@ def _select(
 
 
 def _rank(e: Evaluation, ref: Evaluation) -> tuple[float, float, str]:
-    return (-min(e.quality, ref.quality), -e.fidelity.cosine, e.name)
+    quality, cosine = _standing(e, ref)
+    return (-quality, -cosine, e.name)
 
 
 def _step_ratio(
@@ -157,21 +158,26 @@ def _step_ratio(
 def _dominated(
     candidate: Evaluation, others: Sequence[Evaluation], ref: Evaluation, cost: Cost
 ) -> bool:
-    """Whether another variant is at least as good and strictly cheaper in `cost`.
+    """Whether another variant stands at least as high and is strictly cheaper in `cost`.
 
-    Only ties in quality matter here: a better-and-cheaper variant comes first in quality
-    order and already takes the step away.
+    Only exact ties in standing matter here: a better-and-cheaper variant comes first in
+    quality order and already takes the step away.
     """
     mine = cost_of(candidate, cost)
     assert mine is not None
-    quality = min(candidate.quality, ref.quality)
     for other in others:
         theirs = cost_of(other, cost)
         if other.name == candidate.name or theirs is None:
             continue
-        if min(other.quality, ref.quality) >= quality and theirs < mine:
+        if _standing(other, ref) >= _standing(candidate, ref) and theirs < mine:
             return True
     return False
+
+
+def _standing(e: Evaluation, ref: Evaluation) -> tuple[float, float]:
+    """Quality capped at the original's, then fidelity: variants that tie on accuracy (a
+    small evaluation set gives ties and noise) rank by how closely they follow the original."""
+    return (min(e.quality, ref.quality), e.fidelity.cosine)
 
 
 def over_budget_reason(candidate: Quality, budget: Budget) -> str:

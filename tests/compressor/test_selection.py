@@ -75,14 +75,25 @@ def test_ladder_is_ordered_richest_first_each_a_step_cheaper() -> None:
 
 
 def test_equal_quality_twin_that_costs_more_is_dropped() -> None:
-    """Of two variants with the same accuracy, the one that is slower is off the front."""
+    """Of two variants with the same accuracy and fidelity, the slower is off the front."""
     evals = {
         "fp32": _e("fp32", 0.95, 1000, 1.0, cosine=1.0),
-        "twin-slow": _e("twin-slow", 0.95, 900, 0.7, cosine=0.9999),
-        "twin-fast": _e("twin-fast", 0.95, 900, 0.4, cosine=0.999),
+        "twin-slow": _e("twin-slow", 0.95, 900, 0.7),
+        "twin-fast": _e("twin-fast", 0.95, 900, 0.4),
     }
     kept, _ = select_ladder("fp32", evals, Budget(0.01))
     assert kept == ["fp32", "twin-fast"]
+
+
+def test_accuracy_ties_rank_by_fidelity() -> None:
+    """Two variants at the original's accuracy both stay, the closer one to it first."""
+    evals = {
+        "fp32": _e("fp32", 0.95, 1000, 1.0, cosine=1.0),
+        "close": _e("close", 0.96, 900, 0.5, cosine=0.9999),
+        "far": _e("far", 0.97, 900, 0.1, cosine=0.999),
+    }
+    kept, _ = select_ladder("fp32", evals, Budget(0.01))
+    assert kept == ["fp32", "close", "far"]
 
 
 def test_original_stays_first_even_when_beaten() -> None:
