@@ -255,8 +255,9 @@ def wide_model(path: Path, hidden: int, width: int = 256, seed: int = 0) -> Path
     """x FP32 [-1, width] -> MatMul to `hidden` -> Relu -> MatMul back: 8 * width * hidden
     bytes of fp32 weights, so that `hidden` sets how much memory the variant holds."""
     rng = np.random.default_rng(seed)
-    down = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)
-    up = (rng.standard_normal((hidden, width)) / np.sqrt(hidden)).astype(np.float32)
+    # Uniform float32 draws: a hundred MB of weights is built in a fraction of a second.
+    down = (rng.random((width, hidden), dtype=np.float32) - 0.5) / np.float32(np.sqrt(width))
+    up = (rng.random((hidden, width), dtype=np.float32) - 0.5) / np.float32(np.sqrt(hidden))
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "down"], ["h"]),

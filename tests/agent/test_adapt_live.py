@@ -1,0 +1,311 @@
+"""The adaptation loop on real pressure: a real `edge-agent run` process inside a v1 memory
+cgroup with a hog beside it, inside a CPU-quota cgroup, or next to busy loops, steps its
+model down the ladder (and back up); and many swaps under concurrent MQTT traffic lose,
+fail or duplicate nothing.
+
+The agent is started inside its cgroup (charges do not move with a process on this kernel),
+under the runner's own cgroup; every cgroup and process made here is removed in a finally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.broker import MosquittoBroker
+from tests import onnx_models
+from tests.agent.test_monitor import v1_cgroup_dir
+from tests.conftest import Probe
+
+MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[2]
+
+# Each cgroup test's agent runs with short adaptation settings (seconds, not minutes).
+FAST_ADAPT = {
+    "EDGE_AGENT_ADAPT__INTERVAL_S": "0.2",
+    "EDGE_AGENT_ADAPT__DOWN_AFTER_S": "1",
+    "EDGE_AGENT_METRICS__INTERVAL_S": "0",
+    "EDGE_AGENT_MODELS__THREADS": "1",
+    "EDGE_AGENT_MODELS__WATCH": "false",
+}
+
+
+# --- cgroups and processes made by a test ------------------------------------------------------
+
+
+@contextmanager
+def made_cgroup(controller: str) -> Iterator[Path]:
+    """A new v1 cgroup of `controller` under this process's own one (skips without root or
+    a v1 hierarchy); removed at the end, once the processes started in it have exited."""
+    parent = v1_cgroup_dir(controller)
+    path = parent / f"edge-agent-live-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as error:  # a read-only cgroupfs (containers): no test cgroups here
+        pytest.skip(f"cannot create a cgroup under {parent}: {error}")
+    try:
+        yield path
+    finally:
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                # EBUSY while a task that was in it is still being reaped
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def start_in(
+    cgroup: Path | None, argv: list[str], env: Mapping[str, str], log: Path
+) -> subprocess.Popen[str]:
+    """`argv` as a child that enters `cgroup` before it execs, so that every page it
+    touches is charged there; its stderr (the agent's JSON log) goes to `log`."""
+    if cgroup is not None:
+        argv = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *argv]
+    with log.open("w") as err:
+        return subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+
+
+def end(process: subprocess.Popen[str], timeout: float = 15.0) -> None:
+    """Stop a child this test started (SIGTERM, then SIGKILL), by its PID."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            stream.close()
+
+
+def agent_argv(port: int, device: str, models: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        "--mqtt-port",
+        str(port),
+        "--device-id",
+        device,
+        "--models-dir",
+        str(models),
+        "--log-format",
+        "json",
+    ]
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class EventWatch:
+    """The agent's events, as published on `edge/<device>/events`."""
+
+    def __init__(self, probe: Probe, device: str) -> None:
+        self.probe = probe
+        self.topic = f"edge/{device}/events"
+        self.seen: list[dict[str, Any]] = []
+        probe.subscribe(self.topic)
+
+    def wait(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float, alive: Callable[[], bool]
+    ) -> dict[str, Any] | None:
+        """The first event (seen before or arriving within `timeout`) that `match`es;
+        None at the deadline or once `alive()` turns false."""
+        for event in self.seen:
+            if match(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and alive():
+            try:
+                msg = self.probe.messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg.topic != self.topic:
+                continue
+            event: dict[str, Any] = json.loads(msg.payload)
+            self.seen.append(event)
+            if match(event):
+                return event
+        return None
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.seen if e.get("event") == name]
+
+
+def swap_to(model: str, reason: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (
+        e.get("event") == "variant_swapped"
+        and e.get("model") == model
+        and e.get("reason") == reason
+    )
+
+
+def loaded(model: str, variant: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (
+        e.get("event") == "model_loaded" and e.get("model") == model and e.get("variant") == variant
+    )
+
+
+def with_metrics(folder: Path, metrics: Mapping[str, Mapping[str, float]], **extra: Any) -> None:
+    """Write each variant's measured figures (and manifest-level keys) into its manifest."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["variants"]:
+        entry["metrics"] = dict(metrics[entry["name"]])
+    manifest.update(extra)
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+# --- memory: a hog in the agent's memory cgroup -------------------------------------------------
+
+
+def memory_stat(cgroup: Path) -> dict[str, int]:
+    stat = {}
+    for line in (cgroup / "memory.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        stat[key] = int(value)
+    return stat
+
+
+def oom_kills(cgroup: Path) -> int:
+    """How many processes the kernel's OOM killer has killed in `cgroup` (v1 oom_control)."""
+    for line in (cgroup / "memory.oom_control").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
+
+
+HOG = """
+import sys, time
+first_mb, step_mb, cap_mb, pause_s = map(float, sys.argv[1:])
+held, total, end = [], 0.0, time.monotonic() + 60.0  # exits by itself within a minute
+while total < cap_mb and time.monotonic() < end:
+    size = first_mb if not held else step_mb
+    held.append(b"\\x01" * int(size * 1024 * 1024))  # written: every page is charged
+    total += size
+    print(total, flush=True)
+    time.sleep(pause_s)
+print("capped", flush=True)
+while time.monotonic() < end and sys.stdin.readline():
+    pass
+"""
+
+
+def hog_argv(first_mb: float, step_mb: float, cap_mb: float, pause_s: float) -> list[str]:
+    """A child that takes `first_mb` at once, then `step_mb` every `pause_s` up to `cap_mb`,
+    holds it until its stdin closes (a minute at most), and says "capped" on the way."""
+    return [sys.executable, "-c", HOG, *(str(v) for v in (first_mb, step_mb, cap_mb, pause_s))]
+
+
+HEAVY_HIDDEN, LIGHT_HIDDEN, LIGHTER_HIDDEN = 60_000, 5_000, 4_000
+
+
+def memory_ladder(root: Path) -> Path:
+    """memlad: a heavy rung of about 117 MB of fp32 weights and two light ones of about
+    10 and 8 MB, with manifest figures that say so."""
+    folder = root / "models" / "memlad"  # built in place: no copy of the heavy file
+    variants = [
+        ("heavy", onnx_models.wide_model(folder / "heavy.onnx", HEAVY_HIDDEN)),
+        ("light", onnx_models.wide_model(folder / "light.onnx", LIGHT_HIDDEN, seed=1)),
+        ("lighter", onnx_models.wide_model(folder / "lighter.onnx", LIGHTER_HIDDEN, seed=2)),
+    ]
+    onnx_models.ladder_folder(
+        folder,
+        variants,
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 256]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 256]}],
+    )
+    with_metrics(
+        folder,
+        {
+            "heavy": {"accuracy": 0.95, "latency_ms": 20.0, "peak_rss_mb": 130.0},
+            "light": {"accuracy": 0.93, "latency_ms": 2.0, "peak_rss_mb": 12.0},
+            "lighter": {"accuracy": 0.90, "latency_ms": 1.6, "peak_rss_mb": 10.0},
+        },
+    )
+    return root / "models"
+
+
+def test_a_hog_in_the_memory_cgroup_makes_the_agent_step_down_before_anything_is_killed(
+    broker: MosquittoBroker, probe: Probe, tmp_path: Path
+) -> None:
+    """With a hog growing in its v1 memory cgroup towards more than the limit leaves with the
+    heavy rung loaded, the agent swaps to a light rung (reason memory), the memory comes
+    back, and the kernel kills nobody: agent and hog both still run with the hog at its cap."""
+    models = memory_ladder(tmp_path)
+    with made_cgroup("memory") as cgroup:
+        device = f"mem-{uuid.uuid4().hex[:8]}"
+        events = EventWatch(probe, device)
+        env = {
+            **FAST_ADAPT,
+            "EDGE_AGENT_ADAPT__MEMORY_LOW_MB": "96",
+            "EDGE_AGENT_ADAPT__MEMORY_CALM_MB": "128",
+            "EDGE_AGENT_ADAPT__UP_AFTER_S": "600",  # no step back up within the test
+            "EDGE_AGENT_ADAPT__PROBE_INTERVAL_S": "600",
+            "EDGE_AGENT_ADAPT__OBJECTIVES__MEMLAD__SLO_P95_MS": "600000",  # memory only
+        }
+        agent_log = tmp_path / "agent.log"
+        agent = start_in(cgroup, agent_argv(broker.port, device, models), env, agent_log)
+        hog: subprocess.Popen[str] | None = None
+        try:
+            alive = lambda: agent.poll() is None  # noqa: E731  (a tiny predicate)
+            assert events.wait(loaded("memlad", "heavy"), 60, alive), tail(agent_log)
+            # The limit: what the agent holds now (its anonymous memory, the heavy rung in
+            # it) plus room that a hog fills well before its cap. Without a step down the
+            # hog's cap is more than the limit can hold; after one, it fits with room.
+            time.sleep(0.5)  # not an outcome: lets the load's freed pages settle
+            anon_mb = memory_stat(cgroup)["total_rss"] / MIB
+            limit_mb = int(anon_mb) + 224
+            (cgroup / "memory.limit_in_bytes").write_text(f"{limit_mb * MIB}\n")
+            kills_before = oom_kills(cgroup)
+            hog_log = tmp_path / "hog.log"
+            hog = start_in(
+                cgroup, hog_argv(first_mb=112, step_mb=4, cap_mb=244, pause_s=0.2), {}, hog_log
+            )
+            swapped = events.wait(swap_to("memlad", "memory"), 60, alive)
+            assert swapped is not None, f"no step down for memory\n{tail(agent_log)}"
+            assert swapped["from"] == "heavy" and swapped["to"] in ("light", "lighter")
+            assert hog.stdout is not None
+            for line in hog.stdout:  # bounded: the hog stops at its cap or after a minute
+                if line.strip() == "capped":
+                    break
+            time.sleep(1.0)  # not an outcome: the hog holds its cap a moment
+            assert hog.poll() is None, f"the hog died (rc {hog.returncode})\n{tail(hog_log)}"
+            assert agent.poll() is None, (
+                f"the agent died (rc {agent.returncode})\n{tail(agent_log)}"
+            )
+            assert oom_kills(cgroup) == kills_before
+            stat = memory_stat(cgroup)
+            assert stat["total_rss"] / MIB < limit_mb
+        finally:
+            if hog is not None:
+                end(hog)
+            end(agent)
