@@ -15,6 +15,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -22,12 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from agent.broker import MosquittoBroker
 from tests import onnx_models
 from tests.agent.test_monitor import v1_cgroup_dir
-from tests.conftest import Probe
+from tests.conftest import Probe, body
 
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -309,3 +312,161 @@ def test_a_hog_in_the_memory_cgroup_makes_the_agent_step_down_before_anything_is
             if hog is not None:
                 end(hog)
             end(agent)
+
+
+# --- CPU: a ladder whose rungs differ clearly in compute ---------------------------------------
+
+WIDTH = 512
+CPU_RUNGS = {"heavy": 200, "mid": 60, "light": 15}  # MatMul layers of a slow_model
+QUALITY = {"heavy": 0.95, "mid": 0.93, "light": 0.90}
+
+
+def measured_ms(path: Path, runs: int = 7) -> float:
+    """The fastest of a few batch-1 runs on one onnxruntime thread: the variant's compute
+    cost, as the compressor would measure it (other load only makes runs slower)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, WIDTH), dtype=np.float32)
+    session.run(None, {"x": x})
+    fastest = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest * 1000.0
+
+
+def cpu_ladder(root: Path, name: str) -> tuple[Path, dict[str, float]]:
+    """A model folder `name` of slow_model rungs (200, 60 and 15 layers), the latency of each
+    measured here and written into the manifest; returns the models dir and the latencies."""
+    folder = root / "models" / name
+    variants = [
+        (rung, onnx_models.slow_model(folder / f"{rung}.onnx", width=WIDTH, layers=layers))
+        for rung, layers in CPU_RUNGS.items()
+    ]
+    onnx_models.ladder_folder(
+        folder,
+        variants,
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, WIDTH]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, WIDTH]}],
+    )
+    latency = {rung: measured_ms(path) for rung, path in variants}
+    with_metrics(
+        folder,
+        {
+            rung: {"accuracy": QUALITY[rung], "latency_ms": round(ms, 3), "peak_rss_mb": 2.0}
+            for rung, ms in latency.items()
+        },
+    )
+    return root / "models", latency
+
+
+REQUEST = json.dumps(
+    {"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": [0.5] * WIDTH}]}
+)
+
+
+class Traffic:
+    """Clients sending requests one after another (each waits for its reply) until stopped;
+    counts what came back."""
+
+    def __init__(self, port: int, topic: str, clients: int = 1) -> None:
+        self._stop = threading.Event()
+        self.replies = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._probes = [Probe(port) for _ in range(clients)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(p, topic), daemon=True) for p in self._probes
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, probe: Probe, topic: str) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = probe.request(topic, REQUEST, timeout=60)
+            except AssertionError as exc:  # no reply within a minute
+                with self._lock:
+                    self.errors.append(str(exc))
+                return
+            with self._lock:
+                if "error" in body(reply):
+                    self.errors.append(body(reply)["error"])
+                self.replies += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(70)
+        for probe in self._probes:
+            probe.close()
+
+
+def adapt_view(probe: Probe, device: str) -> dict[str, Any]:
+    """The agent's answer on control/adapt."""
+    view: dict[str, Any] = body(probe.request(f"edge/{device}/control/adapt", "{}", timeout=30))
+    return view
+
+
+# Only the cgroup's throttling may say the CPU is contended: this machine's other load
+# (PSI, other processes' CPU) must not decide for it.
+THROTTLING_ONLY = {
+    "EDGE_AGENT_ADAPT__PSI_CPU_SOME": "100",
+    "EDGE_AGENT_ADAPT__CPU_BUSY_PERCENT": "100",
+    "EDGE_AGENT_ADAPT__THROTTLED_RATIO": "0.1",
+}
+
+
+def test_a_cpu_quota_is_noticed_through_throttling_and_a_model_missing_its_objective_steps_down(
+    broker: MosquittoBroker, probe: Probe, tmp_path: Path
+) -> None:
+    """Inside a v1 CPU cgroup limited to 0.1 cores and serving a steady stream of requests,
+    control/adapt shows the throttling and the board as CPU-contended, and a model whose p95
+    then exceeds its objective steps down (reason cpu)."""
+    models, latency = cpu_ladder(tmp_path, "cpulad")
+    # Met with room by the heavy rung on a whole core, missed on a tenth of one.
+    slo_ms = 5.0 * latency["heavy"]
+    with made_cgroup("cpu") as cgroup:
+        device = f"cpu-{uuid.uuid4().hex[:8]}"
+        events = EventWatch(probe, device)
+        env = {
+            **FAST_ADAPT,
+            **THROTTLING_ONLY,
+            "EDGE_AGENT_ADAPT__LATENCY_WINDOW_S": "3",
+            "EDGE_AGENT_ADAPT__UP_AFTER_S": "600",
+            "EDGE_AGENT_ADAPT__PROBE_INTERVAL_S": "600",  # requests, not probes, are judged
+            "EDGE_AGENT_ADAPT__OBJECTIVES__CPULAD__SLO_P95_MS": f"{slo_ms:.3f}",
+        }
+        agent_log = tmp_path / "agent.log"
+        agent = start_in(cgroup, agent_argv(broker.port, device, models), env, agent_log)
+        traffic: Traffic | None = None
+        try:
+            alive = lambda: agent.poll() is None  # noqa: E731  (a tiny predicate)
+            assert events.wait(loaded("cpulad", "heavy"), 60, alive), tail(agent_log)
+            # The quota comes after start-up (importing and loading on a tenth of a core
+            # would take long) and before any request: every p95 judged is under it.
+            (cgroup / "cpu.cfs_period_us").write_text("20000\n")
+            (cgroup / "cpu.cfs_quota_us").write_text("2000\n")
+            traffic = Traffic(broker.port, f"edge/{device}/infer/cpulad")
+            deadline = time.monotonic() + 60
+            board: dict[str, Any] = {}
+            while time.monotonic() < deadline and alive():
+                board = adapt_view(probe, device)["board"]
+                if board.get("cgroup_cpu_throttled_ratio") and board["cpu_contended"]:
+                    break
+                time.sleep(0.2)  # polling interval, not an outcome
+            assert board.get("cgroup_cpu_throttled_ratio", 0) > 0, board
+            assert board["cpu_contended"] is True, board
+            swapped = events.wait(swap_to("cpulad", "cpu"), 60, alive)
+            assert swapped is not None, f"no step down for cpu\n{tail(agent_log)}"
+            assert swapped["from"] == "heavy" and swapped["to"] in ("mid", "light")
+            assert swapped["figures"]["cgroup_cpu_throttled_ratio"] > 0
+            assert swapped["figures"]["observed_p95_ms"] > slo_ms
+            assert traffic.replies > 0
+        finally:
+            if traffic is not None:
+                traffic.stop()
+            end(agent)
+        assert not traffic.errors
