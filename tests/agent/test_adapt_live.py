@@ -10,6 +10,7 @@ under the runner's own cgroup; every cgroup and process made here is removed in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -321,7 +322,7 @@ CPU_RUNGS = {"heavy": 200, "mid": 60, "light": 15}  # MatMul layers of a slow_mo
 QUALITY = {"heavy": 0.95, "mid": 0.93, "light": 0.90}
 
 
-def measured_ms(path: Path, runs: int = 7) -> float:
+def measured_ms(path: Path, runs: int = 15) -> float:
     """The fastest of a few batch-1 runs on one onnxruntime thread: the variant's compute
     cost, as the compressor would measure it (other load only makes runs slower)."""
     options = ort.SessionOptions()
@@ -337,13 +338,16 @@ def measured_ms(path: Path, runs: int = 7) -> float:
     return fastest * 1000.0
 
 
-def cpu_ladder(root: Path, name: str) -> tuple[Path, dict[str, float]]:
-    """A model folder `name` of slow_model rungs (200, 60 and 15 layers), the latency of each
-    measured here and written into the manifest; returns the models dir and the latencies."""
+def cpu_ladder(
+    root: Path, name: str, rungs: Mapping[str, int] = CPU_RUNGS
+) -> tuple[Path, dict[str, float]]:
+    """A model folder `name` of slow_model rungs (`rungs`: name -> layers, richest first),
+    the latency of each measured here and written into the manifest; returns the models
+    dir and the latencies."""
     folder = root / "models" / name
     variants = [
         (rung, onnx_models.slow_model(folder / f"{rung}.onnx", width=WIDTH, layers=layers))
-        for rung, layers in CPU_RUNGS.items()
+        for rung, layers in rungs.items()
     ]
     onnx_models.ladder_folder(
         folder,
@@ -410,6 +414,20 @@ def adapt_view(probe: Probe, device: str) -> dict[str, Any]:
     return view
 
 
+def explain(probe: Probe, device: str, model: str) -> str:
+    """What the policy says of `model` now, for a failure message."""
+    try:
+        view = adapt_view(probe, device)["models"][model]
+    except (AssertionError, KeyError) as exc:
+        return f"(no adapt view: {exc})"
+    figures = view["figures"]
+    return (
+        f"{view['active']} -> {view['desired']} ({view['reason']}): {view['explanation']}; "
+        f"observed p95 {figures.get('observed_p95_ms')} ms over "
+        f"{figures.get('observed_count')} runs; predicted {view['predicted_p95_ms']}"
+    )
+
+
 # Only the cgroup's throttling may say the CPU is contended: this machine's other load
 # (PSI, other processes' CPU) must not decide for it.
 THROTTLING_ONLY = {
@@ -470,3 +488,114 @@ def test_a_cpu_quota_is_noticed_through_throttling_and_a_model_missing_its_objec
                 traffic.stop()
             end(agent)
         assert not traffic.errors
+
+
+# --- CPU: busy loops beside the agent, no cgroup -----------------------------------------------
+
+BUSY_RUNGS = {"heavy": 600, "mid": 300, "light": 150}  # each rung half the compute of the last
+BUSY_LOOP = """
+import time
+end = time.monotonic() + 60.0  # exits by itself within a minute
+while time.monotonic() < end:
+    pass
+"""
+
+
+@contextmanager
+def busy_loops(count: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` processes spinning on the CPU (one per core), each ending by itself within a
+    minute; killed by PID on the way out."""
+    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+    try:
+        yield loops
+    finally:
+        for loop in loops:
+            if loop.poll() is None:
+                loop.kill()
+            loop.wait(10)
+
+
+def probed_p95_ms(path: Path, runs: int = 30, gap_s: float = 0.05) -> float:
+    """The p95 of batch-1 runs spaced like the agent's probes of an idle model, in this
+    process: what the agent will observe under the same load."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, WIDTH), dtype=np.float32)
+    session.run(None, {"x": x})
+    took = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        took.append((time.perf_counter() - start) * 1000.0)
+        time.sleep(gap_s)  # spacing between runs, as the agent's probes are spaced
+    return float(np.percentile(took, 95))
+
+
+def test_two_busy_loops_step_a_model_down_and_it_steps_back_up_after_they_stop(
+    broker: MosquittoBroker, probe: Probe, tmp_path: Path
+) -> None:
+    """Two busy loops on both cores push an idle model's probed p95 over its objective and
+    the agent steps it down (reason cpu or latency) within seconds; after they stop it
+    steps back up (reason calm)."""
+    models, _latency = cpu_ladder(tmp_path, "busylad", BUSY_RUNGS)
+    heavy = models / "busylad" / "heavy.onnx"
+    # The objective sits between the heavy rung's p95 on this machine as it is and with
+    # the two loops running, both measured here and now (other load on the machine moves
+    # both; a fixed figure would not fit every machine).
+    calm_ms = probed_p95_ms(heavy)
+    with busy_loops():
+        busy_ms = probed_p95_ms(heavy)
+    if busy_ms < 1.8 * calm_ms:
+        pytest.skip(
+            f"two busy loops do not stand out of this machine's other load: heavy p95 "
+            f"{calm_ms:.1f} ms without them, {busy_ms:.1f} ms with them"
+        )
+    slo_ms = math.sqrt(calm_ms * busy_ms)
+    device = f"busy-{uuid.uuid4().hex[:8]}"
+    events = EventWatch(probe, device)
+    env = {
+        **FAST_ADAPT,
+        **THROTTLING_ONLY,  # the loops are judged by the latency they cause, not by PSI
+        "EDGE_AGENT_ADAPT__INTERVAL_S": "0.1",
+        "EDGE_AGENT_ADAPT__PROBE_INTERVAL_S": "0.1",
+        "EDGE_AGENT_ADAPT__LATENCY_WINDOW_S": "3",
+        "EDGE_AGENT_ADAPT__UP_AFTER_S": "2",
+        "EDGE_AGENT_ADAPT__COOLDOWN_S": "2",
+        "EDGE_AGENT_ADAPT__UP_MARGIN": "0.9",
+        "EDGE_AGENT_ADAPT__OBJECTIVES__BUSYLAD__SLO_P95_MS": f"{slo_ms:.3f}",
+    }
+    agent_log = tmp_path / "agent.log"
+    agent = start_in(None, agent_argv(broker.port, device, models), env, agent_log)
+    try:
+        alive = lambda: agent.poll() is None  # noqa: E731  (a tiny predicate)
+        assert events.wait(loaded("busylad", "heavy"), 60, alive), tail(agent_log)
+        with busy_loops():
+            started = time.monotonic()
+            down = events.wait(stepped_down("busylad"), 30, alive)
+            took_s = time.monotonic() - started
+        assert down is not None, (
+            f"no step down within 30 s (objective {slo_ms:.1f} ms, heavy p95 measured "
+            f"{calm_ms:.1f} ms calm, {busy_ms:.1f} ms busy): "
+            f"{explain(probe, device, 'busylad')}\n{tail(agent_log)}"
+        )
+        assert down["from"] == "heavy" and down["to"] in ("mid", "light")
+        assert down["figures"]["observed_p95_ms"] > slo_ms
+        up = events.wait(swap_to("busylad", "calm"), 60, alive)
+        assert up is not None, (
+            f"no step back up within 60 s (objective {slo_ms:.1f} ms, heavy p95 measured "
+            f"{calm_ms:.1f} ms calm): {explain(probe, device, 'busylad')}\n{tail(agent_log)}"
+        )
+        assert BUSY_RUNGS[up["to"]] > BUSY_RUNGS[up["from"]]
+        assert took_s < 30
+    finally:
+        end(agent)
+
+
+def stepped_down(model: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (
+        e.get("event") == "variant_swapped"
+        and e.get("model") == model
+        and e.get("reason") in ("cpu", "latency")
+    )
