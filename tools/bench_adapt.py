@@ -1049,7 +1049,7 @@ def _capacities(
     seconds = max(1.0, 5.0 * args.scale)
     for rung in ladder.rungs:
         client.control(agent.device, "pin", {"model": ladder.name, "variant": rung.name})
-        for _ in range(20):  # warm the path up
+        for _ in range(10):  # warm the path up
             client.answers(agent.device)
         capacity[rung.name] = client.capacity(agent.device, args.in_flight, seconds)
         log.info(
@@ -1137,7 +1137,12 @@ def _pinned_names(ladder: Ladder, wanted: str | None) -> list[str]:
     if wanted == "all" or (wanted is None and len(names) <= 4):
         return names
     if wanted is not None:
-        chosen = [n.strip() for n in wanted.split(",") if n.strip()]
+        # Names, or positions in the ladder (0 is the richest).
+        chosen = [
+            names[int(n)] if n.isdigit() and int(n) < len(names) else n
+            for n in (part.strip() for part in wanted.split(","))
+            if n
+        ]
         unknown = [n for n in chosen if n not in names]
         if unknown:
             raise SystemExit(f"no such variant(s) in {ladder.name}: {unknown}; have {names}")
@@ -1279,12 +1284,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--in-flight", type=int, default=4, help="requests in flight when measuring capacity"
     )
     parser.add_argument(
-        "--pinned", help="variants to pin, comma-separated, or 'all' (default: all up to 4)"
+        "--pinned",
+        help="variants to pin, comma-separated names or ladder positions (0: the richest), "
+        "or 'all' (default: all, or 4 spread over the costs of a longer ladder)",
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="scenario rounds, order reversed every other"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--save", type=Path, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 10 or args.rounds < 1 or args.in_flight < 1:
         parser.error("--scale in (0, 10], --rounds and --in-flight at least 1")
@@ -1295,6 +1303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("info", "console")
     report = run_bench(args)
+    if args.save is not None:
+        args.save.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
     return 0
 
