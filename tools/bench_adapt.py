@@ -177,7 +177,10 @@ def build_synthetic(folder: Path, rungs: int, richest_ms: float, threads: int) -
     # machine only makes a run longer, and comes and goes; the policy reads the ratios
     # between the variants' figures, which this keeps best.
     fastest = [math.inf] * len(loaded)
-    for _ in range(7):
+    began = time.monotonic()
+    for round_number in range(40):
+        if round_number >= 9 and time.monotonic() - began > 4.0:
+            break
         for index, (_, variant) in enumerate(loaded):
             repeat = max(3, min(50, round(100.0 / max(0.1, richest_ms * shares[index]))))
             fastest[index] = min(fastest[index], once(variant, repeat))
@@ -547,6 +550,34 @@ class BusyLoops:
 # --- One run: the scenario against one agent ---
 
 
+class PolicyWatch:
+    """Asks the adaptive agent for its policy's view (control/adapt) every `interval_s`
+    while the scenario runs: why it moved, or why it did not."""
+
+    def __init__(self, client: Client, device: str, model: str, interval_s: float) -> None:
+        self.samples: list[tuple[float, dict[str, Any]]] = []
+        self._stop = threading.Event()
+
+        def watch() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    view = client.control(device, "adapt", {"model": model})
+                except (RequesterError, RuntimeError):
+                    continue  # a busy moment: the next sample will do
+                body = view.get("models", {}).get(model)
+                if body is not None:
+                    body["board"] = view.get("board", {})
+                    self.samples.append((time.monotonic(), body))
+
+        self._thread = threading.Thread(target=watch, name="policy-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[tuple[float, dict[str, Any]]]:
+        self._stop.set()
+        self._thread.join(70)
+        return self.samples
+
+
 @dataclass
 class Run:
     """What one agent did over the scenario."""
@@ -559,6 +590,10 @@ class Run:
     """(when the new variant took over, the event), fleet events when received."""
     expired_ids: set[int]
     first_variant: str | None
+    policy: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    """control/adapt samples of the adaptive agent: (when, its view of the model)."""
+    load: tuple[float, float] = (0.0, 0.0)
+    """1-minute load average at the run's start and end."""
 
 
 def play(
@@ -601,11 +636,18 @@ def play(
             left_s=round(clock.left(phases[number:]) - in_phase_s),
         )
 
+    load_start = os.getloadavg()[0]
+    watch = (
+        PolicyWatch(client, agent.device, client.model, max(1.0, min(5.0, phases[0].seconds)))
+        if agent.adaptive
+        else None
+    )
     try:
         ledger, starts = client.open_loop(agent.device, phases, expiry_s, on_phase, progress)
     finally:
         while active:
             active.pop().stop()
+        samples = watch.stop() if watch is not None else []
     expired = set()
     for entry in agent.log_events("request_expired"):
         rid = str(entry.get("id", ""))
@@ -615,7 +657,17 @@ def play(
         (_took_over(at, e), e)
         for at, e in events.swaps(starts[0], starts[-1] + expiry_s + REPLY_GRACE_S)
     ]
-    return Run(label, agent.device, ledger, starts, swaps, expired, None)
+    return Run(
+        label,
+        agent.device,
+        ledger,
+        starts,
+        swaps,
+        expired,
+        None,
+        samples,
+        (load_start, os.getloadavg()[0]),
+    )
 
 
 def _took_over(received: float, event: dict[str, Any]) -> float:
@@ -725,11 +777,30 @@ def whole_figures(run: Run, ladder: Ladder) -> dict[str, Any]:
     effective = sum(
         ladder.quality(ledger.variant[i]) for i, f in enumerate(fates) if f == "on-time"
     )
+    answered = [
+        (ledger.replied[i] - ledger.sent[i]) * 1000.0
+        for i in range(len(fates))
+        if not math.isnan(ledger.replied[i]) and ledger.error[i] is None
+    ]
     return {
         "sent": len(fates),
         **{k: fates.count(k) for k in _FATES},
+        "p50_ms": _r(_pct(answered, 50)),
+        "p95_ms": _r(_pct(answered, 95)),
+        "p99_ms": _r(_pct(answered, 99)),
         "effective_accuracy": round(effective / len(fates), 4) if fates else None,
+        "errors": _error_kinds(ledger.error),
     }
+
+
+def _error_kinds(errors: Sequence[str | None]) -> dict[str, int]:
+    """The error replies by message, numbers blanked out so that alike ones add up."""
+    kinds: dict[str, int] = {}
+    for error in errors:
+        if error is not None:
+            kind = "".join("#" if c.isdigit() else c for c in error)[:80]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def swap_list(run: Run) -> list[dict[str, Any]]:
@@ -780,6 +851,20 @@ def reactions(run: Run, ladder: Ladder, phases: Sequence[Phase]) -> dict[str, An
             entry["step_up_s"] = round(up[0][0] - start, 2) if up else None
             back = [at for at, e in up if e.get("to") == ladder.rungs[0].name]
             entry["back_to_richest_s"] = round(back[0] - start, 2) if back else None
+        said = [body for at, body in run.policy if start <= at < end]
+        if said:
+            last = said[-1]
+            board = last.get("board", {})
+            entry["policy_at_end"] = {
+                "desired": last.get("desired"),
+                "reason": last.get("reason"),
+                "explanation": last.get("explanation"),
+                "cpu_contended": board.get("cpu_contended"),
+                "others_cpu_percent": board.get("others_cpu_percent"),
+                "psi_cpu_some_avg10": board.get("psi_cpu_some_avg10"),
+            }
+            contended = [b.get("board", {}).get("cpu_contended") for b in said]
+            entry["cpu_contended_share"] = round(sum(1 for c in contended if c) / len(contended), 2)
         # What served at the phase's start: the last swap before it, else the first reply.
         before = [e for at, e in run.swaps if at < start and e.get("event") == "variant_swapped"]
         entry["active_at_start"] = before[-1].get("to") if before else run.first_variant
@@ -1082,6 +1167,7 @@ def _report(
             run.label: {
                 "phases": phase_figures(run, ladder, phases),
                 "whole": whole_figures(run, ladder),
+                "load": [round(v, 2) for v in run.load],
             }
             for run in (adaptive, *pinned.values())
         }
@@ -1192,58 +1278,85 @@ def render(report: dict[str, Any]) -> str:
     ]
     for number, round_ in enumerate(report["rounds"]):
         lines += ["", f"round {number + 1}" if len(report["rounds"]) > 1 else ""]
-        header = (
-            f"{'run':18} {'phase':11} {'sent':>6} {'on-time':>7} {'late':>6} {'expd':>5} "
-            f"{'lost':>5} {'fail':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'swaps':>5} "
-            f"{'eff.acc':>7}  served"
-        )
-        lines.append(header)
-        for label, body in round_["table"].items():
-            for row in [*body["phases"], {"phase": "whole", **body["whole"]}]:
-                lines.append(
-                    f"{label:18} {row['phase']:11} {row['sent']:6d} {row['on-time']:7d} "
-                    f"{row['late']:6d} {row['expired']:5d} {row['lost']:5d} {row['failed']:5d} "
-                    f"{_f(row.get('p50_ms'))} {_f(row.get('p95_ms'))} {_f(row.get('p99_ms'))} "
-                    f"{_i(row.get('swaps'))} {_a(row['effective_accuracy'])}  "
-                    + ", ".join(f"{k} {v}" for k, v in (row.get("served") or {}).items())
-                )
-        lines += ["", "adaptive agent's reactions:"]
-        for name, entry in round_["reactions"].items():
-            parts = [f"at start {entry['active_at_start']}", f"{entry['swaps']} swap(s)"]
-            if "step_down_s" in entry:
-                parts.append(
-                    f"step-down to {entry['step_down_to']} serving after {entry['step_down_s']} s"
-                    f" (began after {entry['step_down_began_s']} s)"
-                    if entry["step_down_s"] is not None
-                    else "no step-down"
-                )
-            else:
-                parts.append(
-                    f"step-up after {entry['step_up_s']} s"
-                    if entry["step_up_s"] is not None
-                    else "no step-up"
-                )
-                if entry["back_to_richest_s"] is not None:
-                    parts.append(f"back to the richest after {entry['back_to_richest_s']} s")
-            lines.append(f"  {name:11} " + "; ".join(parts))
-        lines.append("swaps:")
-        for s in round_["swaps"]:
-            if s["event"] != "variant_swapped":
-                lines.append(f"  t={s['t_s']:7.2f} s  {s['event']}: {s['reason']}")
-                continue
-            lines.append(
-                f"  t={s['t_s']:7.2f} s (began {s['began_t_s']:.2f})  {s['from']} -> {s['to']} "
-                f"({s['reason']}, "
-                f"{s['mode']}, load {s['load_ms']} ms, drain {s['drain_ms']} ms, gap "
-                f"{s['gap_ms']} ms): {s['explanation']}"
-            )
-        if not round_["swaps"]:
-            lines.append("  none")
-        lines += ["", "targets (issue 7):"]
-        for t in round_["targets"]:
-            verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-            lines.append(f"  [{verdict:6}] {t['target']}: {t['figures']}")
+        lines += _render_round(round_)
     return "\n".join(lines)
+
+
+def _render_round(round_: dict[str, Any]) -> list[str]:
+    """One round: the table, the adaptive agent's reactions and swaps, the targets."""
+    lines: list[str] = []
+    header = (
+        f"{'run':18} {'phase':11} {'sent':>6} {'on-time':>7} {'late':>6} {'expd':>5} "
+        f"{'lost':>5} {'fail':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'swaps':>5} "
+        f"{'eff.acc':>7}  served"
+    )
+    lines.append(header)
+    for label, body in round_["table"].items():
+        if body.get("load") is not None:
+            a, b = body["load"]
+            lines.append(f"{label:18} (load average {a:.1f} at its start, {b:.1f} at its end)")
+        for row in [*body["phases"], {"phase": "whole", **body["whole"]}]:
+            lines.append(
+                f"{label:18} {row['phase']:11} {row['sent']:6d} {row['on-time']:7d} "
+                f"{row['late']:6d} {row['expired']:5d} {row['lost']:5d} {row['failed']:5d} "
+                f"{_f(row.get('p50_ms'))} {_f(row.get('p95_ms'))} {_f(row.get('p99_ms'))} "
+                f"{_i(row.get('swaps'))} {_a(row['effective_accuracy'])}  "
+                + ", ".join(f"{k} {v}" for k, v in (row.get("served") or {}).items())
+            )
+    for label, body in round_["table"].items():
+        for kind, count in body["whole"]["errors"].items():
+            lines.append(f"{label:18} {count} error replies: {kind}")
+    lines += ["", "adaptive agent's reactions:"]
+    for name, entry in round_["reactions"].items():
+        lines += _render_reaction(name, entry)
+    lines.append("swaps:")
+    for s in round_["swaps"]:
+        if s["event"] != "variant_swapped":
+            lines.append(f"  t={s['t_s']:7.2f} s  {s['event']}: {s['reason']}")
+            continue
+        lines.append(
+            f"  t={s['t_s']:7.2f} s (began {s['began_t_s']:.2f})  {s['from']} -> {s['to']} "
+            f"({s['reason']}, "
+            f"{s['mode']}, load {s['load_ms']} ms, drain {s['drain_ms']} ms, gap "
+            f"{s['gap_ms']} ms): {s['explanation']}"
+        )
+    if not round_["swaps"]:
+        lines.append("  none")
+    lines += ["", "targets (issue 7):"]
+    for t in round_["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        lines.append(f"  [{verdict:6}] {t['target']}: {t['figures']}")
+    return lines
+
+
+def _render_reaction(name: str, entry: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    parts = [f"at start {entry['active_at_start']}", f"{entry['swaps']} swap(s)"]
+    if "step_down_s" in entry:
+        parts.append(
+            f"step-down to {entry['step_down_to']} serving after {entry['step_down_s']} s"
+            f" (began after {entry['step_down_began_s']} s)"
+            if entry["step_down_s"] is not None
+            else "no step-down"
+        )
+    else:
+        parts.append(
+            f"step-up after {entry['step_up_s']} s"
+            if entry["step_up_s"] is not None
+            else "no step-up"
+        )
+        if entry["back_to_richest_s"] is not None:
+            parts.append(f"back to the richest after {entry['back_to_richest_s']} s")
+    lines.append(f"  {name:11} " + "; ".join(parts))
+    said = entry.get("policy_at_end")
+    if said is not None:
+        lines.append(
+            f"  {'':11} policy at the end: {said['reason']}: {said['explanation']} "
+            f"(CPU contended in {100 * entry['cpu_contended_share']:.0f}% of the "
+            f"samples; others' CPU {said['others_cpu_percent']}%, PSI cpu some "
+            f"{said['psi_cpu_some_avg10']})"
+        )
+    return lines
 
 
 def _f(value: float | None) -> str:
