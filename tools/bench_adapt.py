@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import structlog
 
+from agent.adapt.monitor import usable_cpus
 from agent.adapt.policy import RungView, objective
 from agent.broker import MosquittoBroker, free_port
-from agent.config import AgentConfig, MqttConfig, load_config, usable_cpus
+from agent.config import AgentConfig, MqttConfig, load_config
 from agent.datatypes import NUMPY_DTYPES
 from agent.logs import configure_logging
 from agent.manifest import MANIFEST_FILE, Manifest, read_manifest
