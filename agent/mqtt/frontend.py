@@ -27,31 +27,26 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.batching import Completed, Outcome
 from agent.config import MqttConfig
 from agent.control import ControlCommands
-from agent.errors import (
-    EdgeAgentError,
-    InferenceError,
-    InvalidRequest,
-    PayloadTooLarge,
-    RequestExpired,
-)
+from agent.dataplane import DataPlane, DecodeBacklog, Response, error_response, overloaded
+from agent.errors import EdgeAgentError, InvalidRequest
 from agent.events import Events
 from agent.models import ModelManager
 from agent.mqtt.connection import (
+    MQTT_MAX_PACKET,
     ReplyProperties,
     build_client,
     connect_properties,
     is_v5,
+    publish_overhead,
+    topic_problem,
 )
 from agent.protocol import (
     HEADER_LENGTH_PROPERTY,
-    InferenceRequest,
     RequestError,
-    decode_request,
-    encode_error,
-    encode_response,
+    load_json,
+    peek_reply_fields,
 )
 
 log = structlog.get_logger(__name__)
@@ -95,11 +90,22 @@ class MqttFrontend:
         self._control_prefix = f"{root}/control/"
         self._connected = threading.Event()
         self._commands = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
+        self._pending_commands = 0  # queued or running; bounded by max_pending_commands
+        self._pending_lock = threading.Lock()
+        self._plane = DataPlane(manager, config.max_payload_bytes)
+        self._decoder = DecodeBacklog(config.decode_workers, config.decode_backlog_bytes)
+        # The broker's Maximum Packet Size (MQTT 5 CONNACK), else the configured one.
+        self._max_packet = min(config.max_packet_bytes, MQTT_MAX_PACKET)
+        # Connections the broker dropped within seconds: a reply paho resends on every
+        # reconnect may be what it refuses (see _on_connect).
+        self._connected_at = 0.0
+        self._short_sessions = 0
         self._subscribe_mid: int | None = None
         self._session_present = False
         self._accepting = True
         self._stopping = False
         self._last_loop = time.monotonic()
+        self._disconnected_at = 0.0
         self._client = build_client(config, config.effective_client_id, password)
         self._v5 = is_v5(self._client)
         self._client.will_set(self.status_topic, self._state_payload("offline"), qos=1, retain=True)
@@ -113,6 +119,10 @@ class MqttFrontend:
         self._refusals = 0
         self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
+
+    @property
+    def plane(self) -> DataPlane:
+        return self._plane
 
     @property
     def connected(self) -> bool:
@@ -164,6 +174,7 @@ class MqttFrontend:
         self._stopping = True
         # A command under way (a pin loading a model) finishes and answers first.
         self._commands.shutdown(wait=True, cancel_futures=True)
+        self._decoder.close(timeout)
         if self.connected:
             info = self._client.publish(
                 self.status_topic, self._state_payload("stopped"), qos=1, retain=True
@@ -221,6 +232,13 @@ class MqttFrontend:
             return
         self._refusals = 0
         self.broker_state = "connected"
+        self._max_packet = min(self._config.max_packet_bytes, MQTT_MAX_PACKET)
+        if _properties is not None:
+            announced = vars(_properties).get("MaximumPacketSize")
+            if isinstance(announced, int) and announced > 0:
+                self._max_packet = min(self._max_packet, announced)
+        self._guard_against_poison(client)
+        self._connected_at = time.monotonic()
         qos = self._config.qos
         topics: list[tuple[str, Any]] = [
             (topic, SubscribeOptions(qos=qos) if self._v5 else qos) for topic in self.subscriptions
@@ -232,6 +250,28 @@ class MqttFrontend:
         # Ready only once the broker has acknowledged the subscriptions: a request sent
         # before that would find nobody subscribed.
         _, self._subscribe_mid = client.subscribe(topics)
+
+    def _guard_against_poison(self, client: mqtt.Client) -> None:
+        """Drop unacknowledged publications after repeated short-lived connections.
+
+        paho resends every unacknowledged QoS 1 publication on reconnect; one the broker
+        refuses (it disconnects the client) would take the agent offline forever. Replies
+        are checked before they are published, so this is the last line of defence.
+        """
+        if not self._connected_at:
+            return
+        lasted = self._disconnected_at - self._connected_at
+        self._short_sessions = self._short_sessions + 1 if 0 <= lasted < 3.0 else 0
+        if self._short_sessions >= 2:
+            dropped = client.drop_out_messages()
+            self._short_sessions = 0
+            if dropped:
+                log.warning(
+                    "unsent_publications_dropped",
+                    count=len(dropped),
+                    topics=sorted({m.topic for m in dropped})[:5],
+                    reason="the broker dropped the connection twice within 3 s of connecting",
+                )
 
     def _on_subscribe(
         self,
@@ -269,6 +309,7 @@ class MqttFrontend:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._disconnected_at = time.monotonic()
         if was_connected and not self._stopping:
             self.broker_state = f"disconnected: {reason}; reconnecting"
         self._events.attach(None)
@@ -289,154 +330,191 @@ class MqttFrontend:
             elif topic.startswith(self._control_prefix):
                 self._command(topic[len(self._control_prefix) :], msg)
             else:
-                log.warning("unexpected_topic", topic=topic)
+                log.warning("unexpected_topic", topic=topic[:200])
         except Exception:  # one bad message must never stop the network loop
-            log.exception("message_handler_failed", topic=topic)
+            log.exception("message_handler_failed", topic=topic[:200])
+
+    # --- Inference: decoded here when small, by the decode workers when large ---
 
     def _infer(self, model: str, msg: mqtt.MQTTMessage, received: float) -> None:
         props = _properties(msg)
+        payload = msg.payload
+        if len(payload) <= self._config.inline_decode_bytes:
+            self._serve(model, payload, props, msg.qos, received)
+            return
+        if not self._decoder.offer(
+            len(payload), lambda: self._serve(model, payload, props, msg.qos, received)
+        ):
+            # Behind: answer now, from what can be read without parsing the request.
+            request_id, reply_to = (None, None)
+            if props.get("ResponseTopic") is None:
+                request_id, reply_to = peek_reply_fields(payload)
+            address = self._address(
+                props.get("ResponseTopic") or reply_to, props.get("CorrelationData"), msg.qos
+            )
+            self._fail(address, model, request_id, overloaded("decoding requests"))
+
+    def _serve(
+        self,
+        model: str,
+        payload: bytes | bytearray,
+        props: dict[str, Any],
+        qos: int,
+        received: float,
+    ) -> None:
+        """Decode, check and submit one request; every failure is answered if it can be."""
         response_topic: str | None = props.get("ResponseTopic")
         correlation: bytes | None = props.get("CorrelationData")
-        expiry: int | None = props.get("MessageExpiryInterval")
-        qos = msg.qos
-        payload = msg.payload
-        if len(payload) > self._config.max_payload_bytes:
-            self._fail(
-                self._address(response_topic, correlation, qos),
-                model,
-                None,
-                PayloadTooLarge(
-                    f"payload of {len(payload)} bytes exceeds the limit of "
-                    f"{self._config.max_payload_bytes}"
-                ),
-            )
-            return
+        address = self._address(response_topic, correlation, qos) if response_topic else None
+        request_id: str | int | None = None
         try:
-            request = decode_request(payload, _header_length(props.get("UserProperty", ())))
-        except RequestError as exc:
-            address = self._address(response_topic or exc.reply_to, correlation, qos)
-            self._fail(address, model, exc.request_id, exc)
-            return
-        address = self._address(response_topic or request.reply_to, correlation, qos)
-        if address is None:
-            log.warning("request_without_reply_address", model=model, id=request.id)
-            return
-        deadline = received + expiry if expiry is not None else None
-        try:
-            self._manager.submit(
-                model, request, self._replier(address, model, request, received), deadline
-            )
-        except EdgeAgentError as exc:
-            self._fail(address, model, request.id, exc)
-
-    def _replier(
-        self, address: ReplyAddress, model: str, request: InferenceRequest, received: float
-    ) -> Callable[[Outcome], None]:
-        binary = {o.name: o.binary for o in request.outputs or ()}
-        default_binary = request.binary_output
-
-        def reply(outcome: Outcome) -> None:
-            if isinstance(outcome, RequestExpired):
-                log.info("request_expired", model=model, id=request.id, topic=address.topic)
-                return
-            if not isinstance(outcome, Completed):
-                self._fail(address, model, request.id, outcome)
-                return
-            parameters = {
-                "queue_ms": round(outcome.queue_ms, 3),
-                "inference_ms": round(outcome.infer_ms, 3),
-                "total_ms": round((time.monotonic() - received) * 1000.0, 3),
-                "batch_size": outcome.batch_size,
-            }
-            tensors = [
-                (name, array, binary.get(name, default_binary))
-                for name, array in outcome.outputs.items()
-            ]
             try:
-                payload, header_length = encode_response(
-                    model, outcome.variant, request.id, tensors, parameters
-                )
-            except (ValueError, TypeError) as exc:
-                error = InferenceError(f"cannot encode the outputs: {exc}")
-                self._fail(address, model, request.id, error)
+                header_length = _header_length(props.get("UserProperty", ()))
+                request = self._plane.decode(payload, header_length)
+            except RequestError as exc:
+                if address is None and exc.reply_to:
+                    address = self._address(exc.reply_to, correlation, qos)
+                self._fail(address, model, exc.request_id, exc)
                 return
-            self._send(address, payload, header_length)
+            request_id = request.id
+            if address is None and request.reply_to:
+                address = self._address(request.reply_to, correlation, qos)
+            if address is None:
+                log.warning("request_without_reply_address", model=model, id=request.id)
+                return
+            expiry: int | None = props.get("MessageExpiryInterval")
+            self._plane.infer(
+                model,
+                request,
+                self._responder(address, model),
+                deadline=received + expiry if expiry is not None else None,
+                reply_limit=self._payload_limit(address),
+                received=received,
+            )
+        except Exception as exc:  # whatever failed, a known address gets an answer
+            if not isinstance(exc, EdgeAgentError):
+                log.exception("request_handler_failed", model=model[:200])
+            self._fail(address, model, request_id, exc)
 
-        return reply
+    def _responder(self, address: ReplyAddress, model: str) -> Callable[[Response], None]:
+        def respond(response: Response) -> None:
+            if response.code != 200:
+                log.warning(
+                    "request_failed", model=model, code=response.code, reply_topic=address.topic
+                )
+            self._send(address, response.payload, response.header_length)
+
+        return respond
+
+    # --- Control commands: their own thread, a bounded backlog ---
 
     def _command(self, command: str, msg: mqtt.MQTTMessage) -> None:
         props = _properties(msg)
         response_topic: str | None = props.get("ResponseTopic")
         correlation: bytes | None = props.get("CorrelationData")
-        reply_to: str | None = None
+        label = f"control/{command[:200]}"
+        address = self._address(response_topic, correlation, msg.qos) if response_topic else None
         try:
-            body = json.loads(msg.payload) if msg.payload.strip() else {}
+            body = load_json(msg.payload) if msg.payload.strip() else {}
             if not isinstance(body, dict):
                 raise InvalidRequest("a control request body must be a JSON object")
-        except (ValueError, EdgeAgentError) as exc:
-            error = (
-                exc if isinstance(exc, EdgeAgentError) else InvalidRequest(f"malformed JSON: {exc}")
-            )
-            address = self._address(response_topic, correlation, msg.qos)
-            self._fail(address, f"control/{command}", None, error)
+        except Exception as exc:  # malformed, too deep, not UTF-8: all answered
+            self._fail(address, label, None, exc)
             return
-        if isinstance(body.get("reply_to"), str):
-            reply_to = body.pop("reply_to")
-        address = self._address(response_topic or reply_to, correlation, msg.qos)
+        reply_to = body.pop("reply_to", None)
+        if address is None and isinstance(reply_to, str):
+            address = self._address(reply_to, correlation, msg.qos)
+        with self._pending_lock:
+            full = self._pending_commands >= self._config.max_pending_commands
+            if not full:
+                self._pending_commands += 1
+        if full:
+            self._fail(address, label, None, overloaded("control commands"))
+            return
         # A command may load a model (a pin): that must not stall the network loop. One
         # thread runs them in the order they came.
-        self._commands.submit(self._run_command, command, body, address)
+        try:
+            self._commands.submit(self._run_command, command, body, address)
+        except RuntimeError:  # stopping: the executor takes no more work
+            with self._pending_lock:
+                self._pending_commands -= 1
+            self._fail(address, label, None, overloaded("control commands (stopping)"))
 
     def _run_command(
         self, command: str, body: dict[str, Any], address: ReplyAddress | None
     ) -> None:
+        label = f"control/{command[:200]}"
         try:
             result = self._control.handle(command, body)
-        except EdgeAgentError as exc:
-            self._fail(address, f"control/{command}", None, exc)
-            return
+            payload = _json(result)
         except Exception as exc:  # a bug in a command still gets its caller an answer
-            log.exception("control_command_failed", command=command)
-            self._fail(address, f"control/{command}", None, EdgeAgentError(repr(exc)))
+            if not isinstance(exc, EdgeAgentError):
+                log.exception("control_command_failed", command=command[:200])
+            self._fail(address, label, None, exc)
             return
+        finally:
+            with self._pending_lock:
+                self._pending_commands -= 1
         log.info("control_command", command=command)
         if address is not None:
-            self._send(address, _json(result), None)
+            self._send(address, payload, None)
+
+    # --- Replies ---
 
     def _address(
         self, topic: str | None, correlation: bytes | None, qos: int
     ) -> ReplyAddress | None:
+        """Where to reply, or None when `topic` is not one the agent may publish to."""
         if not topic:
             return None
-        if "+" in topic or "#" in topic or topic.startswith("$"):
-            log.warning("reply_topic_refused", topic=topic, reason="wildcard or $ topic")
+        problem = topic_problem(topic)
+        if problem is not None:
+            log.warning("reply_topic_refused", topic=ascii(topic[:200]), reason=problem)
             return None
         return ReplyAddress(topic, correlation, qos)
+
+    def _payload_limit(self, address: ReplyAddress) -> int:
+        """The largest reply payload the broker accepts on `address`."""
+        return self._max_packet - publish_overhead(address.topic, address.correlation, self._v5)
 
     def _fail(
         self,
         address: ReplyAddress | None,
         model: str,
         request_id: str | int | None,
-        error: EdgeAgentError,
+        error: BaseException,
     ) -> None:
+        response = error_response(error, request_id, model)
         log.warning(
             "request_failed",
-            model=model,
-            id=request_id,
-            code=error.code,
-            error=str(error),
+            model=model[:200],
+            id=request_id if not isinstance(request_id, str) else request_id[:200],
+            code=response.code,
+            error=str(error)[:1000],
             reply_topic=address.topic if address else None,
         )
         if address is not None:
-            self._send(address, encode_error(str(error), error.code, request_id, model), None)
+            self._send(address, response.payload, None)
 
     def _send(self, address: ReplyAddress, payload: bytes, header_length: int | None) -> None:
+        if len(payload) > self._payload_limit(address):
+            # Even an error reply can be too large for a tiny broker limit: never publish
+            # what the broker would answer by disconnecting us.
+            log.warning(
+                "reply_dropped",
+                topic=address.topic,
+                bytes=len(payload),
+                max_packet=self._max_packet,
+            )
+            return
         properties = None
         if self._v5 and (address.correlation is not None or header_length is not None):
             user = None if header_length is None else [(HEADER_LENGTH_PROPERTY, str(header_length))]
             properties = ReplyProperties(address.correlation, user)
-        self._client.publish(address.topic, payload, qos=address.qos, properties=properties)
+        try:
+            self._client.publish(address.topic, payload, qos=address.qos, properties=properties)
+        except (ValueError, TypeError) as exc:  # paho's own checks: never let one escape
+            log.warning("reply_not_published", topic=address.topic, error=str(exc)[:200])
 
     # --- Health: is the network loop turning? (for the systemd watchdog) ---
 
