@@ -410,8 +410,8 @@ def _json_numbers(data: list[Any], datatype: str) -> np.ndarray:
             return parsed.reshape(-1).astype(dtype)
         if kind == "f":
             return parsed.reshape(-1).astype(dtype)
-        if kind in "OU":
-            return _non_finite(parsed.reshape(-1), dtype)
+        if kind in "OU":  # strings (maybe "NaN") mixed with numbers all became strings
+            return _non_finite(np.array(data, dtype=object).reshape(-1), dtype)
         raise ValueError(f"elements must be numbers, not {_kind_name(kind)}")
     if kind == "f":
         flat = parsed.reshape(-1)

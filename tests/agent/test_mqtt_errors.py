@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.broker import MosquittoBroker
+from agent.broker import MosquittoBroker, free_port
 from agent.protocol import encode_request
 from tests import onnx_models
 from tests.conftest import Probe, RunningAgent, body
@@ -233,3 +233,137 @@ def _header_length(msg: mqtt.MQTTMessage) -> int | None:
         if key == "Inference-Header-Content-Length":
             return int(value)
     return None
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x01", "\uffff", "\ud800", "\U0001fffe"])
+def test_mqtt311_reply_to_that_mqtt_forbids_is_refused_and_serving_goes_on(
+    agent: RunningAgent, broker: MosquittoBroker, bad: str
+) -> None:
+    """A 3.1.1 reply_to with U+0000, a control, a non-character or a lone surrogate is
+    refused before publishing, so the broker never drops the agent and later requests
+    are answered."""
+    client = Probe(broker.port, protocol=mqtt.MQTTv311)
+    try:
+        request = json.loads(VALID)
+        # json.dumps escapes a lone surrogate as \\ud800: valid JSON text, invalid topic.
+        client.publish(
+            f"{agent.topic}/infer/scale",
+            json.dumps({"id": "poison", "reply_to": f"r/{bad}/x", **request}),
+        )
+        for n in range(5):
+            client.publish(
+                f"{agent.topic}/infer/scale",
+                json.dumps({"id": f"ok{n}", "reply_to": client.reply_topic, **request}),
+            )
+            reply = body(client.expect(client.reply_topic, timeout=5))
+            assert (reply["id"], reply["outputs"][0]["data"]) == (f"ok{n}", [3.0, 5.0, 7.0, 9.0])
+    finally:
+        client.close()
+    assert agent.agent.frontend is not None and agent.agent.frontend.connected
+
+
+@pytest.fixture
+def small_packet_broker() -> Iterator[MosquittoBroker]:
+    """A mosquitto of its own that refuses packets over 64 KiB."""
+    instance = MosquittoBroker(free_port(), max_packet_size=65536)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_reply_over_the_brokers_packet_size_becomes_an_error_reply(
+    start_agent: Callable[..., RunningAgent], small_packet_broker: MosquittoBroker, protocol: str
+) -> None:
+    """A reply too large for the broker (MQTT 5: its CONNACK limit; 3.1.1: the configured
+    mqtt.max_packet_bytes) is answered with a 413, and the next requests still are."""
+    agent = start_agent(
+        port=small_packet_broker.port,
+        mqtt={
+            "protocol": protocol,
+            "max_packet_bytes": 65536 if protocol == "3.1.1" else 2**28 - 1,
+        },
+    )
+    v5 = protocol == "5"
+    probe = Probe(small_packet_broker.port, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    topic = f"{agent.topic}/infer/scale"
+
+    def ask(payload: bytes, header_length: int | None) -> dict[str, object]:
+        if v5:
+            return body(probe.request(topic, payload, header_length=header_length))
+        probe.publish(topic, payload)  # reply_to travels in the JSON header
+        return body(probe.expect(probe.reply_topic))
+
+    try:
+        # 48 KB of binary input fits the limit; the same values printed as JSON do not.
+        rows = np.random.default_rng(0).random((3000, 4), dtype=np.float32)
+        reply_to = None if v5 else probe.reply_topic
+        payload, header_length = encode_request(
+            {"x": rows}, "big", binary_outputs=False, reply_to=reply_to
+        )
+        assert len(payload) < 65536
+        reply = ask(payload, header_length)
+        assert reply["code"] == 413, reply
+        assert "exceeds the" in str(reply["error"]) and "binary outputs" in str(reply["error"])
+        small, small_length = encode_request(
+            {"x": np.ones((1, 4), np.float32)}, "small", binary_outputs=False, reply_to=reply_to
+        )
+        for _ in range(3):
+            assert ask(small, small_length)["outputs"] == [
+                {"name": "y", "datatype": "FP32", "shape": [1, 4], "data": [3.0, 3.0, 3.0, 3.0]}
+            ]
+    finally:
+        probe.close()
+
+
+HOSTILE = [
+    scale_request(datatype=["FP32"]).encode(),
+    scale_request(datatype={"x": 1}).encode(),
+    b'{"id": "deep", "inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    scale_request(shape=[1] * 65, data=[1]).encode(),
+    scale_request(shape=[0, 2**70], data=[]).encode(),
+    b'{"id": ' + b"1" * 5000 + b', "inputs": []}',
+    scale_request(shape=[1, int("9" * 4299)]).encode(),
+    json.dumps({"id": "bad", "inputs": [{"name": "x", "shape": [2**62] * 100_000}]}).encode(),
+    scale_request(data=["1.5", "2", "3", "4"]).encode(),
+    scale_request(data=[None, 2, 3, 4]).encode(),
+    scale_request(datatype="FP32", name="x" * 10_000_000).encode(),
+]
+
+
+@pytest.mark.parametrize("payload", HOSTILE, ids=lambda p: p[:40].decode(errors="replace"))
+def test_hostile_payloads_get_a_bounded_error_reply(
+    agent: RunningAgent, probe: Probe, payload: bytes
+) -> None:
+    """Every hostile payload kind of the fuzzing report gets a 400 within a bounded size,
+    and the agent keeps serving."""
+    msg = probe.request(f"{agent.topic}/infer/scale", payload, timeout=10)
+    assert len(msg.payload) < 1500
+    assert body(msg)["code"] == 400
+    assert_still_serving(agent, probe)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"[" * 5000 + b"]" * 5000, b'{"model": ' + b"[" * 1000 + b"]" * 1000 + b"}", b"\xff\xfe"],
+)
+def test_hostile_control_bodies_get_an_error_reply(
+    agent: RunningAgent, probe: Probe, payload: bytes
+) -> None:
+    """A control body nested thousands deep or not UTF-8 is answered with a 400."""
+    reply = body(probe.request(f"{agent.topic}/control/models", payload))
+    assert reply["code"] == 400
+    assert "models" in body(probe.request(f"{agent.topic}/control/models", b"{}"))
+
+
+def test_runtime_errors_do_not_show_onnxruntime_source_paths(
+    agent: RunningAgent, probe: Probe
+) -> None:
+    """A model that raises answers 500 with onnxruntime's reason, without its file paths."""
+    payload = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}
+    )
+    reply = body(probe.request(f"{agent.topic}/infer/picky", payload))
+    assert reply["code"] == 500
+    assert "MatMul dimension mismatch" in reply["error"]
+    assert ".h:" not in reply["error"] and "onnxruntime_src" not in reply["error"], reply
