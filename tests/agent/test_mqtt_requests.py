@@ -199,3 +199,48 @@ def test_concurrent_clients_each_get_their_own_answer(
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+def lowercase_model(path: Path) -> Path:
+    """text BYTES [-1] -> lower BYTES [-1] (StringNormalizer, LOWER): a real string model."""
+    import onnx  # noqa: PLC0415  (the dev extra has it; only this test builds string models)
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    graph = helper.make_graph(
+        [helper.make_node(
+                "StringNormalizer", ["text"], ["lower"], case_change_action="LOWER", locale="C"
+            )],
+        "lowercase",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("lower", TensorProto.STRING, ["n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def test_string_models_see_text_over_json_and_binary(
+    start_agent: object, probe: Probe, tmp_path: Path
+) -> None:
+    """A string model receives the text itself (not b'...' reprs), from JSON and binary."""
+    models = tmp_path / "string-models"
+    lowercase_model(models / "lower.onnx")
+    agent = start_agent(models)  # type: ignore[operator]
+    topic = f"{agent.topic}/infer/lower"
+    request = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["AB", "Cd"]}]}
+    reply = body(probe.request(topic, json.dumps(request)))
+    assert reply["outputs"][0]["data"] == ["ab", "cd"], reply
+    texts = np.array(["Hello".encode(), "WÖRLD".encode()], dtype=object)
+    payload, header_length = encode_request({"text": texts}, "b1", binary_outputs=True)
+    msg = probe.request(topic, payload, header_length=header_length)
+    props = dict(msg.properties.UserProperty)
+    _, outputs = decode_response(msg.payload, int(props[HEADER]))
+    # The "C" locale lowers ASCII only; the Ö must come back as the same UTF-8 bytes.
+    assert outputs["lower"].tolist() == ["hello".encode(), "wÖrld".encode()]
+    bad = np.array([b"\xff\xfe"], dtype=object)
+    payload, header_length = encode_request({"text": bad}, "b2")
+    error = body(probe.request(topic, payload, header_length=header_length))
+    assert error["code"] == 400 and "not UTF-8" in error["error"]
