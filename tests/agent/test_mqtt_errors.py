@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -367,3 +368,67 @@ def test_runtime_errors_do_not_show_onnxruntime_source_paths(
     assert reply["code"] == 500
     assert "MatMul dimension mismatch" in reply["error"]
     assert ".h:" not in reply["error"] and "onnxruntime_src" not in reply["error"], reply
+
+
+def test_heavy_json_floods_are_shed_with_503_and_control_stays_prompt(
+    start_agent: Callable[..., RunningAgent], probe: Probe
+) -> None:
+    """Multi-MB JSON requests faster than the agent decodes them each get an answer (a
+    result or a 503), and a control command sent behind them is answered before they are."""
+    agent = start_agent(mqtt={"decode_backlog_bytes": 8 * 2**20})
+    rows = np.random.default_rng(0).random((80_000, 4)).round(6)
+    heavy = json.dumps(
+        {
+            "parameters": {"binary_data_output": True},
+            "inputs": [
+                {"name": "x", "shape": [80_000, 4], "datatype": "FP32", "data": rows.tolist()}
+            ],
+        }
+    ).encode()
+    assert len(heavy) > 2 * 2**20
+    count = 20
+    for n in range(count):
+        probe.publish(f"{agent.topic}/infer/scale", heavy, _props(probe, f"h{n}".encode(), None))
+    probe.publish(f"{agent.topic}/control/models", b"{}", _props(probe, b"control", None))
+    order: list[bytes] = []
+    codes: dict[bytes, int] = {}
+    for _ in range(count + 1):
+        msg = probe.expect(probe.reply_topic, timeout=60)
+        key = msg.properties.CorrelationData
+        order.append(key)
+        header = msg.payload[: _header_length(msg) or len(msg.payload)]
+        codes[key] = json.loads(header).get("code", 200)
+    assert sorted(order) == sorted([b"control", *(f"h{n}".encode() for n in range(count))])
+    inference = [codes[f"h{n}".encode()] for n in range(count)]
+    assert set(inference) <= {200, 503} and 503 in inference, inference
+    assert codes[b"control"] == 200
+    assert order.index(b"control") < count, "the control reply waited behind every request"
+    assert_still_serving(agent, probe)
+
+
+def test_control_commands_queue_within_a_bound_and_the_rest_get_503(
+    start_agent: Callable[..., RunningAgent], probe: Probe
+) -> None:
+    """With mqtt.max_pending_commands waiting or running, further commands get a 503 at
+    once; the queued ones are answered when the slow one ends."""
+    agent = start_agent(mqtt={"max_pending_commands": 4})
+    release = threading.Event()
+
+    def blocked(_body: dict[str, object]) -> dict[str, object]:
+        release.wait(30)
+        return {"done": True}
+
+    agent.agent.control._commands["blocked"] = blocked
+    for n in range(10):
+        probe.publish(
+            f"{agent.topic}/control/blocked", b"{}", _props(probe, f"c{n}".encode(), None)
+        )
+    refused = [probe.expect(probe.reply_topic, timeout=5) for _ in range(6)]
+    assert {body(m)["code"] for m in refused} == {503}
+    assert {m.properties.CorrelationData for m in refused} == {
+        f"c{n}".encode() for n in range(4, 10)
+    }
+    release.set()
+    done = [probe.expect(probe.reply_topic, timeout=10) for _ in range(4)]
+    assert [body(m) for m in done] == [{"done": True}] * 4
+    assert "models" in body(probe.request(f"{agent.topic}/control/models", b"{}"))

@@ -207,9 +207,11 @@ def lowercase_model(path: Path) -> Path:
     from onnx import TensorProto, helper  # noqa: PLC0415
 
     graph = helper.make_graph(
-        [helper.make_node(
+        [
+            helper.make_node(
                 "StringNormalizer", ["text"], ["lower"], case_change_action="LOWER", locale="C"
-            )],
+            )
+        ],
         "lowercase",
         [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
         [helper.make_tensor_value_info("lower", TensorProto.STRING, ["n"])],
@@ -230,16 +232,18 @@ def test_string_models_see_text_over_json_and_binary(
     lowercase_model(models / "lower.onnx")
     agent = start_agent(models)  # type: ignore[operator]
     topic = f"{agent.topic}/infer/lower"
-    request = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["AB", "Cd"]}]}
+    request = {
+        "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["AB", "Cd"]}]
+    }
     reply = body(probe.request(topic, json.dumps(request)))
     assert reply["outputs"][0]["data"] == ["ab", "cd"], reply
-    texts = np.array(["Hello".encode(), "WÖRLD".encode()], dtype=object)
+    texts = np.array([b"Hello", "WÖRLD".encode()], dtype=object)
     payload, header_length = encode_request({"text": texts}, "b1", binary_outputs=True)
     msg = probe.request(topic, payload, header_length=header_length)
     props = dict(msg.properties.UserProperty)
     _, outputs = decode_response(msg.payload, int(props[HEADER]))
     # The "C" locale lowers ASCII only; the Ö must come back as the same UTF-8 bytes.
-    assert outputs["lower"].tolist() == ["hello".encode(), "wÖrld".encode()]
+    assert outputs["lower"].tolist() == [b"hello", "wÖrld".encode()]
     bad = np.array([b"\xff\xfe"], dtype=object)
     payload, header_length = encode_request({"text": bad}, "b2")
     error = body(probe.request(topic, payload, header_length=header_length))
