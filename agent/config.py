@@ -93,6 +93,15 @@ class MqttConfig(_Section):
         "a reply that would not fit becomes an error reply. With MQTT 5 the broker's own "
         "Maximum Packet Size (CONNACK) applies when lower.",
     )
+    reply_prefix: str | None = Field(
+        None,
+        pattern=r"^[^#+\s$/][^#+\s]*[^#+\s/]$",
+        max_length=256,
+        description="Reply only on topics under this prefix (e.g. 'edge/reply'); a request "
+        "sent on .../infer/<model>/<user> is answered only under <reply_prefix>/<user>/, "
+        "so with the shipped ACL no client can have replies delivered to another. Unset: "
+        "any valid topic except the agent's own.",
+    )
     inline_decode_bytes: int = Field(
         65536,
         ge=0,

@@ -130,9 +130,16 @@ class MqttFrontend:
 
     @property
     def subscriptions(self) -> list[str]:
-        topics = [f"{self._infer_prefix}+", f"{self._control_prefix}+"]
+        # The second level, when present, is the requester's user name (see _address).
+        topics = [
+            f"{self._infer_prefix}+",
+            f"{self._infer_prefix}+/+",
+            f"{self._control_prefix}+",
+            f"{self._control_prefix}+/+",
+        ]
         if self._config.fleet_group:
-            topics.append(f"$share/{self._config.fleet_group}/{self._fleet_prefix}+")
+            shared = f"$share/{self._config.fleet_group}/{self._fleet_prefix}"
+            topics += [f"{shared}+", f"{shared}+/+"]
         return topics
 
     def start(self) -> None:
@@ -336,27 +343,33 @@ class MqttFrontend:
 
     # --- Inference: decoded here when small, by the decode workers when large ---
 
-    def _infer(self, model: str, msg: mqtt.MQTTMessage, received: float) -> None:
+    def _infer(self, rest: str, msg: mqtt.MQTTMessage, received: float) -> None:
+        model, _, user = rest.partition("/")
         props = _properties(msg)
         payload = msg.payload
         if len(payload) <= self._config.inline_decode_bytes:
-            self._serve(model, payload, props, msg.qos, received)
+            self._serve(model, user or None, payload, props, msg.qos, received)
             return
         if not self._decoder.offer(
-            len(payload), lambda: self._serve(model, payload, props, msg.qos, received)
+            len(payload),
+            lambda: self._serve(model, user or None, payload, props, msg.qos, received),
         ):
             # Behind: answer now, from what can be read without parsing the request.
             request_id, reply_to = (None, None)
             if props.get("ResponseTopic") is None:
                 request_id, reply_to = peek_reply_fields(payload)
             address = self._address(
-                props.get("ResponseTopic") or reply_to, props.get("CorrelationData"), msg.qos
+                props.get("ResponseTopic") or reply_to,
+                props.get("CorrelationData"),
+                msg.qos,
+                user or None,
             )
             self._fail(address, model, request_id, overloaded("decoding requests"))
 
     def _serve(
         self,
         model: str,
+        user: str | None,
         payload: bytes | bytearray,
         props: dict[str, Any],
         qos: int,
@@ -365,7 +378,7 @@ class MqttFrontend:
         """Decode, check and submit one request; every failure is answered if it can be."""
         response_topic: str | None = props.get("ResponseTopic")
         correlation: bytes | None = props.get("CorrelationData")
-        address = self._address(response_topic, correlation, qos) if response_topic else None
+        address = self._address(response_topic, correlation, qos, user) if response_topic else None
         request_id: str | int | None = None
         try:
             try:
@@ -373,12 +386,12 @@ class MqttFrontend:
                 request = self._plane.decode(payload, header_length)
             except RequestError as exc:
                 if address is None and exc.reply_to:
-                    address = self._address(exc.reply_to, correlation, qos)
+                    address = self._address(exc.reply_to, correlation, qos, user)
                 self._fail(address, model, exc.request_id, exc)
                 return
             request_id = request.id
             if address is None and request.reply_to:
-                address = self._address(request.reply_to, correlation, qos)
+                address = self._address(request.reply_to, correlation, qos, user)
             if address is None:
                 log.warning("request_without_reply_address", model=model, id=request.id)
                 return
@@ -408,12 +421,17 @@ class MqttFrontend:
 
     # --- Control commands: their own thread, a bounded backlog ---
 
-    def _command(self, command: str, msg: mqtt.MQTTMessage) -> None:
+    def _command(self, rest: str, msg: mqtt.MQTTMessage) -> None:
+        command, _, user = rest.partition("/")
         props = _properties(msg)
         response_topic: str | None = props.get("ResponseTopic")
         correlation: bytes | None = props.get("CorrelationData")
         label = f"control/{command[:200]}"
-        address = self._address(response_topic, correlation, msg.qos) if response_topic else None
+        address = (
+            self._address(response_topic, correlation, msg.qos, user or None)
+            if response_topic
+            else None
+        )
         try:
             body = load_json(msg.payload) if msg.payload.strip() else {}
             if not isinstance(body, dict):
@@ -423,7 +441,7 @@ class MqttFrontend:
             return
         reply_to = body.pop("reply_to", None)
         if address is None and isinstance(reply_to, str):
-            address = self._address(reply_to, correlation, msg.qos)
+            address = self._address(reply_to, correlation, msg.qos, user or None)
         with self._pending_lock:
             full = self._pending_commands >= self._config.max_pending_commands
             if not full:
@@ -462,16 +480,33 @@ class MqttFrontend:
     # --- Replies ---
 
     def _address(
-        self, topic: str | None, correlation: bytes | None, qos: int
+        self, topic: str | None, correlation: bytes | None, qos: int, user: str | None = None
     ) -> ReplyAddress | None:
-        """Where to reply, or None when `topic` is not one the agent may publish to."""
+        """Where to reply, or None when `topic` is not one the agent may publish to.
+
+        Never the agent's own topics (a client could make it publish on its status), and
+        with mqtt.reply_prefix only that namespace: under <prefix>/<user>/ when the
+        request came on a topic ending in the user name the broker's ACL enforces.
+        """
         if not topic:
             return None
-        problem = topic_problem(topic)
+        problem = topic_problem(topic) or self._namespace_problem(topic, user)
         if problem is not None:
             log.warning("reply_topic_refused", topic=ascii(topic[:200]), reason=problem)
             return None
         return ReplyAddress(topic, correlation, qos)
+
+    def _namespace_problem(self, topic: str, user: str | None) -> str | None:
+        root = self._config.device_topic
+        if topic == root or topic.startswith(f"{root}/") or topic.startswith(self._fleet_prefix):
+            return "one of the agent's own topics"
+        prefix = self._config.reply_prefix
+        if prefix is None:
+            return None
+        required = f"{prefix}/{user}/" if user else f"{prefix}/"
+        if not topic.startswith(required):
+            return f"not under {required}"
+        return None
 
     def _payload_limit(self, address: ReplyAddress) -> int:
         """The largest reply payload the broker accepts on `address`."""
