@@ -53,6 +53,10 @@ log = structlog.get_logger(__name__)
 
 StatusSource = Callable[[], dict[str, Any]]
 
+POISON_RECONNECTS = 3
+"""Connections in a row that the broker closed within 3 s before pending publications are
+dropped (see MqttFrontend._guard_against_poison)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ReplyAddress:
@@ -269,7 +273,7 @@ class MqttFrontend:
             return
         lasted = self._disconnected_at - self._connected_at
         self._short_sessions = self._short_sessions + 1 if 0 <= lasted < 3.0 else 0
-        if self._short_sessions >= 2:
+        if self._short_sessions >= POISON_RECONNECTS:
             dropped = client.drop_out_messages()
             self._short_sessions = 0
             if dropped:
@@ -277,7 +281,7 @@ class MqttFrontend:
                     "unsent_publications_dropped",
                     count=len(dropped),
                     topics=sorted({m.topic for m in dropped})[:5],
-                    reason="the broker dropped the connection twice within 3 s of connecting",
+                    reason="the broker closed the connection soon after connecting, repeatedly",
                 )
 
     def _on_subscribe(

@@ -432,3 +432,42 @@ def test_control_commands_queue_within_a_bound_and_the_rest_get_503(
     done = [probe.expect(probe.reply_topic, timeout=10) for _ in range(4)]
     assert [body(m) for m in done] == [{"done": True}] * 4
     assert "models" in body(probe.request(f"{agent.topic}/control/models", b"{}"))
+
+
+def test_a_publication_the_broker_keeps_refusing_does_not_take_the_agent_offline(
+    start_agent: Callable[..., RunningAgent], small_packet_broker: MosquittoBroker
+) -> None:
+    """With mqtt.max_packet_bytes set too high (3.1.1 cannot learn the broker's limit), a
+    reply the broker refuses by disconnecting is resent by paho on each reconnect; after
+    three short connections the agent drops it and serves again."""
+    agent = start_agent(
+        port=small_packet_broker.port,
+        mqtt={"protocol": "3.1.1", "reconnect_min_s": 1, "reconnect_max_s": 1},
+    )
+    probe = Probe(small_packet_broker.port, protocol=mqtt.MQTTv311)
+    topic = f"{agent.topic}/infer/scale"
+    try:
+        rows = np.random.default_rng(0).random((3000, 4), dtype=np.float32)
+        payload, _ = encode_request(
+            {"x": rows}, "big", binary_outputs=False, reply_to=probe.reply_topic
+        )
+        probe.publish(topic, payload)
+        small, _ = encode_request(
+            {"x": np.ones((1, 4), np.float32)},
+            "small",
+            binary_outputs=False,
+            reply_to=probe.reply_topic,
+        )
+        answered = False
+        for _ in range(30):  # the agent reconnects about once a second meanwhile
+            probe.publish(topic, small)
+            try:
+                reply = body(probe.expect(probe.reply_topic, timeout=1.0))
+            except AssertionError:
+                continue
+            if reply.get("id") == "small":
+                answered = True
+                break
+        assert answered, "the agent never served again"
+    finally:
+        probe.close()
