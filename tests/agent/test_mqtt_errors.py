@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -471,3 +475,99 @@ def test_a_publication_the_broker_keeps_refusing_does_not_take_the_agent_offline
         assert answered, "the agent never served again"
     finally:
         probe.close()
+
+
+class ResubscribingClient:
+    """An MQTT 5 client that subscribes again on every (re)connection, as a robust app does."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.reply_topic = f"test/replies/{uuid.uuid4().hex[:8]}"
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"faults-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.reconnect_delay_set(0.1, 0.2)  # back before the agent (1 s)
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_args: self.subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.subscribed.wait(5)
+
+    def _on_connect(self, client: mqtt.Client, *_args: object) -> None:
+        client.subscribe(self.reply_topic, qos=1)
+
+    def send(self, topic: str, payload: bytes, key: bytes, header_length: int | None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = key
+        if header_length is not None:
+            props.UserProperty = [("Inference-Header-Content-Length", str(header_length))]
+        self.client.publish(topic, payload, qos=1, properties=props)
+
+    def replies(self, count: int, timeout: float) -> set[bytes]:
+        got: set[bytes] = set()
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                msg = self.messages.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            got.add(msg.properties.CorrelationData)
+        return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_broker_faults_lose_no_request_the_agent_received(
+    start_agent: Callable[..., RunningAgent], tmp_path: Path
+) -> None:
+    """SIGSTOP of the broker, then kill -9 and a restart while a request is being computed:
+    every request the agent received is answered, and it serves normally after each fault."""
+    own = MosquittoBroker(free_port())
+    own.start()
+    restarted: MosquittoBroker | None = None
+    models = tmp_path / "slow-models"
+    path = onnx_models.slow_model(models / "slow.onnx")
+    rows = onnx_models.rows_for_seconds(path, 2.0)
+    onnx_models.scale_model(models / "scale.onnx")
+    agent = start_agent(models, port=own.port, models={"workers": 1})
+    client = ResubscribingClient(own.port)
+    small, small_length = encode_request({"x": np.ones((1, 4), np.float32)})
+    scale = f"{agent.topic}/infer/scale"
+    try:
+        process = own._process  # the test's own mosquitto: signalled by its PID only
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        for n in range(10):
+            client.send(scale, small, f"stopped{n}".encode(), small_length)
+        time.sleep(3)
+        process.send_signal(signal.SIGCONT)
+        wanted = {f"stopped{n}".encode() for n in range(10)}
+        assert client.replies(10, timeout=20) == wanted
+
+        heavy, heavy_length = encode_request({"x": np.ones((rows, 512), np.float32)})
+        client.send(f"{agent.topic}/infer/slow", heavy, b"in-flight", heavy_length)
+        queue_of_slow = agent.agent.manager.get("slow").queue
+        deadline = time.monotonic() + 10
+        while queue_of_slow.busy == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue_of_slow.busy == 1, "the agent never started the request"
+        process.kill()  # SIGKILL: no goodbye to anyone
+        process.wait(5)
+        restarted = MosquittoBroker(own.port)
+        restarted.start()
+        assert client.replies(1, timeout=30) == {b"in-flight"}
+        assert agent.agent.frontend is not None and agent.agent.frontend.wait_connected(20)
+        client.send(scale, small, b"after", small_length)
+        assert client.replies(1, timeout=10) == {b"after"}
+    finally:
+        client.close()
+        if restarted is not None:
+            restarted.stop()
+        own.stop()
