@@ -1,4 +1,5 @@
-"""A seeded generator of hostile requests and control commands, and a loop that sends them.
+"""Hostile input and faults: a seeded generator of hostile requests and control commands,
+a loop that sends them, and a client that survives broker faults.
 
 What the fuzzing report of issue 12 found, kept findable: mutated Open Inference Protocol
 requests (hostile values in every field, byte-level damage, wrong binary lengths, deep
@@ -10,13 +11,16 @@ valid request's latency. Loopback only; bounded in count and in time.
 from __future__ import annotations
 
 import json
+import queue
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -362,3 +366,55 @@ def _code(payload: bytes, properties: Any) -> int:
         return -1
     code = header.get("code", 200)
     return code if isinstance(code, int) else -1
+
+
+class ResubscribingClient:
+    """An MQTT 5 client that subscribes again on every (re)connection, as a robust app does."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.reply_topic = f"test/replies/{uuid.uuid4().hex[:8]}"
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"faults-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.reconnect_delay_set(0.1, 0.2)  # back before the agent (1 s)
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_args: self.subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.subscribed.wait(5)
+
+    def _on_connect(self, client: mqtt.Client, *_args: object) -> None:
+        client.subscribe(self.reply_topic, qos=1)
+
+    def send(self, topic: str, payload: bytes, key: bytes, header_length: int | None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = key
+        if header_length is not None:
+            props.UserProperty = [("Inference-Header-Content-Length", str(header_length))]
+        self.client.publish(topic, payload, qos=1, properties=props)
+
+    def replies(self, count: int, timeout: float) -> set[bytes]:
+        """The Correlation Data of up to `count` replies received within `timeout` s."""
+        return set(self.messages_for(count, timeout))
+
+    def messages_for(self, count: int, timeout: float) -> dict[bytes, mqtt.MQTTMessage]:
+        """Up to `count` replies received within `timeout` s, by Correlation Data."""
+        got: dict[bytes, mqtt.MQTTMessage] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                msg = self.messages.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            got[msg.properties.CorrelationData] = msg
+        return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -43,6 +43,7 @@ def test_a_short_fuzz_run_is_answered_in_full(
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(2000)
 def test_a_long_fuzz_run_never_stalls_the_mqtt_thread(
     agent: RunningAgent, probe: Probe, capsys: pytest.CaptureFixture[str]
 ) -> None:

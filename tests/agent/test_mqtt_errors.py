@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from agent.broker import MosquittoBroker, free_port
 from agent.protocol import encode_request
 from tests import onnx_models
 from tests.conftest import Probe, RunningAgent, body
+from tests.fuzzing import ResubscribingClient
 
 VALID = json.dumps(
     {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -475,53 +474,6 @@ def test_a_publication_the_broker_keeps_refusing_does_not_take_the_agent_offline
         assert answered, "the agent never served again"
     finally:
         probe.close()
-
-
-class ResubscribingClient:
-    """An MQTT 5 client that subscribes again on every (re)connection, as a robust app does."""
-
-    def __init__(self, port: int) -> None:
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.reply_topic = f"test/replies/{uuid.uuid4().hex[:8]}"
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"faults-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.reconnect_delay_set(0.1, 0.2)  # back before the agent (1 s)
-        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *_args: self.subscribed.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert self.subscribed.wait(5)
-
-    def _on_connect(self, client: mqtt.Client, *_args: object) -> None:
-        client.subscribe(self.reply_topic, qos=1)
-
-    def send(self, topic: str, payload: bytes, key: bytes, header_length: int | None) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.reply_topic
-        props.CorrelationData = key
-        if header_length is not None:
-            props.UserProperty = [("Inference-Header-Content-Length", str(header_length))]
-        self.client.publish(topic, payload, qos=1, properties=props)
-
-    def replies(self, count: int, timeout: float) -> set[bytes]:
-        got: set[bytes] = set()
-        deadline = time.monotonic() + timeout
-        while len(got) < count and time.monotonic() < deadline:
-            try:
-                msg = self.messages.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            got.add(msg.properties.CorrelationData)
-        return got
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_broker_faults_lose_no_request_the_agent_received(
