@@ -20,7 +20,6 @@ from agent.batching import Completed, Outcome
 from agent.errors import (
     EdgeAgentError,
     InferenceError,
-    InvalidRequest,
     Overloaded,
     PayloadTooLarge,
     RequestExpired,
@@ -277,7 +276,6 @@ def overloaded(what: str) -> Overloaded:
 __all__ = [
     "DataPlane",
     "DecodeBacklog",
-    "InvalidRequest",
     "Respond",
     "Response",
     "error_response",

@@ -30,7 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config import MqttConfig
 from agent.control import ControlCommands
 from agent.dataplane import DataPlane, DecodeBacklog, Response, error_response, overloaded
-from agent.errors import EdgeAgentError, InvalidRequest
+from agent.errors import EdgeAgentError, InvalidRequest, PayloadTooLarge
 from agent.events import Events
 from agent.models import ModelManager
 from agent.mqtt.connection import (
@@ -52,6 +52,9 @@ from agent.protocol import (
 log = structlog.get_logger(__name__)
 
 StatusSource = Callable[[], dict[str, Any]]
+
+MAX_COMMAND_BYTES = 65536
+"""Largest control request: they are parsed on the network thread, and all are small."""
 
 POISON_RECONNECTS = 3
 """Connections in a row that the broker closed within 3 s before pending publications are
@@ -437,6 +440,11 @@ class MqttFrontend:
             else None
         )
         try:
+            if len(msg.payload) > MAX_COMMAND_BYTES:
+                raise PayloadTooLarge(
+                    f"a control request of {len(msg.payload)} bytes exceeds the limit of "
+                    f"{MAX_COMMAND_BYTES}"
+                )
             body = load_json(msg.payload) if msg.payload.strip() else {}
             if not isinstance(body, dict):
                 raise InvalidRequest("a control request body must be a JSON object")

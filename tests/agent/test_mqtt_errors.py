@@ -523,3 +523,12 @@ def test_broker_faults_lose_no_request_the_agent_received(
         if restarted is not None:
             restarted.stop()
         own.stop()
+
+
+def test_an_oversized_control_request_is_refused_unparsed(
+    agent: RunningAgent, probe: Probe
+) -> None:
+    """A control body over 64 KiB gets a 413 without being parsed on the network thread."""
+    huge = json.dumps({"model": "x" * 100_000}).encode()
+    reply = body(probe.request(f"{agent.topic}/control/models", huge))
+    assert reply["code"] == 413
