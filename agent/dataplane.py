@@ -88,7 +88,9 @@ class DataPlane:
         except RequestError:
             raise
         except Exception as exc:  # a decoder gap must still give its client an answer
-            log.warning("request_undecodable", error=type(exc).__name__)
+            log.warning(
+                "request_undecodable", error=type(exc).__name__, detail=str(exc)[:MAX_ERROR_CHARS]
+            )
             raise RequestError(f"cannot decode the request ({type(exc).__name__})") from None
         _strings_as_text(request)
         return request

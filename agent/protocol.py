@@ -105,7 +105,12 @@ def _bounded_int(literal: str) -> int:
 
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _LONG_RUN = b"0" * (MAX_INT_DIGITS + 1)
-_CHECKED = json.JSONDecoder(parse_int=_bounded_int)
+
+
+def _checked() -> json.JSONDecoder:
+    # One per call: a decoder (its C scanner's memo) is not meant to be shared between
+    # threads while a Python hook of it runs, and requests are decoded on several threads.
+    return json.JSONDecoder(parse_int=_bounded_int)
 
 
 def load_json(raw: bytes | bytearray) -> Any:
@@ -124,7 +129,7 @@ def load_json(raw: bytes | bytearray) -> Any:
 def _parse(text: str, raw: bytes | bytearray) -> Any:
     long_digits = _LONG_RUN in raw.translate(_DIGITS)
     try:
-        value = _CHECKED.decode(text) if long_digits else json.loads(text)
+        value = _checked().decode(text) if long_digits else json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -183,7 +188,7 @@ def _leading_json(payload: bytes | bytearray) -> tuple[Any, memoryview]:
     # latin-1 maps each byte to one character, so the decoder's end index is a byte offset;
     # multi-byte UTF-8 only occurs inside JSON strings and cannot end the value early.
     try:
-        _, end = _CHECKED.raw_decode(payload.decode("latin-1"))
+        _, end = _checked().raw_decode(payload.decode("latin-1"))
     except json.JSONDecodeError:
         raise RequestError("payload is neither JSON nor a JSON header with binary data") from None
     except RecursionError:
@@ -406,10 +411,17 @@ def _json_numbers(data: list[Any], datatype: str) -> np.ndarray:
     parsed = np.asarray(data)  # inferred: int64, uint64, float64, or str/object on junk
     kind = parsed.dtype.kind
     if dtype.kind == "f":
-        if kind in "iu":
-            return parsed.reshape(-1).astype(dtype)
-        if kind == "f":
-            return parsed.reshape(-1).astype(dtype)
+        if kind in "iuf":
+            flat = parsed.reshape(-1)
+            with np.errstate(over="ignore"):
+                converted = flat.astype(dtype)
+            # 1e308 as FP32 would become inf: a value the client did not send.
+            if (
+                not np.isfinite(converted).all()
+                and (np.isfinite(flat) & ~np.isfinite(converted)).any()
+            ):
+                raise ValueError(f"an element is outside the range of {datatype}")
+            return converted
         if kind in "OU":  # strings (maybe "NaN") mixed with numbers all became strings
             return _non_finite(np.array(data, dtype=object).reshape(-1), dtype)
         raise ValueError(f"elements must be numbers, not {_kind_name(kind)}")

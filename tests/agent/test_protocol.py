@@ -264,6 +264,8 @@ def _raw_tensor(**fields: object) -> bytes:
         (_raw_tensor(datatype="INT64", data=["1", 2]), "elements must be integers"),
         (_raw_tensor(datatype="UINT8", data=[-1, 2]), "outside [0, 255]"),
         (_raw_tensor(datatype="FP32", data=[True, False]), "elements must be numbers"),
+        (_raw_tensor(datatype="FP32", data=[1e308, 1]), "outside the range of FP32"),
+        (_raw_tensor(datatype="FP16", data=[70000, 1]), "outside the range of FP16"),
         (_raw_tensor(name="n" * 300), "name is longer than 256"),
         (json.dumps({"id": "i" * 2000, "inputs": []}).encode(), "'id' is longer than 1024"),
     ],
