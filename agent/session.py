@@ -6,6 +6,7 @@ built; a model switches variants by swapping which `LoadedVariant` it points at.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -246,5 +247,16 @@ def _zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
 
 
 def _describe(exc: BaseException) -> str:
+    """onnxruntime's reason, without its source locations (`matmul_helper.h:59 Compute`),
+    which tell a client how the agent is built and nothing it can act on."""
     text = " ".join(str(exc).split())
+    text = _SOURCE_LOCATION.sub("", text)
+    text = " ".join(_STATUS_PREFIX.sub("", text).split())
     return text[:1000] if text else type(exc).__name__
+
+
+# A source file with its line, optionally with a path and the function name after it.
+_SOURCE_LOCATION = re.compile(
+    r"(?:[\w.+-]*/)*[\w.+-]+\.(?:cc|cpp|cxx|c|h|hpp|cu)(?::\d+)?(?: \w+)?"
+)
+_STATUS_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : ")
