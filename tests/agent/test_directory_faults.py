@@ -196,10 +196,11 @@ def inject(
     assert client.failures == []
     assert client.answered > 0
     for name in bad:
-        assert len(reported(agent, name)) == 1, (
-            name,
-            [e for e in agent.recorded_events if name in json.dumps(e, default=str)],
-        )
+        assert len(reported(agent, name)) == 1, [
+            (e["event"], str(e.get("reason"))[-80:])
+            for e in agent.recorded_events
+            if name in json.dumps(e, default=str)
+        ]
     # Each slow warm-up (1.5 s or more) outlasted the 0.3 s bound, then ended and served.
     assert [s["model"] for s in events_named(agent, "model_load_stuck")] == slow
     wait_until(lambda: agent.agent.loader.stuck() == [], timeout=30)
