@@ -25,6 +25,7 @@ import structlog
 
 from agent.errors import EdgeAgentError, InferenceError, ModelNotReady, Overloaded, RequestExpired
 from agent.metrics import ModelStats
+from agent.session import RunControl
 from agent.variant import VariantHandle
 
 log = structlog.get_logger(__name__)
@@ -133,6 +134,8 @@ class BatchingQueue:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._running_since: dict[str, float] = {}  # worker name -> when its batch started
+        self._local = threading.local()  # each worker's RunControl
+        self._controls: list[RunControl] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"model-{model}-{i}", daemon=True)
             for i in range(workers)
@@ -188,16 +191,30 @@ class BatchingQueue:
         Batches already running answer when they finish.
         """
         answered = 0
+        with self._busy_lock:
+            controls = list(self._controls)
+        for control in controls:  # running batches stop between kernels, and say why
+            control.cancel()
+        stops = 0
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return answered
-            if isinstance(item, Job) and not item.notified:
+                break
+            if isinstance(item, _Stop):
+                stops += 1
+            elif not item.notified:
                 self._notify(item, error)
                 answered += 1
+        for _ in range(stops):  # the workers still need theirs, to end
+            self._queue.put_nowait(_Stop())
+        return answered
 
     def _work(self) -> None:
+        control = RunControl()
+        self._local.control = control
+        with self._busy_lock:
+            self._controls.append(control)
         while True:
             first = self._queue.get()
             if isinstance(first, _Stop):
@@ -238,7 +255,9 @@ class BatchingQueue:
             self._strikes += 1
             self._inline_off_until = time.monotonic() + suspend
             self._observed = 0
-            log.warning("inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend)
+            log.warning(
+                "inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend
+            )
         return True
 
     def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> bool:
@@ -344,9 +363,13 @@ class BatchingQueue:
         names = job.outputs or variant.output_names
         start = time.monotonic()
         try:
-            results = variant.run(job.feeds, names)
+            results = variant.run(job.feeds, names, self._control())
         except InferenceError as exc:
-            self._finish(job, exc)
+            control = self._control()
+            if control is not None and control.cancelled:
+                self._finish(job, ModelNotReady(f"model {self.model}: stopping"))
+            else:
+                self._finish(job, exc)
             return
         end = time.monotonic()
         self._observe((end - start) * 1000.0, _rows(job))
@@ -372,7 +395,7 @@ class BatchingQueue:
         }
         start = time.monotonic()
         try:
-            results = variant.run(feeds, names)
+            results = variant.run(feeds, names, self._control())
         except InferenceError:
             return False  # one of them is bad: isolate it by running each alone
         end = time.monotonic()
@@ -395,6 +418,11 @@ class BatchingQueue:
                 ),
             )
         return True
+
+    def _control(self) -> RunControl | None:
+        """The calling worker's RunControl (None on the network thread: inline runs)."""
+        control: RunControl | None = getattr(self._local, "control", None)
+        return control
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
         latency_ms = (time.monotonic() - job.enqueued) * 1000.0

@@ -4,11 +4,11 @@ Start-up and a SIGHUP reload ask for a rescan of everything, the watcher for one
 entries it saw settle (never of another push still being written). This thread scans, and
 runs each load (and unload) on a short-lived thread that it waits for at most
 `models.load_timeout_s`: a load past that is abandoned to its thread (Python cannot stop
-it), reported as `model_load_stuck` and shown by the health check until it ends; that
-model is left alone meanwhile (the manager loads one version of a model at a time: a newer
-push waits for the stuck load's end, which asks for a rescan). One model that never
-finishes loading holds up neither the other models nor the agent. What cannot be served
-is reported once per (entry, reason, stamp).
+it), reported as `model_load_stuck` and shown by the health check until it ends; the same
+files are not loaded again meanwhile, a newer push of the model is (the manager discards a
+stale load that a newer one overtook). One model that never finishes loading holds up
+neither the other models nor the agent. What cannot be served is reported once per
+(entry, reason, stamp).
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class ModelLoader:
                 return
             name = source.name
             with self._cond:
-                if any(s.model == name for s in self._stuck):
-                    continue  # a load of it is still running; looked at again when it ends
+                if any(s.model == name and s.source == source for s in self._stuck):
+                    continue  # these very files are still loading; looked at again when done
             current = served.get(name)
             if current is not None and current.source == source:
                 self._failed.pop(name, None)

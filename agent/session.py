@@ -61,6 +61,20 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     return options
 
 
+class RunControl:
+    """Lets another thread stop a run in progress: onnxruntime checks the flag between
+    kernels. One per worker; once cancelled, every later run of that worker stops at once
+    (cancelling is for a stop or an unload past its bound)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.options.terminate = True
+
+
 class LoadedVariant:
     """A variant ready to run: its session and the signature it serves."""
 
@@ -126,7 +140,7 @@ class LoadedVariant:
         self,
         feeds: Mapping[str, np.ndarray],
         output_names: Sequence[str] | None = None,
-        run_options: ort.RunOptions | None = None,
+        control: RunControl | None = None,
     ) -> list[np.ndarray]:
         """Run the session; any onnxruntime failure becomes an InferenceError."""
         session = self._session
@@ -134,7 +148,9 @@ class LoadedVariant:
             raise InferenceError(f"{self.model}/{self.name}: this variant has been released")
         try:
             result: list[np.ndarray] = session.run(
-                list(output_names) if output_names else None, dict(feeds), run_options
+                list(output_names) if output_names else None,
+                dict(feeds),
+                control.options if control is not None else None,
             )
         except Exception as exc:  # onnxruntime's exception types are not a stable API
             raise InferenceError(f"{self.model}/{self.name}: {_describe(exc)}") from exc
@@ -150,16 +166,16 @@ class LoadedVariant:
         not finish on zeros cannot be trusted to finish on requests.
         """
         feeds = {spec.name: _zeros(spec, rows) for spec in self.inputs}
-        options = ort.RunOptions()
+        control = RunControl()
         timer = None
         if timeout_s is not None:
-            timer = threading.Timer(timeout_s, _terminate, (options,))
+            timer = threading.Timer(timeout_s, control.cancel)
             timer.daemon = True
             timer.start()
         try:
-            self.run(feeds, run_options=options)
+            self.run(feeds, control=control)
         except InferenceError as exc:
-            if options.terminate:
+            if control.cancelled:
                 raise VariantRejected(
                     f"variant {self.name}: its warm-up run did not finish within "
                     f"{timeout_s:g} s (models.warmup_timeout_s)"
@@ -169,10 +185,6 @@ class LoadedVariant:
             if timer is not None:
                 timer.cancel()
         return True
-
-
-def _terminate(options: ort.RunOptions) -> None:
-    options.terminate = True
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:

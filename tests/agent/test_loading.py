@@ -18,7 +18,8 @@ from tests.agent.test_watcher import REQUEST, events_named, recording, serves, w
 from tests.conftest import Probe, RunningAgent, body
 from tests.stuck_model import loop_model, trips_for_seconds
 
-BOUND = {"settle_s": 0.1, "load_timeout_s": 0.3}
+# Far above a normal load even on a busy machine, far below the four-second warm-ups.
+BOUND = {"settle_s": 0.1, "load_timeout_s": 1.0}
 LOOP_REQUEST = json.dumps(
     {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]}
 )
@@ -60,12 +61,11 @@ def test_a_load_past_its_bound_is_abandoned_while_other_pushes_load(
     assert len(events_named(agent, "model_load_stuck")) == 1
 
 
-def test_a_newer_push_of_a_model_stuck_loading_loads_once_the_stuck_load_ends(
+def test_a_newer_push_of_a_model_stuck_loading_loads_meanwhile(
     start_agent: Callable[..., RunningAgent], tmp_path: Path, probe: Probe, four_seconds: int
 ) -> None:
-    """A fixed version pushed in place of a model whose load is stuck is not loaded beside
-    it (no pile of threads on one model), and is what the model serves once the stuck load
-    has ended."""
+    """While a model's load is stuck, a fixed version pushed in its place loads and serves;
+    when the stale load ends, the newer files are what the model serves."""
     directory = tmp_path / "watched"
     directory.mkdir()
     agent = recording(start_agent(directory, models=BOUND))
@@ -73,13 +73,12 @@ def test_a_newer_push_of_a_model_stuck_loading_loads_once_the_stuck_load_ends(
     wait_until(lambda: bool(events_named(agent, "model_load_stuck")))
     fixed = onnx_models.scale_model(directory / ".fixed.onnx")
     os.replace(fixed, directory / "m.onnx")
+    wait_until(lambda: serves(agent, "m"))
+    assert [name for name, _ in agent.agent.loader.stuck()] == ["m"]  # the stale one
+    assert body(probe.request(f"{agent.topic}/infer/m", REQUEST))["outputs"][0]["data"] == [3.0] * 4
     wait_until(lambda: bool(events_named(agent, "model_load_ended")), timeout=60)
-    wait_until(
-        lambda: serves(agent, "m") and agent.agent.manager.get("m").inputs[0].shape == (-1, 4)
-    )
-    reply = body(probe.request(f"{agent.topic}/infer/m", REQUEST))
-    assert reply["outputs"][0]["data"] == [3.0] * 4
-    assert len(events_named(agent, "model_load_stuck")) == 1
+    wait_until(lambda: agent.agent.manager.get("m").inputs[0].shape == (-1, 4))
+    assert body(probe.request(f"{agent.topic}/infer/m", REQUEST))["outputs"][0]["data"] == [3.0] * 4
 
 
 def test_a_model_slow_to_load_at_start_does_not_hold_the_agent_back(
