@@ -244,6 +244,8 @@ class BatchingQueue:
         ):
             return False
         start = time.monotonic()
+        if job.deadline is not None and start > job.deadline:
+            return False  # expired already: the queue's path says so and counts it
         if not self._execute([job], who=INLINE_RUNNER, single=True):
             return False  # no active variant right now (a swap): the queue waits for one
         self._stats.arrived(start)
