@@ -100,6 +100,12 @@ def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="comma-separated static int8 calibrators to try: minmax, percentile, entropy",
     )
     p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="fine-tune pruned conv variants against the original by distillation "
+        "(needs the train extra: torch)",
+    )
+    p.add_argument(
         "--min-step",
         type=float,
         default=DEFAULT_MIN_STEP,
@@ -221,7 +227,10 @@ def _run_ladder(args: argparse.Namespace) -> int:
     settings = LadderSettings(
         budget=Budget(args.budget),
         recipe=Recipe(
-            prune_ratios=args.prune_ratios, calibrations=args.calibrations, seed=args.seed
+            prune_ratios=args.prune_ratios,
+            calibrations=args.calibrations,
+            finetune=args.finetune,
+            seed=args.seed,
         ),
         threads=args.threads or agent_threads(),
         batch_size=args.batch,
