@@ -10,7 +10,7 @@ from compressor.selection import Decision
 
 COLUMNS = (
     "variant", "status", "size KB", "size x", "b1 ms", "b1 x", "bN ms", "bN x",
-    "accuracy", "cosine", "top1 agr", "RSS MB",
+    "accuracy", "cosine", "top1 agr", "map IoU", "RSS MB",
 )  # fmt: skip
 
 
@@ -129,7 +129,7 @@ def _row(
     decision: Decision, quality: Quality | None, e: Evaluation | None, ref: Evaluation
 ) -> tuple[str, ...]:
     status = "kept" if decision.kept else decision.reason.split(":")[0]
-    acc = cos = agree = "-"
+    acc = cos = agree = iou = "-"
     if quality is not None:
         acc = "-" if quality.accuracy is None else f"{quality.accuracy:.4f}"
         cos = f"{quality.fidelity.cosine:.5f}"
@@ -138,8 +138,9 @@ def _row(
             if quality.fidelity.top1_agreement is None
             else (f"{quality.fidelity.top1_agreement:.3f}")
         )
+        iou = "-" if quality.fidelity.map_iou is None else f"{quality.fidelity.map_iou:.4f}"
     if e is None:
-        return (decision.name, status, "-", "-", "-", "-", "-", "-", acc, cos, agree, "-")
+        return (decision.name, status, "-", "-", "-", "-", "-", "-", acc, cos, agree, iou, "-")
     b1 = e.latency.batch1_ms
     bn = e.latency.batch_ms
     ref_bn = ref.latency.batch_ms
@@ -155,5 +156,6 @@ def _row(
         acc,
         cos,
         agree,
+        iou,
         "-" if e.peak_rss_mb is None else f"{e.peak_rss_mb:.1f}",
     )
