@@ -7,6 +7,7 @@ name the candidate they start from. Planning only decides; building happens in t
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ from compressor.quantize import (
     quantize_int4,
     quantize_static_int8,
 )
+from compressor.smooth import smooth
+
+# The static int8 candidate built after scale migration (compressor.smooth).
+SMOOTH = "int8-smooth"
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,9 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
         found.append(Candidate("int8-dynamic", _dynamic))
     for method in recipe.calibrations:
         found.append(Candidate(f"int8-{method}", _static(calibration, method)))
+    if mix.conv and recipe.calibrations:
+        # Wide activation channels migrated into the next convs' weights, then int8.
+        found.append(Candidate(SMOOTH, _smoothed(calibration, recipe.calibrations[0])))
     if mix.dense and recipe.int4:
         found.append(Candidate("int4", lambda m, out: Built(quantize_int4(m, out), "int4")))
     if mix.prunable:
@@ -191,6 +199,17 @@ def _tuning(recipe: Recipe, mix: OpMix) -> FinetuneSettings | None:
     if not finetune_available():
         raise UnsupportedModelError("fine-tuning was asked for, but torch is not installed")
     return FinetuneSettings(epochs=recipe.finetune_epochs, seed=recipe.seed)
+
+
+def _smoothed(calibration: Dataset, method: Calibration) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        with tempfile.TemporaryDirectory(prefix="edge-compress-smooth-") as tmp:
+            smoothed, _ = smooth(model, Path(tmp) / "smoothed.onnx", calibration)
+            return Built(
+                quantize_static_int8(load_model(smoothed), out, calibration, method), "int8"
+            )
+
+    return build
 
 
 def _pruned(calibration: Dataset, ratio: float, tuning: FinetuneSettings | None) -> Builder:
