@@ -154,6 +154,7 @@ def _build_all(
     """Build every candidate; one that fails is recorded with its reason, not fatal."""
     built: dict[str, Built] = {}
     failures: list[Decision] = []
+    first = time.monotonic()
     for step, candidate in enumerate(candidates, start=1):
         started = time.monotonic()
         base = built.get(candidate.base) if candidate.base else None
@@ -187,12 +188,15 @@ def _build_all(
             continue
         sparsity = base.sparsity if base is not None else result.sparsity
         built[candidate.name] = Built(result.path, result.precision, sparsity)
+        per_step = (time.monotonic() - first) / step
         log.info(
             "candidate_built",
             step=step,
             steps=len(candidates),
             name=candidate.name,
             seconds=round(time.monotonic() - started, 2),
+            # A rough guide: candidates differ in cost, pruned-int8 ones are quick.
+            seconds_left=round(per_step * (len(candidates) - step), 1),
         )
     return built, failures
 

@@ -59,12 +59,20 @@ def measure_latencies(
         session.run(None, single)  # the first run allocates; keep it out of the figures
         if can_batch:
             session.run(None, batched)
+    started = time.monotonic()
     for round_no in range(settings.rounds):
         for index, session in enumerate(sessions):
             samples[index][0].append(_median_run(session, single, settings))
             if batchable[index]:
                 samples[index][1].append(_median_run(session, batched, settings))
-        log.info("latency_round", round=round_no + 1, rounds=settings.rounds, models=len(models))
+        per_round = (time.monotonic() - started) / (round_no + 1)
+        log.info(
+            "latency_round",
+            round=round_no + 1,
+            rounds=settings.rounds,
+            models=len(models),
+            seconds_left=round(per_round * (settings.rounds - round_no - 1), 1),
+        )
     return [
         Latency(
             batch1_ms=float(np.min(one)) * 1000.0,
