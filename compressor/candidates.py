@@ -7,6 +7,7 @@ name the candidate they start from. Planning only decides; building happens in t
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import onnx
 from compressor.data import Dataset
 from compressor.distill import DistillSettings, distill
 from compressor.errors import UnsupportedModelError
+from compressor.finetune import FinetuneSettings, finetune
+from compressor.finetune import available as finetune_available
 from compressor.fp16 import convert_fp16_safe
 from compressor.graph import (
     GraphIndex,
@@ -27,7 +30,7 @@ from compressor.graph import (
     subgraph_weights,
     weight_elements,
 )
-from compressor.model import OnnxModel, save_model
+from compressor.model import OnnxModel, load_model, save_model
 from compressor.prune.groups import trace
 from compressor.prune.structured import prune_structured
 from compressor.prune.units import find_units
@@ -37,6 +40,10 @@ from compressor.quantize import (
     quantize_int4,
     quantize_static_int8,
 )
+from compressor.smooth import smooth
+
+# The static int8 candidate built after scale migration (compressor.smooth).
+SMOOTH = "int8-smooth"
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,9 @@ class Recipe:
     distill_augment: int = 32
     int4: bool = True
     fp16: bool = True
+    # Distillation fine-tuning of pruned conv variants against the original (needs torch).
+    finetune: bool = False
+    finetune_epochs: int = 30
     seed: int = 0
 
 
@@ -136,12 +146,15 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
         found.append(Candidate("int8-dynamic", _dynamic))
     for method in recipe.calibrations:
         found.append(Candidate(f"int8-{method}", _static(calibration, method)))
+    if mix.conv and recipe.calibrations:
+        # Wide activation channels migrated into the next convs' weights, then int8.
+        found.append(Candidate(SMOOTH, _smoothed(calibration, recipe.calibrations[0])))
     if mix.dense and recipe.int4:
         found.append(Candidate("int4", lambda m, out: Built(quantize_int4(m, out), "int4")))
     if mix.prunable:
         for ratio in recipe.prune_ratios:
             name = f"pruned{round(ratio * 100)}"
-            found.append(Candidate(name, _pruned(calibration, ratio)))
+            found.append(Candidate(name, _pruned(calibration, ratio, _tuning(recipe, mix))))
             # A conv model wants static int8 after pruning; a dense one dynamic.
             combo = _static(calibration, Calibration.MINMAX) if mix.conv else _dynamic
             found.append(Candidate(f"{name}-int8", combo, base=name))
@@ -180,9 +193,31 @@ def _static(calibration: Dataset, method: Calibration) -> Builder:
     return build
 
 
-def _pruned(calibration: Dataset, ratio: float) -> Builder:
+def _tuning(recipe: Recipe, mix: OpMix) -> FinetuneSettings | None:
+    if not (recipe.finetune and mix.conv):
+        return None
+    if not finetune_available():
+        raise UnsupportedModelError("fine-tuning was asked for, but torch is not installed")
+    return FinetuneSettings(epochs=recipe.finetune_epochs, seed=recipe.seed)
+
+
+def _smoothed(calibration: Dataset, method: Calibration) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        with tempfile.TemporaryDirectory(prefix="edge-compress-smooth-") as tmp:
+            smoothed, _ = smooth(model, Path(tmp) / "smoothed.onnx", calibration)
+            return Built(
+                quantize_static_int8(load_model(smoothed), out, calibration, method), "int8"
+            )
+
+    return build
+
+
+def _pruned(calibration: Dataset, ratio: float, tuning: FinetuneSettings | None) -> Builder:
     def build(model: OnnxModel, out: Path) -> Built:
         result = prune_structured(model, out, ratio, calibration)
+        if tuning is not None:
+            # Recover what pruning lost by learning from the original (no labels needed).
+            finetune(model.path, load_model(result.path), out, calibration, tuning)
         return Built(result.path, "fp32", result.sparsity)
 
     return build

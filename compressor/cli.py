@@ -19,7 +19,7 @@ from compressor.candidates import Recipe
 from compressor.data import Dataset, load_dataset
 from compressor.distill import DistillSettings, distill
 from compressor.errors import CompressorError, DataError, OutputExistsError
-from compressor.evaluate import Budget, EvalSettings, Evaluation, evaluate, score
+from compressor.evaluate import Budget, EvalSettings, Evaluation, Metric, evaluate, score
 from compressor.fp16 import convert_fp16_safe
 from compressor.ladder import LadderSettings, build_ladder
 from compressor.logs import configure
@@ -98,6 +98,12 @@ def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         type=_calibrations,
         default=Recipe().calibrations,
         help="comma-separated static int8 calibrators to try: minmax, percentile, entropy",
+    )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="fine-tune pruned conv variants against the original by distillation "
+        "(needs the train extra: torch)",
     )
     p.add_argument(
         "--min-step",
@@ -198,7 +204,15 @@ def _budget_arg(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.01,
         help="quality a variant may lose: accuracy points with labels, else 1 - cosine "
-        "(default 0.01: one point of accuracy, or cosine 0.99)",
+        "(default 0.01: one point of accuracy, or cosine 0.99); with --metric, 1 - that figure",
+    )
+    p.add_argument(
+        "--metric",
+        choices=[m.value for m in Metric],
+        default=Metric.AUTO.value,
+        help="what quality means: accuracy (labels), cosine, top1 (agreement with the "
+        "original's class), iou (of the sigmoid maps thresholded at 0.5); auto: accuracy "
+        "with labels, else cosine",
     )
 
 
@@ -219,9 +233,12 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
 
 def _run_ladder(args: argparse.Namespace) -> int:
     settings = LadderSettings(
-        budget=Budget(args.budget),
+        budget=Budget(args.budget, Metric(args.metric)),
         recipe=Recipe(
-            prune_ratios=args.prune_ratios, calibrations=args.calibrations, seed=args.seed
+            prune_ratios=args.prune_ratios,
+            calibrations=args.calibrations,
+            finetune=args.finetune,
+            seed=args.seed,
         ),
         threads=args.threads or agent_threads(),
         batch_size=args.batch,
@@ -269,7 +286,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 def _mixed(args: argparse.Namespace, model: OnnxModel, method: Calibration) -> Path:
     calib = _calibration(args, model)
     check = load_dataset(args.eval, model.signature) if args.eval else calib
-    budget = Budget(args.budget)
+    budget = Budget(args.budget, Metric(args.metric))
 
     def meets(path: Path) -> bool:
         return score(model.path, {"m": path}, check, agent_threads())["m"].within(budget)
@@ -318,7 +335,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         measure_memory=not args.no_memory,
     )
     results = evaluate(model.path, variants, data, settings)
-    budget = Budget(args.budget)
+    budget = Budget(args.budget, Metric(args.metric))
     if args.json:
         print(json.dumps({n: _as_json(e, budget) for n, e in results.items()}, indent=2))
         return 0
@@ -339,6 +356,7 @@ def _as_json(e: Evaluation, budget: Budget) -> dict[str, object]:
         "cosine": e.fidelity.cosine,
         "min_cosine": e.fidelity.min_cosine,
         "top1_agreement": e.fidelity.top1_agreement,
+        "map_iou": e.fidelity.map_iou,
         "max_abs_error": e.fidelity.max_abs_error,
         "latency_ms": e.latency.batch1_ms,
         "batch_latency_ms": e.latency.batch_ms,

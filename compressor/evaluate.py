@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import structlog
 
 from compressor.data import Dataset
-from compressor.errors import UnsupportedModelError
+from compressor.errors import DataError, UnsupportedModelError
 from compressor.latency import Latency, LatencySettings, measure_latencies
 from compressor.memprobe import probe_peak_rss_mb
 from compressor.metrics import Fidelity, accuracy, fidelity
@@ -23,15 +24,27 @@ from compressor.session import agent_batch_size, open_session, run_dataset
 log = structlog.get_logger(__name__)
 
 
+class Metric(StrEnum):
+    """What quality means for the model, and so what the budget is spent on."""
+
+    AUTO = "auto"  # accuracy with labels, else cosine to the original
+    ACCURACY = "accuracy"  # top-1 accuracy on the labels
+    COSINE = "cosine"  # mean cosine of the outputs to the original's
+    TOP1 = "top1"  # share of rows whose arg-max class agrees with the original's
+    IOU = "iou"  # IoU of the probability maps thresholded at 0.5, against the original's
+
+
 @dataclass(frozen=True)
 class Budget:
-    """The quality a variant may lose: accuracy points with labels, else 1 - cosine."""
+    """The quality a variant may lose, in the chosen metric: accuracy points, or 1 - the
+    fidelity figure (cosine, top-1 agreement, map IoU)."""
 
     loss: float = 0.01
+    metric: Metric = Metric.AUTO
 
     @property
     def min_cosine(self) -> float:
-        """The lowest mean cosine to the original's outputs a variant may have."""
+        """The lowest fidelity figure (cosine by default) a variant may have."""
         return 1.0 - self.loss
 
 
@@ -69,12 +82,32 @@ class Quality:
         """Accuracy when labels were given, otherwise mean cosine to the original."""
         return self.accuracy if self.accuracy is not None else self.fidelity.cosine
 
+    def measure(self, metric: Metric) -> float:
+        """The variant's figure in `metric` (DataError when it cannot be had)."""
+        if metric is Metric.AUTO:
+            return self.quality
+        if metric is Metric.ACCURACY:
+            if self.accuracy is None:
+                raise DataError("--metric accuracy needs labels in the evaluation set")
+            return self.accuracy
+        if metric is Metric.COSINE:
+            return self.fidelity.cosine
+        value = self.fidelity.top1_agreement if metric is Metric.TOP1 else self.fidelity.map_iou
+        if value is None:
+            what = "a [rows, classes] output" if metric is Metric.TOP1 else "a map output in [0, 1]"
+            raise DataError(f"--metric {metric} needs {what}")
+        return value
+
     def within(self, budget: Budget) -> bool:
         """Whether the variant loses no more than the budget allows."""
-        if self.accuracy is not None and self.reference_accuracy is not None:
-            # A hair of float slack: the original itself must never fall out of budget.
-            return self.reference_accuracy - self.accuracy <= budget.loss + 1e-9
-        return self.fidelity.cosine >= budget.min_cosine - 1e-9
+        # A hair of float slack: the original itself must never fall out of budget.
+        labelled = self.accuracy is not None and self.reference_accuracy is not None
+        if budget.metric is Metric.ACCURACY or (budget.metric is Metric.AUTO and labelled):
+            if self.reference_accuracy is None:
+                raise DataError("--metric accuracy needs labels in the evaluation set")
+            return self.reference_accuracy - self.measure(Metric.ACCURACY) <= budget.loss + 1e-9
+        metric = Metric.COSINE if budget.metric is Metric.AUTO else budget.metric
+        return self.measure(metric) >= budget.min_cosine - 1e-9
 
 
 @dataclass(frozen=True)

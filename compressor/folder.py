@@ -148,6 +148,8 @@ def _metrics(e: Evaluation, ref: Evaluation) -> VariantMetrics:
     }
     if e.fidelity.top1_agreement is not None:
         extra["top1_agreement"] = e.fidelity.top1_agreement
+    if e.fidelity.map_iou is not None:
+        extra["map_iou"] = e.fidelity.map_iou
     if e.latency.batch_ms is not None and ref.latency.batch_ms is not None:
         extra["batch_latency_ms"] = e.latency.batch_ms
         extra["batch_latency_ratio"] = e.latency.batch_ms / ref.latency.batch_ms

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from agent.manifest import Manifest
-from compressor.candidates import Built, Candidate, Recipe, plan
+from compressor.candidates import SMOOTH, Built, Candidate, Recipe, plan
 from compressor.data import Dataset, load_dataset
 from compressor.errors import CompressorError, DataError
 from compressor.evaluate import Budget, EvalSettings, Evaluation, Quality, evaluate, score
@@ -154,6 +154,7 @@ def _build_all(
     """Build every candidate; one that fails is recorded with its reason, not fatal."""
     built: dict[str, Built] = {}
     failures: list[Decision] = []
+    first = time.monotonic()
     for step, candidate in enumerate(candidates, start=1):
         started = time.monotonic()
         base = built.get(candidate.base) if candidate.base else None
@@ -187,12 +188,15 @@ def _build_all(
             continue
         sparsity = base.sparsity if base is not None else result.sparsity
         built[candidate.name] = Built(result.path, result.precision, sparsity)
+        per_step = (time.monotonic() - first) / step
         log.info(
             "candidate_built",
             step=step,
             steps=len(candidates),
             name=candidate.name,
             seconds=round(time.monotonic() - started, 2),
+            # A rough guide: candidates differ in cost, pruned-int8 ones are quick.
+            seconds_left=round(per_step * (len(candidates) - step), 1),
         )
     return built, failures
 
@@ -231,8 +235,13 @@ def _best_calibrator(scores: dict[str, Quality]) -> Calibration:
 
 def _needs_mixed(scores: dict[str, Quality], budget: Budget) -> bool:
     """True when static int8 was tried and every variant of it misses the budget."""
-    static = [q for n, q in scores.items() if n in {f"int8-{c}" for c in Calibration}]
+    static = [q for n, q in scores.items() if n in _static_names()]
     return bool(static) and not any(q.within(budget) for q in static)
+
+
+def _static_names() -> set[str]:
+    """The static int8 candidates: one graph and one cost, only their scales differ."""
+    return {f"int8-{c}" for c in Calibration} | {SMOOTH}
 
 
 def _calibration_twins(scores: dict[str, Quality], budget: Budget) -> dict[str, str]:
@@ -241,13 +250,13 @@ def _calibration_twins(scores: dict[str, Quality], budget: Budget) -> dict[str, 
     The calibrators only change scales, so timing them against each other measures noise;
     the best-scoring one stands for all of them.
     """
-    static = [n for n in scores if n in {f"int8-{c}" for c in Calibration}]
+    static = [n for n in scores if n in _static_names()]
     within = [n for n in static if scores[n].within(budget)]
     if not within:
         return {}
     best = max(within, key=lambda n: (scores[n].quality, scores[n].fidelity.cosine, n))
     return {
-        n: f"duplicate: same graph as {best} (another calibrator), which scores higher"
+        n: f"duplicate: same graph as {best} (other scales), which scores higher"
         for n in within
         if n != best
     }

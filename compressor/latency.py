@@ -2,7 +2,10 @@
 
 Edge boards and workstations alike run other work: one variant timed after another can
 look faster just because a neighbour went quiet. Rounds interleave the variants, each round
-records a median, and the figure is the median over rounds.
+records a median, and the figure is the quietest round's: neighbours only ever add time,
+and on a busy machine the median over rounds measured them rather than the variant (the
+agent's policy scales these figures by the slowdown it observes, so they must be the
+variant's own cost).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class LatencySettings:
 
 @dataclass(frozen=True)
 class Latency:
-    """p50 latency in milliseconds at batch 1 and at the larger batch (None if fixed-batch)."""
+    """p50 latency (ms) of the quietest round at batch 1 and at the larger batch (None if the
+    model takes a fixed batch)."""
 
     batch1_ms: float
     batch_ms: float | None
@@ -55,16 +59,24 @@ def measure_latencies(
         session.run(None, single)  # the first run allocates; keep it out of the figures
         if can_batch:
             session.run(None, batched)
+    started = time.monotonic()
     for round_no in range(settings.rounds):
         for index, session in enumerate(sessions):
             samples[index][0].append(_median_run(session, single, settings))
             if batchable[index]:
                 samples[index][1].append(_median_run(session, batched, settings))
-        log.info("latency_round", round=round_no + 1, rounds=settings.rounds, models=len(models))
+        per_round = (time.monotonic() - started) / (round_no + 1)
+        log.info(
+            "latency_round",
+            round=round_no + 1,
+            rounds=settings.rounds,
+            models=len(models),
+            seconds_left=round(per_round * (settings.rounds - round_no - 1), 1),
+        )
     return [
         Latency(
-            batch1_ms=float(np.median(one)) * 1000.0,
-            batch_ms=float(np.median(many)) * 1000.0 if many else None,
+            batch1_ms=float(np.min(one)) * 1000.0,
+            batch_ms=float(np.min(many)) * 1000.0 if many else None,
             batch_size=settings.batch_size,
         )
         for one, many in samples

@@ -22,6 +22,7 @@ class Fidelity:
     min_cosine: float
     max_abs_error: float
     top1_agreement: float | None
+    map_iou: float | None = None  # of maps thresholded at 0.5, where outputs are maps in [0, 1]
 
 
 def cosine_per_row(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -43,6 +44,26 @@ def top1(scores: np.ndarray) -> np.ndarray | None:
     return np.asarray(np.argmax(scores, axis=1))
 
 
+# A probability map (a Sigmoid's output) is read as "object here" above this value.
+MAP_THRESHOLD = 0.5
+
+
+def map_iou(reference: np.ndarray, output: np.ndarray) -> float | None:
+    """Mean per-row IoU of the thresholded maps; None unless the reference is a map in [0, 1]
+    (at least [rows, channels, height] values) with something above the threshold."""
+    if reference.ndim < 3 or reference.size == 0:
+        return None
+    if float(np.min(reference)) < 0.0 or float(np.max(reference)) > 1.0:
+        return None
+    ref = (reference > MAP_THRESHOLD).reshape(reference.shape[0], -1)
+    out = (output > MAP_THRESHOLD).reshape(output.shape[0], -1)
+    union = np.sum(ref | out, axis=1)
+    if not np.any(union):
+        return None
+    inter = np.sum(ref & out, axis=1)
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
 def fidelity(reference: Mapping[str, np.ndarray], output: Mapping[str, np.ndarray]) -> Fidelity:
     """Compare every floating-point output; the figures are the worst over the outputs."""
     names = [n for n, a in reference.items() if a.dtype.kind == "f"]
@@ -58,11 +79,13 @@ def fidelity(reference: Mapping[str, np.ndarray], output: Mapping[str, np.ndarra
         ref_top, out_top = top1(reference[n]), top1(output[n])
         if ref_top is not None and out_top is not None:
             agreements.append(float(np.mean(ref_top == out_top)))
+    ious = [v for n in names if (v := map_iou(reference[n], output[n])) is not None]
     return Fidelity(
         cosine=min(float(np.mean(c)) for c in cosines),
         min_cosine=min(float(np.min(c)) for c in cosines),
         max_abs_error=max(errors),
         top1_agreement=min(agreements) if agreements else None,
+        map_iou=min(ious) if ious else None,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from compressor.evaluate import Budget, Evaluation, Quality
+from compressor.evaluate import Budget, Evaluation, Metric, Quality
 
 DEFAULT_MIN_STEP = 0.15
 DEFAULT_MAX_RUNGS = 6
@@ -115,14 +115,14 @@ def _select(
     for name, e in evaluations.items():
         if name != reference and not e.within(budget):
             decisions.append(Decision(name, False, over_budget_reason(e, budget)))
-    for candidate in sorted(within, key=lambda e: _rank(e, ref)):
+    for candidate in sorted(within, key=lambda e: _rank(e, ref, budget.metric)):
         relieved = {
             cost: ratio
             for cost in Cost
             if (ratio := _step_ratio(candidate, [evaluations[r] for r in ladder], cost, rules))
             is not None
             and ratio <= 1.0 - rules.min_step
-            and not _dominated(candidate, within, ref, cost)
+            and not _dominated(candidate, within, ref, cost, budget.metric)
         }
         if not relieved:
             decisions.append(
@@ -136,8 +136,8 @@ def _select(
     return ladder, decisions
 
 
-def _rank(e: Evaluation, ref: Evaluation) -> tuple[float, float, str]:
-    quality, cosine = _standing(e, ref)
+def _rank(e: Evaluation, ref: Evaluation, metric: Metric) -> tuple[float, float, str]:
+    quality, cosine = _standing(e, ref, metric)
     return (-quality, -cosine, e.name)
 
 
@@ -156,7 +156,11 @@ def _step_ratio(
 
 
 def _dominated(
-    candidate: Evaluation, others: Sequence[Evaluation], ref: Evaluation, cost: Cost
+    candidate: Evaluation,
+    others: Sequence[Evaluation],
+    ref: Evaluation,
+    cost: Cost,
+    metric: Metric,
 ) -> bool:
     """Whether another variant stands at least as high and is strictly cheaper in `cost`.
 
@@ -169,20 +173,26 @@ def _dominated(
         theirs = cost_of(other, cost)
         if other.name == candidate.name or theirs is None:
             continue
-        if _standing(other, ref) >= _standing(candidate, ref) and theirs < mine:
+        if _standing(other, ref, metric) >= _standing(candidate, ref, metric) and theirs < mine:
             return True
     return False
 
 
-def _standing(e: Evaluation, ref: Evaluation) -> tuple[float, float]:
+def _standing(e: Evaluation, ref: Evaluation, metric: Metric) -> tuple[float, float]:
     """Quality capped at the original's, then fidelity: variants that tie on accuracy (a
     small evaluation set gives ties and noise) rank by how closely they follow the original."""
-    return (min(e.quality, ref.quality), e.fidelity.cosine)
+    return (min(e.measure(metric), ref.measure(metric)), e.fidelity.cosine)
 
 
 def over_budget_reason(candidate: Quality, budget: Budget) -> str:
     """Why a variant is out: what it scored against what the budget allows."""
-    if candidate.accuracy is not None and candidate.reference_accuracy is not None:
+    if budget.metric not in (Metric.AUTO, Metric.ACCURACY, Metric.COSINE):
+        return (
+            f"over budget: {budget.metric} {candidate.measure(budget.metric):.4f} < "
+            f"{budget.min_cosine:.4f}"
+        )
+    labelled = candidate.accuracy is not None and candidate.reference_accuracy is not None
+    if budget.metric is Metric.ACCURACY or (budget.metric is Metric.AUTO and labelled):
         return (
             f"over budget: accuracy {candidate.accuracy:.4f} vs {candidate.reference_accuracy:.4f}"
             f" (may lose {budget.loss:.4f})"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compressor.errors import DataError
-from compressor.metrics import accuracy, cosine_per_row, fidelity
+from compressor.metrics import accuracy, cosine_per_row, fidelity, map_iou
 
 
 def test_cosine_of_scaled_and_opposite_rows() -> None:
@@ -58,3 +58,13 @@ def test_accuracy_needs_a_classifier_output() -> None:
     """Labels for a model with only a [rows, 1] regression output are refused."""
     with pytest.raises(DataError, match="no classifier output"):
         accuracy({"y": np.zeros((3, 1))}, np.array([0, 1, 2]))
+
+
+def test_map_iou_of_thresholded_maps() -> None:
+    """Two sigmoid-like maps overlapping on half their foreground have IoU 1/3."""
+    ref = np.zeros((1, 1, 2, 4), np.float32)
+    out = np.zeros((1, 1, 2, 4), np.float32)
+    ref[0, 0, 0, :2] = 0.9
+    out[0, 0, 0, 1:3] = 0.8
+    assert map_iou(ref, out) == pytest.approx(1 / 3)
+    assert map_iou(ref * 10, out) is None  # not a map in [0, 1]

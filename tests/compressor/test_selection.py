@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from compressor.evaluate import Budget, Evaluation
+from compressor.evaluate import Budget, Evaluation, Metric
 from compressor.latency import Latency
 from compressor.metrics import Fidelity
 from compressor.selection import Rules, select_ladder
@@ -159,3 +159,12 @@ def test_min_step_is_configurable() -> None:
     }
     assert select_ladder("fp32", evals, Budget(0.01))[0] == ["fp32"]
     assert select_ladder("fp32", evals, Budget(0.01), Rules(min_step=0.05))[0] == ["fp32", "bit"]
+
+
+def test_metric_top1_spends_the_budget_on_agreement() -> None:
+    """With --metric top1 a variant is judged by class agreement, not by accuracy."""
+    agreeing = _e("agreeing", 0.90, 900, 0.5)  # 5 points less accurate, agreement 1.0
+    evals = {"fp32": _e("fp32", 0.95, 1000, 1.0, cosine=1.0), "agreeing": agreeing}
+    assert select_ladder("fp32", evals, Budget(0.01))[0] == ["fp32"]
+    kept, _ = select_ladder("fp32", evals, Budget(0.01, Metric.TOP1))
+    assert kept == ["fp32", "agreeing"]
