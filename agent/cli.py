@@ -323,8 +323,12 @@ def _describe_status(status: dict[str, Any]) -> str:
             inputs = ", ".join(
                 f"{t['name']} {t['datatype']}{t['shape']}" for t in model.get("inputs", [])
             )
-            lines.append(f"  {name:<{width}}  {model.get('active', '?'):<12} {ladder}")
+            active = model.get("active") or "(swapping)"
+            lines.append(f"  {name:<{width}}  {active:<12} {ladder}")
             lines.append(f"  {'':<{width}}  {'':<12} {inputs}")
+            if model.get("reason"):
+                why = f"{model['reason']}: {model['why']}" if model.get("why") else model["reason"]
+                lines.append(f"  {'':<{width}}  {'':<12} why: {why}")
     elif status.get("state") == "online":
         lines.append("  no models loaded")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from agent.errors import VariantRejected
+from agent.files import RefusedFile, check_regular, open_regular
 
 # Operator domains onnxruntime implements itself. Anything else needs a custom-op library.
 BUILTIN_DOMAINS = frozenset(
@@ -101,15 +102,26 @@ def check_model_file(
                 f"variant {variant}: {path.name} reads external data from {location!r}, "
                 f"outside its model folder {root}"
             )
-        if not target.is_file():
+        try:
+            check_regular(target)
+        except RefusedFile as exc:
+            # onnxruntime would open it itself, and a FIFO would hold the load forever.
+            raise VariantRejected(
+                f"variant {variant}: external data file {location!r} of {path.name} "
+                f"is refused: {exc}"
+            ) from exc
+        except OSError:
             raise VariantRejected(
                 f"variant {variant}: external data file {location!r} of {path.name} is missing"
-            )
+            ) from None
 
 
 def inspect_model(path: Path) -> OnnxFacts:
-    """Operator domains and external data locations of the ONNX model at `path`."""
-    with path.open("rb") as f:
+    """Operator domains and external data locations of the ONNX model at `path`.
+
+    Only a regular file is opened (RefusedFile otherwise): a FIFO would block the read.
+    """
+    with open_regular(path) as f:
         try:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError as exc:  # an empty file cannot be mapped

@@ -101,11 +101,12 @@ def test_infer_exit_codes(agent: RunningAgent, tmp_path: Path) -> None:
 
 
 def test_status_shows_the_device(agent: RunningAgent) -> None:
-    """`edge-agent status` prints the device's state and each model's active variant."""
+    """`edge-agent status` prints the device's state, each model's active variant and why."""
     result = edge_agent("status", *where(agent))
     assert result.returncode == 0, result.stderr
     assert f"device {agent.config.mqtt.device_id}: online" in result.stdout
     assert "digits  fp32" in result.stdout
+    assert "why: start" in result.stdout
     raw = json.loads(edge_agent("status", *where(agent), "--json").stdout)
     assert raw["models"]["digits"]["active"] == "fp32"
     absent = edge_agent(

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapt.monitor import usable_cpus
 from agent.config import (
     AgentConfig,
     MqttConfig,
     example_toml,
     load_config,
     read_password,
-    usable_cpus,
 )
 from agent.errors import ConfigError
 

@@ -40,6 +40,9 @@ class BlockingVariant:
         self._release.wait(30)
         return self._inner.run(feeds, output_names)
 
+    def close(self) -> None:
+        self._inner.close()
+
 
 @pytest.fixture
 def watchdog_1s(monkeypatch: pytest.MonkeyPatch, notify_socket: NotifySocket) -> NotifySocket:
@@ -130,7 +133,8 @@ def test_watchdog_pings_stop_while_a_model_worker_hangs(
     watchdog_1s.wait_for("WATCHDOG", "1", after=time.monotonic())
     served = agent.manager.get("scale")
     # A stand-in with the same duck type; mypy does not check tests, this says so anyway.
-    served.active = BlockingVariant(served.active, release)  # type: ignore[assignment]
+    assert served.active is not None
+    served.active.runtime = BlockingVariant(served.active.runtime, release)  # type: ignore[assignment]
     wait_subscribed(probe, agent.config.mqtt.device_topic)
     probe.publish(f"{agent.config.mqtt.device_topic}/infer/scale", scale_request(probe.reply_topic))
 
