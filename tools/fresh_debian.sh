@@ -6,7 +6,10 @@
 # a model push, reload, a failed reload, no broker, the Nagle warning, stop), and the
 # tests again with the service installed. Prints a summary; exits 1 when a check failed.
 #
-#   sudo tools/fresh_debian.sh [--workdir DIR] [--reuse-base] [--keep]
+#   sudo tools/fresh_debian.sh [--workdir DIR] [--reuse-base] [--keep] [--only-offline]
+#
+# --reuse-base reuses the last debootstrap; --keep keeps the booted root; --only-offline
+# boots a kept root again for the loopback-only (service) phase alone.
 #
 # Needs root, and debootstrap and systemd-container from Debian (installed with apt-get
 # when missing). The machine's apt and pip configuration, the PIP_* variables and its CA
@@ -17,16 +20,19 @@
 # owns 127.0.0.1:1883 and the installed service runs against it.
 set -euo pipefail
 
+main() {  # the whole script is read before it runs: editing it meanwhile is harmless
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 workdir=/var/tmp/edge-agent-fresh
 reuse_base=0
 keep=0
+only_offline=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --workdir) workdir=$2; shift 2 ;;
     --reuse-base) reuse_base=1; shift ;;
     --keep) keep=1; shift ;;
-    *) echo "usage: $0 [--workdir DIR] [--reuse-base] [--keep]" >&2; exit 2 ;;
+    --only-offline) only_offline=1; keep=1; shift ;;
+    *) echo "usage: $0 [--workdir DIR] [--reuse-base] [--keep] [--only-offline]" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "fresh_debian.sh needs root (debootstrap, systemd-nspawn)" >&2; exit 2; }
@@ -50,11 +56,20 @@ base=$workdir/base
 root=$workdir/root
 out=$workdir/out
 mkdir -p "$workdir"
+binds=()
+if [ $only_offline = 1 ]; then
+  [ -d "$root/opt/edge-agent" ] || { echo "no kept root with the online phase done" >&2; exit 2; }
+  mkdir -p "$out"; chmod 1777 "$out"
+  echo "--- (again, on the kept root)" >> "$out/summary.txt"
+  home_pip="$(getent passwd "${SUDO_USER:-root}" | cut -d: -f6)/.config/pip/pip.conf"
+else
 if [ $reuse_base = 0 ] || [ ! -e "$base/.complete" ]; then
   rm -rf "$base"
   say "debootstrap bookworm into $base from $(mirror) (a few minutes)"
   start=$SECONDS
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,ca-certificates \
+  # minbase and what a standard Debian install brings that matters here: procps (kill),
+  # python3. python3-venv is left out on purpose, as on a fresh Debian.
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps,python3,ca-certificates \
     bookworm "$base" "$(mirror)" > "$workdir/debootstrap.log" 2>&1 ||
     { tail -20 "$workdir/debootstrap.log" >&2; exit 1; }
   touch "$base/.complete"
@@ -100,6 +115,7 @@ for home in root home/newbie; do
 done
 chroot "$root" chown -R newbie:newbie /home/newbie/edge-agent
 echo edge-fresh > "$root/etc/hostname"
+fi  # only_offline
 # What Debian's installer writes and debootstrap does not: localhost must resolve.
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tedge-fresh\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
   > "$root/etc/hosts"
@@ -345,7 +361,7 @@ boot() {  # boot PHASE [nspawn options...]
   say "$phase phase took $((SECONDS - start)) s"
 }
 
-boot online
+[ $only_offline = 1 ] || boot online
 boot offline --private-network
 
 echo
@@ -353,3 +369,6 @@ echo "=== fresh Debian 12 check: summary ($out/summary.txt; logs in $out)"
 cat "$out/summary.txt"
 [ $keep = 1 ] || rm -rf "$root"
 ! grep -q '^FAIL' "$out/summary.txt"
+}
+
+main "$@"
