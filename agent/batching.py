@@ -25,6 +25,7 @@ import structlog
 
 from agent.errors import EdgeAgentError, InferenceError, ModelNotReady, Overloaded, RequestExpired
 from agent.metrics import ModelStats
+from agent.session import RunControl
 from agent.variant import VariantHandle
 
 log = structlog.get_logger(__name__)
@@ -68,7 +69,10 @@ INLINE_MAX_ROWS = 8
 INLINE_EVIDENCE = 20
 """Small runs a model must have shown (on workers) before any request runs inline."""
 INLINE_STRIKE = 10.0
-"""An inline run this many times over inline_max_ms disables inline runs for the model."""
+"""An inline run this many times over inline_max_ms suspends inline runs for the model."""
+INLINE_SUSPEND_S = 30.0
+"""The first suspension; each further strike doubles it (a model whose cost depends on its
+data blocks the network thread once per suspension at most, and ever more rarely)."""
 INLINE_RUNNER = "the MQTT thread (inline run)"
 
 
@@ -115,6 +119,8 @@ class BatchingQueue:
         self._inline_max_ms = inline_max_ms
         self._recent_ms: float | None = None
         self._observed = 0
+        self._strikes = 0
+        self._inline_off_until = 0.0
         self._lease = lease
         self._stats = stats
         # Unbounded underneath: the bound is checked in submit(), under the same lock as
@@ -128,6 +134,8 @@ class BatchingQueue:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._running_since: dict[str, float] = {}  # worker name -> when its batch started
+        self._local = threading.local()  # each worker's RunControl
+        self._controls: list[RunControl] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"model-{model}-{i}", daemon=True)
             for i in range(workers)
@@ -183,16 +191,30 @@ class BatchingQueue:
         Batches already running answer when they finish.
         """
         answered = 0
+        with self._busy_lock:
+            controls = list(self._controls)
+        for control in controls:  # running batches stop between kernels, and say why
+            control.cancel()
+        stops = 0
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return answered
-            if isinstance(item, Job) and not item.notified:
+                break
+            if isinstance(item, _Stop):
+                stops += 1
+            elif not item.notified:
                 self._notify(item, error)
                 answered += 1
+        for _ in range(stops):  # the workers still need theirs, to end
+            self._queue.put_nowait(_Stop())
+        return answered
 
     def _work(self) -> None:
+        control = RunControl()
+        self._local.control = control
+        with self._busy_lock:
+            self._controls.append(control)
         while True:
             first = self._queue.get()
             if isinstance(first, _Stop):
@@ -212,6 +234,7 @@ class BatchingQueue:
         """
         if (
             self._observed < INLINE_EVIDENCE
+            or time.monotonic() < self._inline_off_until
             or self._recent_ms is None
             or self._recent_ms > self._inline_max_ms
             or self._busy
@@ -226,9 +249,15 @@ class BatchingQueue:
         self._stats.arrived(start)
         took_ms = (time.monotonic() - start) * 1000.0
         if took_ms > INLINE_STRIKE * self._inline_max_ms:
-            # Its cost depends on the data (a Loop, a search): never block the loop again.
-            self._inline_max_ms = 0.0
-            log.warning("inline_disabled", model=self.model, ms=round(took_ms, 3))
+            # One large request, or a cost that depends on the data (a Loop, a search):
+            # workers only for a while, and fresh evidence before inline runs again.
+            suspend = INLINE_SUSPEND_S * 2.0 ** min(self._strikes, 10)
+            self._strikes += 1
+            self._inline_off_until = time.monotonic() + suspend
+            self._observed = 0
+            log.warning(
+                "inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend
+            )
         return True
 
     def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> bool:
@@ -334,9 +363,13 @@ class BatchingQueue:
         names = job.outputs or variant.output_names
         start = time.monotonic()
         try:
-            results = variant.run(job.feeds, names)
+            results = variant.run(job.feeds, names, self._control())
         except InferenceError as exc:
-            self._finish(job, exc)
+            control = self._control()
+            if control is not None and control.cancelled:
+                self._finish(job, ModelNotReady(f"model {self.model}: stopping"))
+            else:
+                self._finish(job, exc)
             return
         end = time.monotonic()
         self._observe((end - start) * 1000.0, _rows(job))
@@ -362,7 +395,7 @@ class BatchingQueue:
         }
         start = time.monotonic()
         try:
-            results = variant.run(feeds, names)
+            results = variant.run(feeds, names, self._control())
         except InferenceError:
             return False  # one of them is bad: isolate it by running each alone
         end = time.monotonic()
@@ -385,6 +418,11 @@ class BatchingQueue:
                 ),
             )
         return True
+
+    def _control(self) -> RunControl | None:
+        """The calling worker's RunControl (None on the network thread: inline runs)."""
+        control: RunControl | None = getattr(self._local, "control", None)
+        return control
 
     def _finish(self, job: Job, outcome: Outcome) -> None:
         latency_ms = (time.monotonic() - job.enqueued) * 1000.0

@@ -2,7 +2,9 @@
 
 Precedence, lowest to highest: built-in defaults, the TOML file, `EDGE_AGENT_<SECTION>__<KEY>`
 environment variables, command-line flags. An invalid value is refused with its key, the
-value, where it came from and why.
+value, where it came from and why. A file is read only when named (`--config` or
+`$EDGE_AGENT_CONFIG`): never found by looking, so that a run by hand or a test cannot pick
+up an installed service's configuration (and with it the service's state directory).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
-DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
+# Where `install-service` puts the service's file; its unit passes it with --config. Never
+# read unless named.
+SERVICE_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
 MIB = 1024 * 1024
 
 # MQTT topic levels must not contain these; a device id or prefix is one or more levels.
@@ -84,6 +88,46 @@ class MqttConfig(_Section):
     reconnect_max_s: int = Field(30, ge=1, le=3600, description="Longest reconnect delay.")
     max_payload_bytes: int = Field(
         64 * MIB, ge=1024, le=256 * MIB, description="Largest request accepted."
+    )
+    max_packet_bytes: int = Field(
+        268_435_455,
+        ge=1024,
+        le=268_435_455,
+        description="Largest MQTT packet the broker accepts (mosquitto's max_packet_size); "
+        "a reply that would not fit becomes an error reply. With MQTT 5 the broker's own "
+        "Maximum Packet Size (CONNACK) applies when lower.",
+    )
+    reply_prefix: str | None = Field(
+        None,
+        pattern=r"^[^#+\s$/][^#+\s]*[^#+\s/]$",
+        max_length=256,
+        description="Reply only on topics under this prefix (e.g. 'edge/reply'); a request "
+        "sent on .../infer/<model>/<user> is answered only under <reply_prefix>/<user>/, "
+        "so with the shipped ACL no client can have replies delivered to another. Unset: "
+        "any valid topic except the agent's own.",
+    )
+    inline_decode_bytes: int = Field(
+        65536,
+        ge=0,
+        le=16 * MIB,
+        description="Requests up to this size are decoded on the MQTT thread (the fast "
+        "path); larger ones by the decode workers, so that they never hold up the loop.",
+    )
+    decode_workers: int = Field(
+        1, ge=1, le=16, description="Threads decoding large requests (JSON parsing, checks)."
+    )
+    decode_backlog_bytes: int = Field(
+        64 * MIB,
+        ge=1024,
+        le=1024 * MIB,
+        description="Bytes of large requests waiting for a decode worker; a request beyond "
+        "it is refused at once with 503 (the agent is behind), never left unanswered.",
+    )
+    max_pending_commands: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Control commands waiting to run; beyond it a command is refused with 503.",
     )
     tcp_nodelay: bool = Field(True, description="Disable Nagle on the broker socket.")
     username: str | None = Field(None, max_length=256, description="Broker user name.")
@@ -170,6 +214,14 @@ class ModelsConfig(_Section):
         le=3600.0,
         description="Longest wait for a push to complete (files and hashes) before acting "
         "on it anyway and reporting what is wrong.",
+    )
+    load_timeout_s: float = Field(
+        120.0,
+        ge=0.1,
+        le=3600.0,
+        description="Longest a model's load (checks, session, warm-up) may take, at start "
+        "and on a push. Past it the load is abandoned to its thread, reported "
+        "(model_load_stuck) and shown by the health check; other models go on loading.",
     )
 
 
@@ -387,9 +439,10 @@ def load_config(
 ) -> AgentConfig:
     """Build the configuration from a TOML file, the environment and flag overrides.
 
-    `path` None reads `EDGE_AGENT_CONFIG` or `/etc/edge-agent/config.toml` when they exist
-    and defaults otherwise; an explicit path must exist. `overrides` maps dotted keys
-    (`"mqtt.port"`) to values from the command line; None values are ignored.
+    `path` None reads the file `EDGE_AGENT_CONFIG` names, when set, and no file otherwise
+    (not even /etc/edge-agent/config.toml: the service's unit names it); a named file must
+    exist. `overrides` maps dotted keys (`"mqtt.port"`) to values from the command line;
+    None values are ignored.
     """
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
@@ -397,8 +450,6 @@ def load_config(
 
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = Path(env[f"{ENV_PREFIX}CONFIG"])
-    elif path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
             with path.open("rb") as f:
@@ -464,21 +515,6 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> st
         shown = repr(value) if not isinstance(value, dict) else "{...}"
         lines.append(f"  {key} = {shown}: {err['msg']} (from {where})")
     return "\n".join(lines)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here: the affinity mask is the limit
-    return cpus
 
 
 def read_password(mqtt: MqttConfig, env: Mapping[str, str] | None = None) -> str | None:

@@ -11,6 +11,7 @@ restores what was serving.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -203,6 +204,7 @@ class ServedModel:
         return {
             "active": self.active_name,
             "reason": swap.reason if swap is not None else None,
+            "why": swap.figures.get("explanation") if swap is not None else None,
             "variants": [
                 {
                     "name": v.name,
@@ -283,6 +285,8 @@ class ModelManager:
         self._stats_window = stats_window
         self._lock = threading.Lock()
         self._owners: dict[str, threading.RLock] = {}
+        self._tickets: dict[str, int] = {}  # loads started, per model
+        self._installed: dict[str, int] = {}  # the ticket of the load that serves
         self._stats: dict[str, ModelStats] = {}
         self._measured_mb: dict[tuple[str, str], float] = {}
         self.failures: dict[tuple[str, str], VariantFailure] = {}
@@ -359,50 +363,69 @@ class ModelManager:
         """Load the richest variant of `source` that can serve; None if none can.
 
         Every variant that fails is reported with its reason; the model falls back to the
-        next rung down. The variant tried first is `prefer`, else `preferred(name)` read
-        under the model's lock (a pin that arrived while this load waited is honoured).
-        A model already served keeps serving until its successor is ready; its queued
-        requests finish on it.
+        next rung down. The variant tried first is `prefer`, else `preferred(name)` (the
+        pin). The load itself takes no lock, so that a load that never ends (a stuck
+        warm-up) holds up no other change of the model; the result is installed under the
+        model's lock, where the pin is read again: one that arrived meanwhile is applied.
+        A load overtaken by a newer load of the same model is discarded. A model already
+        served keeps serving until its successor is ready; its queued requests finish on it.
         """
-        with self.owner(source.name):
-            first = prefer if prefer is not None else self.preferred(source.name)
-            served, previous = self._load_locked(source, first, reason)
+        name = source.name
+        with self._lock:
+            ticket = self._tickets[name] = self._tickets.get(name, 0) + 1
+        first = prefer if prefer is not None else self.preferred(name)
+        loaded = self._load_first(source, first)
+        if loaded is None:
+            self._emit("model_rejected", model=name, reason="no variant could be loaded")
+            return None
+        previous: ServedModel | None = None
+        with self.owner(name):
+            if self._installed.get(name, 0) > ticket:
+                loaded.retire()  # a newer version of the model is already serving
+                log.info("model_load_superseded", model=name, variant=loaded.name)
+                return self._models.get(name)
+            self._installed[name] = ticket
+            served = ServedModel(source, loaded, self._config, self.stats(name))
+            served.last_swap = SwapRecord(time.monotonic(), None, loaded.name, reason, "load")
+            with self._lock:
+                previous = self._models.get(name)
+                self._models = {**self._models, name: served}
+            self._emit(
+                "model_loaded",
+                model=name,
+                variant=loaded.name,
+                reason=reason,
+                ms=round(loaded.runtime.load_ms, 1),
+                rss_added_mb=_round(loaded.rss_added_mb),
+                warmed_up=loaded.runtime.warmed_up,
+                batching=served.batching,
+                inputs=[s.model_dump() for s in served.inputs],
+            )
+            self._honour_pin(served, first)
         if previous is not None:
             self._retire_model(previous, self.drain_timeout_s * 3)
         return served
 
-    def _load_locked(
-        self, source: ModelSource, prefer: str | None, reason: str
-    ) -> tuple[ServedModel | None, ServedModel | None]:
-        stats = self.stats(source.name)
+    def _honour_pin(self, served: ServedModel, tried: str | None) -> None:
+        """A pin set while the model loaded (read again under its lock) is applied now."""
+        pinned = self.preferred(served.name)
+        if pinned is None or pinned in (tried, served.active_name):
+            return
+        if any(v.name == pinned for v in served.ladder):
+            with contextlib.suppress(VariantRejected):  # reported; it serves what loaded
+                self._swap(served, served.variant(pinned), "pinned", {})
+
+    def _load_first(self, source: ModelSource, prefer: str | None) -> VariantHandle | None:
+        """The first variant that loads, `prefer` first, then the ladder in order."""
         # sorted() is stable: the preferred variant first, then the ladder in order.
         for variant in sorted(source.variants, key=lambda v: v.name != prefer):
             try:
-                handle = self._load_handle(source, variant)
+                return self._load_handle(source, variant)
             except VariantRejected as exc:
                 self._emit(
                     "variant_rejected", model=source.name, variant=variant.name, reason=str(exc)
                 )
-                continue
-            served = ServedModel(source, handle, self._config, stats)
-            served.last_swap = SwapRecord(time.monotonic(), None, variant.name, reason, "load")
-            with self._lock:
-                previous = self._models.get(source.name)
-                self._models = {**self._models, source.name: served}
-            self._emit(
-                "model_loaded",
-                model=source.name,
-                variant=variant.name,
-                reason=reason,
-                ms=round(handle.runtime.load_ms, 1),
-                rss_added_mb=_round(handle.rss_added_mb),
-                warmed_up=handle.runtime.warmed_up,
-                batching=served.batching,
-                inputs=[s.model_dump() for s in served.inputs],
-            )
-            return served, previous
-        self._emit("model_rejected", model=source.name, reason="no variant could be loaded")
-        return None, None
+        return None
 
     def load_all(
         self,
@@ -483,12 +506,14 @@ class ModelManager:
         return served
 
     def predicted_mb(self, model: str, variant: Variant) -> float | None:
-        """What loading `variant` is expected to add to the RSS: measured when it loaded
-        before, else the manifest's peak figure, else None."""
+        """What loading `variant` is expected to add to the RSS: the larger of what the
+        agent measured when it loaded before and the manifest's peak figure (either alone
+        when only one is known; None when neither is). The larger, because a load that
+        reuses pages freed by an earlier one measures less than a cold one needs."""
         measured = self._measured_mb.get((model, variant.name))
-        if measured is not None:
-            return measured
-        return variant.metrics.peak_rss_mb
+        declared = variant.metrics.peak_rss_mb
+        known = [v for v in (measured, declared) if v is not None]
+        return max(known) if known else None
 
     def measured_mb(self, model: str, variant: str) -> float | None:
         return self._measured_mb.get((model, variant))
@@ -627,9 +652,11 @@ class ModelManager:
             return None
         try:
             start = time.monotonic()
-            if not handle.runtime.warm_up():
+            if not handle.runtime.warm_up(timeout_s=self._settings.warmup_timeout_s):
                 return None
             took_ms = (time.monotonic() - start) * 1000.0
+        except VariantRejected:  # it did not finish on zeros: nothing to learn from it
+            return None
         finally:
             handle.release()
         served.stats.record_probe(handle.name, took_ms)

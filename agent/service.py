@@ -18,11 +18,13 @@ import structlog
 
 from agent import __version__
 from agent.adapt.loop import Adapter
-from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource
-from agent.config import AgentConfig, read_password, usable_cpus
+from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource, usable_cpus
+from agent.coalesce import Coalescer
+from agent.config import AgentConfig, read_password
 from agent.control import ControlCommands
 from agent.errors import ConfigError
 from agent.events import Events
+from agent.loader import ModelLoader
 from agent.logs import configure_logging
 from agent.models import ModelManager
 from agent.mqtt.frontend import MqttFrontend
@@ -36,6 +38,8 @@ from agent.watcher import ModelWatcher
 log = structlog.get_logger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
+# The retained status is republished at most this often (loads of many models at once).
+STATUS_INTERVAL_S = 0.5
 
 
 class Agent:
@@ -63,16 +67,27 @@ class Agent:
         self.supervisor: Supervisor | None = None
         self._reload_config = reload_config
         self._started = False
-        self.abandoned = 0  # requests still queued or running when stop() gave up
+        self._abandoned_requests = 0
         # One sampler feeds the metrics and the policy; tests may script the figures.
         self._resources = resources
         self.sampler: ResourceSampler | None = None
         self.adapter: Adapter | None = None
         self.frontend: MqttFrontend | None = None
         self.watcher: ModelWatcher | None = None
-        self._rescan_lock = threading.Lock()
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._stop = threading.Event()
+        # Loads run there, each bounded, so that neither the watcher nor start-up waits on one.
+        self.loader = ModelLoader(
+            self.manager,
+            lambda: scan(self.config.models.dir, self.manager.supply_policy),
+            self._emit,
+            timeout_s=config.models.load_timeout_s,
+            stopping=self._stop,
+            unsettled=self._unsettled,
+        )
+        self._status_updates = Coalescer(
+            self._publish_status, STATUS_INTERVAL_S, name="status-publisher", stopping=self._stop
+        )
 
     def start(self) -> None:
         """Load every model in the directory, then connect to the broker (in the background)."""
@@ -100,10 +115,12 @@ class Agent:
         self.sampler.start()
         self.manager.headroom_mb = self._headroom_mb
         self.manager.drain_timeout_s = adapt.drain_timeout_s
-        sources, rejected = scan(models_dir, self.manager.supply_policy)
-        for rejection in rejected:
-            self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
-        self.manager.load_all(sources, prefer=self.state.preferred)
+        self._status_updates.start()
+        self.loader.start()
+        # Each load is bounded: a model stuck loading is abandoned, and start-up goes on.
+        self.loader.before_load = self._starting_load
+        self.loader.rescan()
+        self.loader.before_load = None
         self._warn_unhonoured_pins()
         self.frontend = MqttFrontend(
             self.config.mqtt,
@@ -169,6 +186,16 @@ class Agent:
             "models": models,
         }
 
+    @property
+    def abandoned(self) -> int:
+        """Requests still queued or running when stop() gave up, plus loads still running
+        (stuck): work inside onnxruntime that the interpreter must not be finalised under."""
+        return self._abandoned_requests + self.loader.running()
+
+    @abandoned.setter
+    def abandoned(self, requests: int) -> None:
+        self._abandoned_requests = requests
+
     def run_until_stopped(self) -> None:
         """Publish metrics every interval until `request_stop()` (or a signal)."""
         interval = self.config.metrics.interval_s
@@ -230,7 +257,8 @@ class Agent:
             self.supervisor.request_reload()
 
     def health_problems(self, loop_stale_after: float) -> list[str]:
-        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker."""
+        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker, a
+        model load stuck past models.load_timeout_s."""
         problems: list[str] = []
         if self.frontend is not None:
             self.frontend.probe_loop(idle_after=loop_stale_after / 6)
@@ -240,6 +268,11 @@ class Agent:
         stall = self.config.service.worker_stall_s
         for model in self.manager.served():
             problems += [f"model {model.name}: {p}" for p in model.queue.stalled(stall)]
+        problems += [
+            f"model {name}: load stuck for {seconds:.0f} s "
+            f"(models.load_timeout_s = {self.loader.timeout_s:g})"
+            for name, seconds in self.loader.stuck()
+        ]
         return problems
 
     def status_line(self) -> str:
@@ -282,39 +315,35 @@ class Agent:
         restart = [name for name in changed if name not in _LIVE_SECTIONS]
         if restart:
             log.warning("reload_needs_restart", sections=restart)
-        self._rescan()
-        if self.frontend is not None:
-            self.frontend.publish_status()
+        # A reload retries what failed before: the security section may have changed.
+        self.loader.rescan(retry=True)
+        self._status_updates.request()
         log.info("reload_done", applied=live, needs_restart=restart)
         return self.status_line()
 
     def _on_models_changed(self, entries: set[str]) -> None:
-        """The watcher saw pushes settle: bring the served models in line with the disk."""
+        """The watcher saw pushes settle: have the loader bring the served models in line.
+
+        Returns at once: the watcher thread must never wait on a load.
+        """
         log.info("models_changed", entries=sorted(entries))
-        self._rescan()
-        if self.frontend is not None:
+        self.loader.request()
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self.events.emit(event, **fields)  # looked up on each call: start() replaces parts
+
+    def _unsettled(self) -> set[str]:
+        return self.watcher.unsettled() if self.watcher is not None else set()
+
+    def _starting_load(self, model: str) -> None:
+        # Start-up may load many models, each within the bound: keep systemd's start timeout
+        # ahead of the next one.
+        self.notifier.extend_timeout(self.loader.timeout_s + 30.0)
+        self.notifier.status(f"loading model {model}")
+
+    def _publish_status(self) -> None:
+        if self.frontend is not None and not self._stop.is_set():
             self.frontend.publish_status()
-
-    def _rescan(self) -> None:
-        """Load models that are new or changed on disk, unload those that are gone."""
-        with self._rescan_lock:  # the watcher and a SIGHUP reload may both ask
-            self._rescan_locked()
-
-    def _rescan_locked(self) -> None:
-        sources, rejected = scan(self.config.models.dir, self.manager.supply_policy)
-        for rejection in rejected:
-            self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
-        served = {model.name: model for model in self.manager.served()}
-        for source in sources:
-            current = served.get(source.name)
-            if current is None or current.source != source:
-                self.manager.load(source, prefer=self.state.preferred(source.name))
-        # A model whose folder is there but now rejected keeps serving what it had.
-        present = {s.name for s in sources} | {
-            r.path.stem if r.path.suffix == ".onnx" else r.path.name for r in rejected
-        }
-        for name in served.keys() - present:
-            self.manager.unload(name)
 
     def _on_model_event(self, event: str, **fields: Any) -> None:
         """Events from the model manager: published, and remembered as last known good."""
@@ -323,11 +352,8 @@ class Agent:
             # What the policy chose is not remembered: the next boot starts from the pin
             # or the richest variant that loads, and the policy decides again from there.
             self.state.record_good(fields["model"], fields.get("variant") or fields["to"])
-        if (
-            event in ("model_loaded", "variant_swapped", "variant_restored")
-            and self.frontend is not None
-        ):
-            self.frontend.publish_status()
+        if event in ("model_loaded", "variant_swapped", "variant_restored", "model_unloaded"):
+            self._status_updates.request()  # coalesced: one publication for many loads
         if event in ("model_loaded", "model_unloaded") and self.frontend is not None:
             self.frontend.refresh_fleet()
 

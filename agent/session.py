@@ -6,6 +6,7 @@ built; a model switches variants by swapping which `LoadedVariant` it points at.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from agent.manifest import TensorSpec
 # onnxruntime prints its own errors to stderr, bypassing structlog; every failure it reports
 # reaches us as an exception that we log (or answer) ourselves.
 ort.set_default_logger_severity(4)
+ort.disable_telemetry_events()
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,20 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     options.enable_cpu_mem_arena = False
     options.log_severity_level = 4
     return options
+
+
+class RunControl:
+    """Lets another thread stop a run in progress: onnxruntime checks the flag between
+    kernels. One per worker; once cancelled, every later run of that worker stops at once
+    (cancelling is for a stop or an unload past its bound)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.options.terminate = True
 
 
 class LoadedVariant:
@@ -139,7 +155,7 @@ class LoadedVariant:
         self,
         feeds: Mapping[str, np.ndarray],
         output_names: Sequence[str] | None = None,
-        run_options: ort.RunOptions | None = None,
+        control: RunControl | None = None,
     ) -> list[np.ndarray]:
         """Run the session; any onnxruntime failure becomes an InferenceError."""
         session = self._session
@@ -147,7 +163,9 @@ class LoadedVariant:
             raise InferenceError(f"{self.model}/{self.name}: this variant has been released")
         try:
             result: list[np.ndarray] = session.run(
-                list(output_names) if output_names else None, dict(feeds), run_options
+                list(output_names) if output_names else None,
+                dict(feeds),
+                control.options if control is not None else None,
             )
         except Exception as exc:  # onnxruntime's exception types are not a stable API
             raise InferenceError(f"{self.model}/{self.name}: {_describe(exc)}") from exc
@@ -163,16 +181,16 @@ class LoadedVariant:
         not finish on zeros cannot be trusted to finish on requests.
         """
         feeds = {spec.name: _zeros(spec, rows) for spec in self.inputs}
-        options = ort.RunOptions()
+        control = RunControl()
         timer = None
         if timeout_s is not None:
-            timer = threading.Timer(timeout_s, _terminate, (options,))
+            timer = threading.Timer(timeout_s, control.cancel)
             timer.daemon = True
             timer.start()
         try:
-            self.run(feeds, run_options=options)
+            self.run(feeds, control=control)
         except InferenceError as exc:
-            if options.terminate:
+            if control.cancelled:
                 raise VariantRejected(
                     f"variant {self.name}: its warm-up run did not finish within "
                     f"{timeout_s:g} s (models.warmup_timeout_s)"
@@ -182,10 +200,6 @@ class LoadedVariant:
             if timer is not None:
                 timer.cancel()
         return True
-
-
-def _terminate(options: ort.RunOptions) -> None:
-    options.terminate = True
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -233,5 +247,16 @@ def _zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
 
 
 def _describe(exc: BaseException) -> str:
+    """onnxruntime's reason, without its source locations (`matmul_helper.h:59 Compute`),
+    which tell a client how the agent is built and nothing it can act on."""
     text = " ".join(str(exc).split())
+    text = _SOURCE_LOCATION.sub("", text)
+    text = " ".join(_STATUS_PREFIX.sub("", text).split())
     return text[:1000] if text else type(exc).__name__
+
+
+# A source file with its line, optionally with a path and the function name after it.
+_SOURCE_LOCATION = re.compile(
+    r"(?:[\w.+-]*/)*[\w.+-]+\.(?:cc|cpp|cxx|c|h|hpp|cu)(?::\d+)?(?: \w+)?"
+)
+_STATUS_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : ")

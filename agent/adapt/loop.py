@@ -242,6 +242,10 @@ class Adapter:
         for name, decision in sorted(decisions.items()):
             view = views.get(name)
             body = decision.as_dict()
+            try:  # live, not as of the last decision: a swap may have followed it
+                body["active"] = self._manager.get(name).active_name
+            except EdgeAgentError:
+                continue  # unloaded since
             if view is not None:
                 body["slo_p95_ms"] = view.slo_p95_ms
                 body["pinned"] = view.pinned

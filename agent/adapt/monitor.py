@@ -506,6 +506,16 @@ def _memory_usage(v1: bool, directory: str) -> tuple[int | None, int]:
     return int(text), cache or 0
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2
+    `cpu.max` or v1 `cpu.cfs_quota_us`, the smallest on the path to the root)."""
+    cpus = _usable_cpus()
+    quota = ResourceMonitor().sample().cgroup_cpu_quota_cores
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return cpus
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(os.getpid()))

@@ -265,25 +265,59 @@ def test_a_failed_load_after_unloading_first_restores_the_old_variant(
 def test_a_pin_racing_a_reload_of_the_same_model_is_not_lost(
     tmp_path: Path, manager_for: Callable[..., tuple[ModelManager, Events]]
 ) -> None:
-    """Defect a: a switch that arrives while the watcher reloads the model waits for the
-    reload and then applies to the model that serves; it is never made on the replaced one."""
+    """Defect a: a pin made while the watcher reloads the model (its new files loading) is
+    applied to the model that serves once the reload is in, never lost with the replaced
+    one; the pin is made as control/pin makes it, under the model's lock."""
     models = scale_ladder(tmp_path)
     manager, _events = manager_for(models)
+    pins: dict[str, str] = {}
     reloading = threading.Event()
 
-    def slow_preference(_name: str) -> str | None:
-        reloading.set()
-        time.sleep(0.3)  # the reload holds the model's lock while it loads
-        return None
+    def preference(name: str) -> str | None:
+        if not reloading.is_set():
+            reloading.set()
+            time.sleep(0.3)  # the reload is busy loading while the pin comes in
+        return pins.get(name)
 
-    manager.preferred = slow_preference
+    manager.preferred = preference
     source = read_model(models / "lad", models)
     reload = threading.Thread(target=manager.load, args=(source,), kwargs={"reason": "reload"})
     reload.start()
     assert reloading.wait(5)
-    manager.switch("lad", "c", reason="pinned")
+    with manager.owner("lad"):  # what ControlCommands.pin does
+        manager.switch("lad", "c", reason="pinned")
+        pins["lad"] = "c"
     reload.join(10)
     assert manager.get("lad").active_name == "c"
+    assert manager.get("lad").source is source  # the reloaded model, not the replaced one
+
+
+def test_a_stale_load_overtaken_by_a_newer_one_is_discarded(
+    tmp_path: Path, manager_for: Callable[..., tuple[ModelManager, Events]]
+) -> None:
+    """Two loads of one model: the one started later wins even when the earlier one ends
+    last; the earlier result is released, not installed over it."""
+    models = scale_ladder(tmp_path)
+    manager, _events = manager_for(models)
+    source = read_model(models / "lad", models)
+    slow = threading.Event()
+    calls = [0]
+
+    def preference(_name: str) -> str | None:
+        calls[0] += 1
+        if calls[0] == 1:
+            slow.wait(5)  # the first load is held up until the second has installed
+        return None
+
+    manager.preferred = preference
+    first = threading.Thread(target=manager.load, args=(source,), kwargs={"prefer": None})
+    first.start()
+    time.sleep(0.1)
+    newer = manager.load(source, prefer="b")
+    assert newer is not None and newer.active_name == "b"
+    slow.set()
+    first.join(10)
+    assert manager.get("lad") is newer and newer.active_name == "b"
 
 
 def test_submit_racing_close_never_strands_a_request(tmp_path: Path) -> None:
@@ -380,7 +414,7 @@ def test_close_on_a_full_queue_reports_it_and_still_stops_the_workers(tmp_path: 
 
 def test_stop_is_one_bound_for_all_models_and_answers_what_it_abandons(tmp_path: Path) -> None:
     """Three busy models and a 1 s stop: close returns within about the bound for all of
-    them together, and every request still queued gets a 'stopping' error."""
+    them together, and every request still queued or running gets a 'stopping' error."""
     models = tmp_path / "models"
     for name in ("b1", "b2", "b3"):
         busy_model(models / f"{name}.onnx")
@@ -403,7 +437,35 @@ def test_stop_is_one_bound_for_all_models_and_answers_what_it_abandons(tmp_path:
     manager.close(1.0)
     took = time.monotonic() - start
     assert took < 2.5, f"stop took {took:.1f} s for a 1 s bound"
+    # The runs still going at the bound are stopped between kernels: every request, queued
+    # or running, is answered 'stopping', and no worker is left inside onnxruntime.
+    answers.wait(9, timeout=30)
     with answers.done:
         errors = [o[0] for o in answers.by_id.values() if isinstance(o[0], ModelNotReady)]
-    assert len(errors) == 6
+    assert len(errors) == 9
     assert all("stopping" in str(e) for e in errors)
+    for name in ("b1", "b2", "b3"):
+        for thread in manager.get(name).queue._threads:
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+def test_unloading_releases_the_workers_and_the_session(tmp_path: Path) -> None:
+    """Issue 12 item 10: 100 models loaded and unloaded leave no worker thread behind, and
+    each unloaded model's variant is closed."""
+    models = tmp_path / "models"
+    for i in range(100):
+        onnx_models.scale_model(models / f"m{i}.onnx")
+    manager = ModelManager(
+        ModelsConfig(dir=models, inline_max_ms=0.0), SessionSettings(threads=1), Events()
+    )
+    before = threading.active_count()
+    sources, _ = scan(models)
+    manager.load_all(sources)
+    assert threading.active_count() >= before + 100
+    handles = [m.active for m in manager.served()]
+    for name in manager.names():
+        assert manager.unload(name, timeout=5)
+    assert threading.active_count() <= before + 2
+    assert all(h is not None and h.closed for h in handles)
+    assert manager.served() == []
