@@ -322,17 +322,17 @@ class AdaptConfig(_Section):
         10.0, ge=0.0, le=3600.0, description="No step up sooner than this after any swap."
     )
     latency_window_s: float = Field(
-        5.0, ge=0.5, le=600.0, description="Window of the observed p95 the policy judges."
+        8.0, ge=0.5, le=600.0, description="Window of the observed p95 the policy judges."
     )
     min_samples: int = Field(
         5, ge=1, le=10_000, description="Observations in the window before p95 is trusted."
     )
     slo_factor: float = Field(
-        3.0,
+        2.0,
         ge=1.0,
         le=1000.0,
         description="A model without an objective gets this many times its richest "
-        "variant's measured latency...",
+        "variant's latency (the manifest's, or this device's when lower)...",
     )
     slo_min_ms: float = Field(5.0, gt=0.0, le=600_000.0, description="...but never less than this.")
     objectives: dict[str, ModelObjective] = Field(
@@ -396,11 +396,12 @@ class AdaptConfig(_Section):
         "(doubling with each failure).",
     )
     probe_interval_s: float = Field(
-        2.0,
+        1.0,
         ge=0.1,
         le=3600.0,
-        description="A model without traffic is timed on zeros this often, so that its "
-        "latency under today's load is measured, not guessed.",
+        description="A model without traffic is timed on zeros this often while the CPU is "
+        "contended (five times as seldom when calm), so that its latency under today's load "
+        "is measured, not guessed.",
     )
     fleet_shed: bool = Field(
         True,

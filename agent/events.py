@@ -26,6 +26,8 @@ _WARNINGS = frozenset(
         "broker_disconnected",
         "broker_refused",
         "subscription_refused",
+        "model_load_stuck",
+        "variant_swap_failed",
     }
 )
 

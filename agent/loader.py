@@ -1,12 +1,14 @@
 """Brings the served models in line with the model directory, on a thread of its own.
 
-Start-up, the watcher and a SIGHUP reload only ask for a rescan. This thread scans, and runs
-each load (and unload) on a short-lived thread that it waits for at most
+Start-up and a SIGHUP reload ask for a rescan of everything, the watcher for one of the
+entries it saw settle (never of another push still being written). This thread scans, and
+runs each load (and unload) on a short-lived thread that it waits for at most
 `models.load_timeout_s`: a load past that is abandoned to its thread (Python cannot stop
 it), reported as `model_load_stuck` and shown by the health check until it ends; the same
-files are not loaded again meanwhile, a newer push of the model is. One model that never
-finishes loading holds up neither the other models nor the agent. What cannot be served
-is reported once per (entry, reason, stamp).
+files are not loaded again meanwhile, a newer push of the model is (the manager discards a
+stale load that a newer one overtook). One model that never finishes loading holds up
+neither the other models nor the agent. What cannot be served is reported once per
+(entry, reason, stamp).
 """
 
 from __future__ import annotations
@@ -53,18 +55,19 @@ class ModelLoader:
         *,
         timeout_s: float,
         stopping: threading.Event,
-        unsettled: Callable[[], set[str]] = set,
     ) -> None:
         self._manager = manager
         self._scan = scan
         self._emit = emit
         self.timeout_s = timeout_s
         self._stopping = stopping
-        self._unsettled = unsettled
         self._cond = threading.Condition()
         self._requested = 0  # rescans asked for, counted
         self._completed = 0  # the last asked-for rescan that a finished pass covered
         self._retry = False
+        # What the next pass looks at: every entry, or only these (the watcher's settled ones).
+        self._everything = False
+        self._entries: set[str] = set()
         self._stuck: list[StuckLoad] = []
         self._workers: set[threading.Thread] = set()
         # Touched by the loader thread only.
@@ -77,15 +80,21 @@ class ModelLoader:
     def start(self) -> None:
         self._thread.start()
 
-    def request(self, *, retry: bool = False) -> int:
+    def request(self, entries: set[str] | None = None, *, retry: bool = False) -> int:
         """Ask for a rescan (soon, after the one running); returns its number for `wait`.
 
-        `retry` also tries again what failed or was rejected before, and reports it again,
-        and looks at entries the watcher has not seen settle yet.
+        `entries` (names in the model directory) limits it to those: the watcher names the
+        entries it saw settle, and a rescan for one push must not judge another one half
+        written. None looks at everything (start-up, reload). `retry` also tries again
+        what failed or was rejected before, and reports it again.
         """
         with self._cond:
             self._requested += 1
             self._retry = self._retry or retry
+            if entries is None:
+                self._everything = True
+            else:
+                self._entries |= entries
             self._cond.notify_all()
             return self._requested
 
@@ -130,29 +139,29 @@ class ModelLoader:
                     self._cond.notify_all()
                     return
                 ticket, retry = self._requested, self._retry
-                self._retry = False
+                scope = None if self._everything else self._entries
+                self._retry, self._everything, self._entries = False, False, set()
             try:
-                self._pass(retry)
+                self._pass(retry, scope)
             except Exception:  # one bad pass must not end the loading for good
                 log.exception("models_rescan_failed")
             with self._cond:
                 self._completed = ticket
                 self._cond.notify_all()
 
-    def _pass(self, retry: bool) -> None:
+    def _pass(self, retry: bool, scope: set[str] | None) -> None:
+        """Bring the entries in `scope` (all when None) in line with what is served."""
         if retry:
             self._failed.clear()
             self._reported.clear()
-        # Entries still being written (the watcher has not seen them settle) are left as
-        # they are: a rescan for one push must not judge another push half-way through.
-        # A reload (retry) is the operator asking for everything now.
-        busy = set() if retry else self._unsettled()
         sources, rejected = self._scan()
-        sources = [s for s in sources if s.path.name not in busy]
-        rejected = [r for r in rejected if r.path.name not in busy]
-        self._report(rejected, busy)
-        self._reap()
         served = {model.name: model for model in self._manager.served()}
+        if scope is not None:
+            sources = [s for s in sources if s.path.name in scope]
+            rejected = [r for r in rejected if r.path.name in scope]
+            served = {k: m for k, m in served.items() if m.source.path.name in scope}
+        self._report(rejected, scope)
+        self._reap()
         for source in sources:
             if self._stopping.is_set():
                 return
@@ -169,16 +178,21 @@ class ModelLoader:
             self._load(source)
         # A model whose folder is there but now rejected keeps serving what it had.
         present = {s.name for s in sources} | {_model_name(r.path) for r in rejected}
-        present |= {_model_name(Path(entry)) for entry in busy}
         for name in sorted(served.keys() - present):
             if self._stopping.is_set():
                 return
             self._unload(name)
-        self._failed = {k: v for k, v in self._failed.items() if k in present}
+        self._failed = {
+            k: v
+            for k, v in self._failed.items()
+            if k in present or (scope is not None and v.path.name not in scope)
+        }
 
-    def _report(self, rejected: list[Rejection], busy: set[str]) -> None:
+    def _report(self, rejected: list[Rejection], scope: set[str] | None) -> None:
         """Emit each rejection once; one that goes away or changes is forgotten."""
-        keys = {key for key in self._reported if Path(key[0]).name in busy}
+        keys = set()
+        if scope is not None:  # what was not looked at is remembered as it was
+            keys = {key for key in self._reported if Path(key[0]).name not in scope}
         for rejection in rejected:
             key = (str(rejection.path), rejection.reason, rejection.stamp)
             keys.add(key)
@@ -219,7 +233,7 @@ class ModelLoader:
                 outcome.append(None)
 
         started = time.monotonic()
-        done = self._spawn(f"load-{name}", load, reap=True)
+        done = self._spawn(f"load-{name}", load, entry=source.path.name)
         if self._wait(done, started + self.timeout_s):
             if outcome and outcome[0] is not None:
                 self._failed.pop(name, None)
@@ -231,8 +245,6 @@ class ModelLoader:
         if self._served_from(name, source):
             return  # loaded: only the previous version is still draining
         with self._cond:
-            # A stale load that ends after a newer one replaces it for a moment: the rescan
-            # its end asks for loads the newer files again.
             self._stuck.append(StuckLoad(name, source, started, done))
         self._emit(
             "model_load_stuck",
@@ -242,7 +254,7 @@ class ModelLoader:
             "abandoned to its thread, the model keeps serving what it had",
         )
         if done.is_set():  # ended just now: have it reaped
-            self.request()
+            self.request({source.path.name})
 
     def _unload(self, name: str) -> None:
         started = time.monotonic()
@@ -251,7 +263,9 @@ class ModelLoader:
             # It no longer serves: only its in-flight requests are still finishing.
             log.warning("model_unload_slow", model=name, timeout_s=self.timeout_s)
 
-    def _spawn(self, name: str, work: Callable[[], object], reap: bool = False) -> threading.Event:
+    def _spawn(
+        self, name: str, work: Callable[[], object], entry: str | None = None
+    ) -> threading.Event:
         done = threading.Event()
 
         def run() -> None:
@@ -259,11 +273,11 @@ class ModelLoader:
                 work()
             finally:
                 done.set()
-                if reap:
+                if entry is not None:
                     with self._cond:
                         was_stuck = any(s.done is done for s in self._stuck)
                     if was_stuck:
-                        self.request()  # a stuck load ended: see what it left
+                        self.request({entry})  # a stuck load ended: see what it left
 
         thread = threading.Thread(target=run, name=name, daemon=True)
         with self._cond:

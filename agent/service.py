@@ -83,7 +83,6 @@ class Agent:
             self._emit,
             timeout_s=config.models.load_timeout_s,
             stopping=self._stop,
-            unsettled=self._unsettled,
         )
         self._status_updates = Coalescer(
             self._publish_status, STATUS_INTERVAL_S, name="status-publisher", stopping=self._stop
@@ -327,13 +326,10 @@ class Agent:
         Returns at once: the watcher thread must never wait on a load.
         """
         log.info("models_changed", entries=sorted(entries))
-        self.loader.request()
+        self.loader.request(entries)  # only these: others may still be half written
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.events.emit(event, **fields)  # looked up on each call: start() replaces parts
-
-    def _unsettled(self) -> set[str]:
-        return self.watcher.unsettled() if self.watcher is not None else set()
 
     def _starting_load(self, model: str) -> None:
         # Start-up may load many models, each within the bound: keep systemd's start timeout

@@ -94,11 +94,6 @@ class ModelWatcher:
         if self._thread.is_alive():
             self._thread.join(5)
 
-    def unsettled(self) -> set[str]:
-        """Entries changed lately that have not been handed to `on_change` yet."""
-        with self._lock:
-            return set(self._pending)
-
     def touched(self, path: str) -> None:
         """Something changed at `path`: note which top-level entry it belongs to."""
         try:

@@ -8,6 +8,7 @@ on zeros (a probe), so that their latency under today's load is measured, not gu
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,11 +17,13 @@ from typing import Any
 import structlog
 
 from agent.adapt.policy import (
+    DEFAULT_TRIP_C,
     Decision,
     ModelView,
     PolicyState,
     RungView,
     board_signals,
+    cpu_contended,
     decide,
     in_backoff,
     objective,
@@ -37,6 +40,12 @@ FleetHook = Callable[[str, bool], None]
 """`hook(model, joined)`: leave (False) or rejoin (True) the model's fleet subscription."""
 
 PROBES_PER_TICK = 4
+CALM_PROBE_FACTOR = 5.0
+
+
+def _hot(snapshot: ResourceSnapshot, cfg: AdaptConfig) -> bool:
+    trip = cfg.temperature_c if cfg.temperature_c is not None else DEFAULT_TRIP_C
+    return snapshot.cpu_temperature_c is not None and snapshot.cpu_temperature_c >= trip
 
 
 class Adapter:
@@ -65,6 +74,7 @@ class Adapter:
         self._views: dict[str, ModelView] = {}
         self._shed: set[str] = set()
         self._last_probe: dict[str, float] = {}
+        self._fastest: dict[str, float] = {}  # the richest rung's best p50 on this device
         self._probe_cursor = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -126,18 +136,28 @@ class Adapter:
             )
         declared = cfg.objectives.get(model.name)
         manifest = model.source.manifest
+        active = model.active_name
+        figures = (
+            model.stats.variant_figures(active, cfg.latency_window_s)
+            if active is not None
+            else None
+        )
+        richest = model.ladder[0].name
+        if (
+            active == richest
+            and figures is not None
+            and figures.count >= cfg.min_samples
+            and figures.infer_p50_ms is not None
+        ):
+            best = self._fastest.get(model.name)
+            self._fastest[model.name] = min(figures.infer_p50_ms, best or math.inf)
         slo = objective(
             rungs,
             declared.slo_p95_ms
             if declared is not None
             else (manifest.slo_p95_ms if manifest is not None else None),
             cfg,
-        )
-        active = model.active_name
-        figures = (
-            model.stats.variant_figures(active, cfg.latency_window_s)
-            if active is not None
-            else None
+            self._fastest.get(model.name),
         )
         swap = model.last_swap
         return ModelView(
@@ -159,6 +179,14 @@ class Adapter:
         served = [m for m in self._manager.served() if len(m.ladder) > 1]
         if not served:
             return
+        # Often while the board is contended (what the policy needs measured now), rarely
+        # when it is calm (enough to notice a model slower here than its manifest says).
+        history = self._history()
+        latest = history[-1] if history else None
+        pressed = latest is not None and (
+            cpu_contended(latest, cfg) or _hot(latest, cfg)
+        )
+        every = cfg.probe_interval_s if pressed else CALM_PROBE_FACTOR * cfg.probe_interval_s
         probed = 0
         for offset in range(len(served)):
             model = served[(self._probe_cursor + offset) % len(served)]
@@ -167,7 +195,7 @@ class Adapter:
             active = model.active_name
             if (
                 active is None
-                or now - self._last_probe.get(model.name, -1e9) < cfg.probe_interval_s
+                or now - self._last_probe.get(model.name, -1e9) < every
             ):
                 continue
             recent = model.stats.variant_figures(active, cfg.latency_window_s, now)

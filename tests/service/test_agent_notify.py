@@ -35,7 +35,10 @@ class BlockingVariant:
         self.output_names = inner.output_names
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+        control: object = None,
     ) -> list[np.ndarray]:
         self._release.wait(30)
         return self._inner.run(feeds, output_names)
