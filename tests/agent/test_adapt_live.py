@@ -78,7 +78,11 @@ def made_cgroup(controller: str) -> Iterator[Path]:
 
 
 def start_in(
-    cgroup: Path | None, argv: list[str], env: Mapping[str, str], log: Path
+    cgroup: Path | None,
+    argv: list[str],
+    env: Mapping[str, str],
+    log: Path,
+    stdout: int = subprocess.DEVNULL,
 ) -> subprocess.Popen[str]:
     """`argv` as a child that enters `cgroup` before it execs, so that every page it
     touches is charged there; its stderr (the agent's JSON log) goes to `log`."""
@@ -89,7 +93,7 @@ def start_in(
             argv,
             cwd=REPO,
             env={**os.environ, **env},
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=err,
             stdin=subprocess.PIPE,
             text=True,
@@ -219,6 +223,14 @@ def memory_stat(cgroup: Path) -> dict[str, int]:
     return stat
 
 
+def resident_mb(pid: int) -> float:
+    """A process's resident set (VmRSS) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def oom_kills(cgroup: Path) -> int:
     """How many processes the kernel's OOM killer has killed in `cgroup` (v1 oom_control)."""
     for line in (cgroup / "memory.oom_control").read_text().splitlines():
@@ -308,13 +320,13 @@ def test_a_hog_in_the_memory_cgroup_makes_the_agent_step_down_before_anything_is
             # hog's cap is more than the limit can hold; after one, it fits with room.
             time.sleep(0.5)  # not an outcome: lets the load's freed pages settle
             anon_mb = memory_stat(cgroup)["total_rss"] / MIB
+            heavy_rss_mb = resident_mb(agent.pid)
             limit_mb = int(anon_mb) + 224
             (cgroup / "memory.limit_in_bytes").write_text(f"{limit_mb * MIB}\n")
             kills_before = oom_kills(cgroup)
             hog_log = tmp_path / "hog.log"
-            hog = start_in(
-                cgroup, hog_argv(first_mb=112, step_mb=4, cap_mb=244, pause_s=0.2), {}, hog_log
-            )
+            argv = hog_argv(first_mb=112, step_mb=4, cap_mb=244, pause_s=0.2)
+            hog = start_in(cgroup, argv, {}, hog_log, stdout=subprocess.PIPE)
             swapped = events.wait(swap_to("memlad", "memory"), 60, alive)
             assert swapped is not None, f"no step down for memory\n{tail(agent_log)}"
             assert swapped["from"] == "heavy" and swapped["to"] in ("light", "lighter")
@@ -328,8 +340,9 @@ def test_a_hog_in_the_memory_cgroup_makes_the_agent_step_down_before_anything_is
                 f"the agent died (rc {agent.returncode})\n{tail(agent_log)}"
             )
             assert oom_kills(cgroup) == kills_before
-            stat = memory_stat(cgroup)
-            assert stat["total_rss"] / MIB < limit_mb
+            # The heavy rung's memory left the agent (about 117 MB of weights).
+            assert resident_mb(agent.pid) < heavy_rss_mb - 80
+            assert memory_stat(cgroup)["total_rss"] / MIB < limit_mb
         finally:
             if hog is not None:
                 end(hog)
@@ -536,9 +549,9 @@ def busy_loops(count: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
             loop.wait(10)
 
 
-def probed_p95_ms(path: Path, runs: int = 30, gap_s: float = 0.05) -> float:
-    """The p95 of batch-1 runs spaced like the agent's probes of an idle model, in this
-    process: what the agent will observe under the same load."""
+def served_p95_ms(path: Path, runs: int = 60, gap_s: float = 0.005) -> float:
+    """The p95 of batch-1 runs one after another, as a client waiting for each reply sends
+    them, in this process: what the agent will observe under the same load."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -550,24 +563,24 @@ def probed_p95_ms(path: Path, runs: int = 30, gap_s: float = 0.05) -> float:
         start = time.perf_counter()
         session.run(None, {"x": x})
         took.append((time.perf_counter() - start) * 1000.0)
-        time.sleep(gap_s)  # spacing between runs, as the agent's probes are spaced
+        time.sleep(gap_s)  # a reply's round trip before the next request
     return float(np.percentile(took, 95))
 
 
 def test_two_busy_loops_step_a_model_down_and_it_steps_back_up_after_they_stop(
     broker: MosquittoBroker, probe: Probe, watch: Callable[[str], EventWatch], tmp_path: Path
 ) -> None:
-    """Two busy loops on both cores push an idle model's probed p95 over its objective and
-    the agent steps it down (reason cpu or latency) within seconds; after they stop it
-    steps back up (reason calm)."""
+    """Two busy loops on both cores push a model's p95 under a steady request stream over
+    its objective and the agent steps it down (reason cpu or latency) within seconds; after
+    they stop it steps back up (reason calm)."""
     models, _latency = cpu_ladder(tmp_path, "busylad", BUSY_RUNGS)
     heavy = models / "busylad" / "heavy.onnx"
     # The objective sits between the heavy rung's p95 on this machine as it is and with
     # the two loops running, both measured here and now (other load on the machine moves
     # both; a fixed figure would not fit every machine).
-    calm_ms = probed_p95_ms(heavy)
+    calm_ms = served_p95_ms(heavy)
     with busy_loops():
-        busy_ms = probed_p95_ms(heavy)
+        busy_ms = served_p95_ms(heavy)
     if busy_ms < 1.8 * calm_ms:
         pytest.skip(
             f"two busy loops do not stand out of this machine's other load: heavy p95 "
@@ -578,9 +591,10 @@ def test_two_busy_loops_step_a_model_down_and_it_steps_back_up_after_they_stop(
     events = watch(device)
     env = {
         **FAST_ADAPT,
-        **THROTTLING_ONLY,  # the loops are judged by the latency they cause, not by PSI
+        # Judged by the latency the loops cause: this machine's other load (PSI, others'
+        # CPU) would keep the board from ever reading calm.
+        **THROTTLING_ONLY,
         "EDGE_AGENT_ADAPT__INTERVAL_S": "0.1",
-        "EDGE_AGENT_ADAPT__PROBE_INTERVAL_S": "0.1",
         "EDGE_AGENT_ADAPT__LATENCY_WINDOW_S": "3",
         "EDGE_AGENT_ADAPT__UP_AFTER_S": "2",
         "EDGE_AGENT_ADAPT__COOLDOWN_S": "2",
@@ -589,9 +603,11 @@ def test_two_busy_loops_step_a_model_down_and_it_steps_back_up_after_they_stop(
     }
     agent_log = tmp_path / "agent.log"
     agent = start_in(None, agent_argv(broker.port, device, models), env, agent_log)
+    traffic: Traffic | None = None
     try:
         alive = lambda: agent.poll() is None  # noqa: E731  (a tiny predicate)
         assert events.wait(loaded("busylad", "heavy"), 60, alive), tail(agent_log)
+        traffic = Traffic(broker.port, f"edge/{device}/infer/busylad")
         with busy_loops():
             started = time.monotonic()
             down = events.wait(stepped_down("busylad"), 30, alive)
@@ -610,8 +626,12 @@ def test_two_busy_loops_step_a_model_down_and_it_steps_back_up_after_they_stop(
         )
         assert BUSY_RUNGS[up["to"]] > BUSY_RUNGS[up["from"]]
         assert took_s < 30
+        assert traffic.replies > 0
     finally:
+        if traffic is not None:
+            traffic.stop()
         end(agent)
+    assert not traffic.errors
 
 
 def stepped_down(model: str) -> Callable[[dict[str, Any]], bool]:
