@@ -35,7 +35,7 @@ def test_bench_adapt_runs_the_scenario_and_prints_its_table() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout
     for phase in ("calm", "busy loops", "calm again", "burst", "whole"):
-        assert f"adaptive           {phase}" in table, table
+        assert f"adaptive               {phase}" in table, table
     assert "pinned depth" in table
     assert "targets (issue 7):" in table
     assert table.count("] ") >= 5, table  # one verdict per target
