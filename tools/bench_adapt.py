@@ -55,6 +55,7 @@ SCENARIO: tuple[tuple[str, float, str, bool], ...] = (
     ("burst", 20.0, "burst", False),
 )
 PRESSURE_PHASES = ("busy loops", "burst")
+SWAP_EVENTS = ("variant_swapped", "variant_swap_failed", "fleet_left", "fleet_rejoined")
 WINDOW_S = 5.0
 ID_TEMPLATE = "q00000000"
 # The whole-second expiry lets a late request live up to a second; wait that long after the
@@ -243,8 +244,7 @@ class EventTap:
             return [
                 (at, e)
                 for at, e in self.events
-                if e.get("event") in ("variant_swapped", "variant_swap_failed", "fleet_left")
-                and since <= at <= until
+                if e.get("event") in SWAP_EVENTS and since <= at <= until
             ]
 
     def close(self) -> None:
