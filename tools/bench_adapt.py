@@ -55,6 +55,7 @@ SCENARIO: tuple[tuple[str, float, str, bool], ...] = (
     ("burst", 20.0, "burst", False),
 )
 PRESSURE_PHASES = ("busy loops", "burst")
+SWAP_EVENTS = ("variant_swapped", "variant_swap_failed", "fleet_left", "fleet_rejoined")
 WINDOW_S = 5.0
 ID_TEMPLATE = "q00000000"
 # The whole-second expiry lets a late request live up to a second; wait that long after the
@@ -243,8 +244,7 @@ class EventTap:
             return [
                 (at, e)
                 for at, e in self.events
-                if e.get("event") in ("variant_swapped", "variant_swap_failed", "fleet_left")
-                and since <= at <= until
+                if e.get("event") in SWAP_EVENTS and since <= at <= until
             ]
 
     def close(self) -> None:
@@ -1234,10 +1234,14 @@ def _pinned_names(ladder: Ladder, wanted: str | None) -> list[str]:
         if unknown:
             raise SystemExit(f"no such variant(s) in {ladder.name}: {unknown}; have {names}")
         return chosen
-    # A long ladder: the richest, the cheapest, and two spread between them by cost.
+    # A long ladder: the richest, the most accurate (not always the same one), the cheapest,
+    # then others spread between them by cost, four in all.
     by_cost = sorted(ladder.rungs, key=lambda r: ladder.cost(r.name))
-    picks = {names[0], by_cost[0].name}
-    for share in (1 / 3, 2 / 3):
+    best = max(ladder.rungs, key=lambda r: r.quality)
+    picks = {names[0], best.name, by_cost[0].name}
+    for share in (1 / 3, 2 / 3, 1 / 2):
+        if len(picks) >= 4:
+            break
         picks.add(by_cost[round(share * (len(by_cost) - 1))].name)
     return [n for n in names if n in picks]
 
@@ -1287,7 +1291,7 @@ def _render_round(round_: dict[str, Any]) -> list[str]:
     """One round: the table, the adaptive agent's reactions and swaps, the targets."""
     lines: list[str] = []
     header = (
-        f"{'run':18} {'phase':11} {'sent':>6} {'on-time':>7} {'late':>6} {'expd':>5} "
+        f"{'run':22} {'phase':11} {'sent':>6} {'on-time':>7} {'late':>6} {'expd':>5} "
         f"{'lost':>5} {'fail':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'swaps':>5} "
         f"{'eff.acc':>7}  served"
     )
@@ -1295,10 +1299,10 @@ def _render_round(round_: dict[str, Any]) -> list[str]:
     for label, body in round_["table"].items():
         if body.get("load") is not None:
             a, b = body["load"]
-            lines.append(f"{label:18} (load average {a:.1f} at its start, {b:.1f} at its end)")
+            lines.append(f"{label:22} (load average {a:.1f} at its start, {b:.1f} at its end)")
         for row in [*body["phases"], {"phase": "whole", **body["whole"]}]:
             lines.append(
-                f"{label:18} {row['phase']:11} {row['sent']:6d} {row['on-time']:7d} "
+                f"{label:22} {row['phase']:11} {row['sent']:6d} {row['on-time']:7d} "
                 f"{row['late']:6d} {row['expired']:5d} {row['lost']:5d} {row['failed']:5d} "
                 f"{_f(row.get('p50_ms'))} {_f(row.get('p95_ms'))} {_f(row.get('p99_ms'))} "
                 f"{_i(row.get('swaps'))} {_a(row['effective_accuracy'])}  "
@@ -1306,7 +1310,7 @@ def _render_round(round_: dict[str, Any]) -> list[str]:
             )
     for label, body in round_["table"].items():
         for kind, count in body["whole"]["errors"].items():
-            lines.append(f"{label:18} {count} error replies: {kind}")
+            lines.append(f"{label:22} {count} error replies: {kind}")
     lines += ["", "adaptive agent's reactions:"]
     for name, entry in round_["reactions"].items():
         lines += _render_reaction(name, entry)
