@@ -37,6 +37,13 @@ class ResourceSnapshot:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
 
 
+def process_rss_mb() -> float:
+    """The agent's resident memory now, in MiB: runtimes take it before and after a load to
+    measure what one variant costs (RSS deltas are what the policy compares with memory left).
+    """
+    return float(psutil.Process(os.getpid()).memory_info().rss) / MIB
+
+
 class ResourceMonitor:
     """Samples psutil; CPU percentages are over the time since the previous sample."""
 

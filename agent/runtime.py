@@ -1,0 +1,92 @@
+"""What a loaded variant offers whichever runtime serves it, and the one place that picks the
+runtime: a file's suffix (`.onnx` -> onnxruntime in agent/session.py, `.tflite` -> LiteRT in
+agent/litert.py). Nothing else in the agent needs to know which runtime a variant uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, cast, runtime_checkable
+
+import numpy as np
+
+from agent.errors import VariantRejected
+from agent.litert import LiteRTVariant
+from agent.manifest import RuntimeOptions, TensorSpec
+from agent.monitor import process_rss_mb
+from agent.session import LoadedVariant, SessionSettings
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A variant ready to run: its signature, its cost, and running it.
+
+    `run` may be called from several worker threads at once; an implementation whose
+    library is not thread-safe serialises or pools internally.
+    """
+
+    model: str
+    name: str
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_names: tuple[str, ...]
+    load_ms: float
+    warmed_up: bool
+    # Growth of the agent's RSS while the variant loaded (MiB); None when not measured. The
+    # policy compares it with the memory left before it loads a variant.
+    rss_mb: float | None
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> list[np.ndarray]:
+        """Outputs in the order of `output_names` (all, in signature order, when None);
+        any failure of the runtime raises InferenceError."""
+        ...
+
+    def warm_up(self) -> bool:
+        """One run on zeros; False when the model refuses synthetic input."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's resources; the variant must not run afterwards."""
+        ...
+
+
+class OnnxVariant(LoadedVariant):
+    """onnxruntime's LoadedVariant with what the protocol adds (until session.py has it)."""
+
+    rss_mb: float | None = None
+
+    def close(self) -> None:
+        """Nothing to do: onnxruntime frees a session with the last reference to it."""
+
+
+def load_variant(
+    model: str,
+    name: str,
+    path: Path,
+    settings: SessionSettings,
+    expected_inputs: Sequence[TensorSpec] | None = None,
+    expected_outputs: Sequence[TensorSpec] | None = None,
+    options: RuntimeOptions | None = None,
+) -> Runtime:
+    """Load `path` in the runtime its suffix names; VariantRejected when it cannot serve.
+
+    `options` are a .tflite variant's (Variant.runtime_options); ONNX variants take none.
+    """
+    suffix = path.suffix
+    if suffix == ".onnx":
+        before = process_rss_mb()
+        variant = cast(
+            OnnxVariant,
+            OnnxVariant.load(model, name, path, settings, expected_inputs, expected_outputs),
+        )
+        variant.rss_mb = max(0.0, process_rss_mb() - before)
+        return variant
+    if suffix == ".tflite":
+        return LiteRTVariant.load(
+            model, name, path, settings, expected_inputs, expected_outputs, options
+        )
+    raise VariantRejected(f"variant {name}: {path.name} is neither .onnx nor .tflite")
