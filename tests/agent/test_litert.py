@@ -54,8 +54,8 @@ def test_mlp_matches_the_interpreter_and_numpy(tmp_path: Path) -> None:
     """A FullyConnected/ReLU network answers as the interpreter does and as numpy computes."""
     rng = np.random.default_rng(0)
     layers = [
-        (rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(16).astype(np.float32)),
-        (rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal(3).astype(np.float32)),
+        (rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal(n).astype(np.float32))
+        for n, k in ((16, 8), (3, 16))
     ]
     path = tflite_models.mlp_tflite(tmp_path / "mlp.tflite", layers)
     variant = load_variant("m", "fp32", path, SessionSettings(threads=2), options=NO_PROBE)

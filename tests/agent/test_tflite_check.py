@@ -180,5 +180,5 @@ def test_runtime_options_on_an_onnx_variant_are_refused() -> None:
     """Runtime options belong to .tflite variants; on an .onnx variant they are an error."""
     data = manifest()
     data["variants"] = [{"name": "a", "file": "a.onnx", "runtime": {"float_io": True}}]
-    with pytest.raises(ValueError, match="apply to .tflite variants"):
+    with pytest.raises(ValueError, match=r"apply to \.tflite variants"):
         Manifest.model_validate(data)
