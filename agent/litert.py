@@ -104,8 +104,9 @@ class _Tensor:
 
 
 class _Bound:
-    """One interpreter and how to run it: through its signature runner when the model has
-    one, else through its input and output tensors."""
+    """One interpreter and how to run it: on its primary subgraph's tensors directly (the
+    cheapest path: LiteRT's SignatureRunner resizes and reallocates on every call), or
+    through its signature runner when the signature's subgraph may be another one."""
 
     def __init__(
         self,
@@ -115,32 +116,32 @@ class _Bound:
         outputs: Sequence[_Tensor],
     ) -> None:
         self.interpreter = interpreter
-        self._runner = (
-            interpreter.get_signature_runner(signature) if signature is not None else None
-        )
+        direct = signature is None or interpreter.num_subgraphs() == 1
+        self._runner = None if direct else interpreter.get_signature_runner(signature)
         self._inputs = {t.name: t for t in inputs}
         self._outputs = {t.name: t for t in outputs}
+        self._float_outputs = any(t.affine for t in outputs)
         # Current input shapes: a request of another batch size resizes and reallocates.
         self._shapes = {
             d["index"]: tuple(int(x) for x in d["shape"]) for d in interpreter.get_input_details()
         }
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        if len(feeds) != len(self._inputs) or not all(n in self._inputs for n in feeds):
+            missing = sorted(set(self._inputs) - set(feeds))
+            unknown = sorted(set(feeds) - set(self._inputs))
+            raise ValueError(f"missing inputs {missing}, unknown inputs {unknown}")
         arrays = {}
         for name, value in feeds.items():
-            spec = self._inputs.get(name)
-            if spec is None:
-                raise ValueError(f"unknown input {name!r}")
-            array = spec.affine.quantize(value) if spec.affine else value
-            arrays[name] = np.ascontiguousarray(array)
-        if len(arrays) != len(self._inputs):
-            missing = sorted(set(self._inputs) - set(arrays))
-            raise ValueError(f"missing inputs {missing}")
+            affine = self._inputs[name].affine
+            arrays[name] = np.ascontiguousarray(affine.quantize(value) if affine else value)
         if self._runner is not None:
             result = self._runner(**arrays)
             raw = [result[name] for name in names]
         else:
             raw = self._invoke(arrays, names)
+        if not self._float_outputs:
+            return raw
         return [
             spec.affine.dequantize(array) if (spec := self._outputs[name]).affine else array
             for name, array in zip(names, raw, strict=True)
