@@ -3,6 +3,7 @@ interpreter itself, quantized I/O, delegates, concurrency, and files that must b
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -259,3 +260,35 @@ def test_builtin_ceiling_matches_the_installed_schema() -> None:
     """The verifier's highest builtin operator code is the installed LiteRT schema's."""
     codes = [v for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")]
     assert max(codes) == tflite_check.MAX_BUILTIN_CODE
+
+
+def test_litert_runs_without_writable_executable_memory(tmp_path: Path) -> None:
+    """XNNPACK needs no W+X memory, so the unit's MemoryDenyWriteExecute=yes holds: a child
+    that forbids it (prctl PR_SET_MDWE, what that setting enforces) loads and runs a float
+    and an int8 model through load_variant."""
+    float_path = tflite_models.scale_tflite(tmp_path / "f.tflite")
+    int8_path = tmp_path / "q.tflite"
+    tflite_models.int8_fc_tflite(int8_path)
+    code = f"""
+import ctypes, sys
+import numpy as np
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(77)
+from agent.manifest import RuntimeOptions
+from agent.runtime import load_variant
+from agent.session import SessionSettings
+from pathlib import Path
+s, opts = SessionSettings(threads=2), RuntimeOptions(probe=False)
+for path, dtype in (({str(float_path)!r}, np.float32), ({str(int8_path)!r}, np.int8)):
+    v = load_variant("m", "v", Path(path), s, options=opts)
+    assert v.warmed_up
+    v.run({{"x": np.ones((2, 4), dtype)}})
+print("ran")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    assert done.returncode == 0, done.stderr
+    assert "ran" in done.stdout
