@@ -127,19 +127,12 @@ class _Bound:
         }
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
-        if len(feeds) != len(self._inputs) or not all(n in self._inputs for n in feeds):
+        # Every input, each once: an input left out would run on the previous request's data.
+        if len(feeds) != len(self._inputs) or not self._inputs.keys() >= feeds.keys():
             missing = sorted(set(self._inputs) - set(feeds))
             unknown = sorted(set(feeds) - set(self._inputs))
             raise ValueError(f"missing inputs {missing}, unknown inputs {unknown}")
-        arrays = {}
-        for name, value in feeds.items():
-            affine = self._inputs[name].affine
-            arrays[name] = np.ascontiguousarray(affine.quantize(value) if affine else value)
-        if self._runner is not None:
-            result = self._runner(**arrays)
-            raw = [result[name] for name in names]
-        else:
-            raw = self._invoke(arrays, names)
+        raw = self._invoke(feeds, names) if self._runner is None else self._signed(feeds, names)
         if not self._float_outputs:
             return raw
         return [
@@ -147,19 +140,31 @@ class _Bound:
             for name, array in zip(names, raw, strict=True)
         ]
 
-    def _invoke(self, arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+    def _signed(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        arrays = {}
+        for name, value in feeds.items():
+            affine = self._inputs[name].affine
+            arrays[name] = affine.quantize(value) if affine else value
+        assert self._runner is not None
+        result = self._runner(**arrays)
+        return [result[name] for name in names]
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
         it = self.interpreter
+        staged = []
         resized = False
-        for name, array in arrays.items():
-            index = self._inputs[name].index
-            if self._shapes[index] != array.shape:
-                it.resize_tensor_input(index, list(array.shape))
-                self._shapes[index] = array.shape
+        for name, value in feeds.items():
+            spec = self._inputs[name]
+            array = spec.affine.quantize(value) if spec.affine else value
+            if self._shapes[spec.index] != array.shape:
+                it.resize_tensor_input(spec.index, list(array.shape))
+                self._shapes[spec.index] = array.shape
                 resized = True
-        if resized:
+            staged.append((spec.index, array))
+        if resized:  # reallocating drops tensors already set: set them after
             it.allocate_tensors()
-        for name, array in arrays.items():
-            it.set_tensor(self._inputs[name].index, array)
+        for index, array in staged:
+            it.set_tensor(index, array)  # LiteRT copies, making the array C-contiguous
         it.invoke()
         # get_tensor copies: the next invoke may overwrite the interpreter's buffers.
         return [it.get_tensor(self._outputs[name].index) for name in names]

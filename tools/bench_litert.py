@@ -182,17 +182,25 @@ def main() -> int:
             for _ in range(args.rounds):
                 for name, fn in contenders.items():
                     results.setdefault((name, batch), []).append(per_call_us(fn, args.seconds))
-        print(f"== per-call latency, median us (threads={args.threads}, {args.rounds} rounds) ==")
+        # The best round of each contender: on a shared machine other load only ever adds.
+        best = {key: min(v) for key, v in results.items()}
+        print(f"== per-call latency, us: the best of {args.rounds} rounds' medians "
+              f"(threads={args.threads}) ==")
         print(f"{'contender':28s} {'batch 1':>10s} {'batch 32':>10s}")
-        med = {key: statistics.median(v) for key, v in results.items()}
         for name in dict.fromkeys(n for n, _ in results):
-            print(f"{name:28s} {med[(name, 1)]:10.1f} {med[(name, 32)]:10.1f}")
-        print("\n== agent overhead over its library, us ==")
+            print(f"{name:28s} {best[(name, 1)]:10.1f} {best[(name, 32)]:10.1f}")
+        print("\n== what the agent adds over its library, us ==")
         for batch in (1, 32):
-            lite = med[("agent LiteRTVariant.run", batch)] - med[("litert invoke()", batch)]
-            ortx = med[("agent onnx variant.run", batch)] - med[("onnxruntime session.run", batch)]
-            verdict = "MET" if lite <= max(ortx, 0.0) + 2.0 else "MISS"
-            print(f"batch {batch:2d}: over LiteRT {lite:+.1f}, over onnxruntime {ortx:+.1f} "
+            lite = best[("agent LiteRTVariant.run", batch)] - best[("litert invoke()", batch)]
+            ortx = best[("agent onnx variant.run", batch)]
+            ortx -= best[("onnxruntime session.run", batch)]
+            # Noise: how far the raw invoke's rounds spread (its median minus its best).
+            raw = results[("litert invoke()", batch)]
+            noise = statistics.median(raw) - min(raw)
+            verdict = "MET" if lite <= ortx else (
+                f"within noise ({noise:.1f})" if lite <= ortx + noise else "MISS"
+            )
+            print(f"batch {batch:2d}: over LiteRT {lite:+.1f}, over onnxruntime {ortx:+.1f}  "
                   f"[{verdict}: the agent adds no more over LiteRT than over onnxruntime]")
 
         pools = bench_pools(tfl, settings, args.rounds, args.seconds)

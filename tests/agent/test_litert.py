@@ -77,6 +77,8 @@ def test_model_without_signature_serves_its_tensor_names(tmp_path: Path) -> None
     for batch in (3, 1, 3):
         (y,) = variant.run({"x": np.ones((batch, 4), np.float32)})
         np.testing.assert_array_equal(y, np.full((batch, 4), 3.0, np.float32))
+    strided = np.arange(32, dtype=np.float32).reshape(4, 8)[:, ::2]  # not C-contiguous
+    np.testing.assert_array_equal(variant.run({"x": strided})[0], strided * 2.0 + 1.0)
 
 
 def test_int8_io_is_served_as_the_model_declares(tmp_path: Path) -> None:
