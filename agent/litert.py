@@ -9,6 +9,7 @@ process has opened and run it once: a file that crashes the interpreter kills th
 from __future__ import annotations
 
 import ctypes
+import json
 import queue
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import structlog
 
 from agent.datatypes import NUMPY_DTYPES, datatype_of
 from agent.errors import InferenceError, VariantRejected
-from agent.manifest import RuntimeOptions, TensorSpec
+from agent.manifest import DelegateSpec, RuntimeOptions, TensorSpec
 from agent.monitor import process_rss_mb
 from agent.session import SessionSettings
 from agent.tflite_check import check_tflite_file
@@ -41,11 +42,15 @@ _PROBE_REFUSED = 3
 # interpreter refusing the file (exit 3, its message on stderr); an invoke that raises is
 # not, since a model may refuse synthetic input; only a crash (a signal) is what we guard.
 _PROBE = """
-import sys
+import json, sys
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, load_delegate
 try:
-    it = Interpreter(model_path=sys.argv[1], num_threads=int(sys.argv[2]))
+    spec = json.loads(sys.argv[3])
+    delegates = [load_delegate(spec["library"], spec["options"])] if spec else None
+    it = Interpreter(
+        model_path=sys.argv[1], num_threads=int(sys.argv[2]), experimental_delegates=delegates
+    )
     it.allocate_tensors()
 except Exception as exc:
     sys.stderr.write(" ".join(str(exc).split())[:500])
@@ -219,10 +224,12 @@ class LiteRTVariant:
         start = time.monotonic()
         opts = options or RuntimeOptions()
         lite = _litert(name)
-        check_tflite_file(path, variant=name)
+        check_tflite_file(path, variant=name, custom_ops=opts.custom_ops)
         threads = opts.threads or settings.threads
+        if opts.delegate is not None:
+            _check_delegate_library(opts.delegate.library, path, name)
         if opts.probe is not False:
-            probe_file(path, name, threads)
+            probe_file(path, name, threads, opts.delegate)
         before = process_rss_mb()
         interpreters = [
             _open(lite, path, name, threads, opts) for _ in range(opts.interpreters or 1)
@@ -287,12 +294,16 @@ class LiteRTVariant:
                 break
 
 
-def probe_file(path: Path, variant: str, threads: int = 1) -> None:
-    """Open and run the file once in a child process; VariantRejected if the child dies
-    (a signal), cannot open it, or does not finish in time."""
+def probe_file(
+    path: Path, variant: str, threads: int = 1, delegate: DelegateSpec | None = None
+) -> None:
+    """Open and run the file once in a child process (with the variant's delegate, whose
+    custom operators the model may need); VariantRejected if the child dies (a signal),
+    cannot open it, or does not finish in time."""
+    spec = json.dumps(delegate.model_dump(mode="json") if delegate else None)
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path), str(threads)],
+            [sys.executable, "-c", _PROBE, str(path), str(threads), spec],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=PROBE_TIMEOUT_S,
@@ -333,12 +344,6 @@ def _open(lite: Any, path: Path, variant: str, threads: int, opts: RuntimeOption
     delegates = []
     if opts.delegate is not None:
         library = opts.delegate.library
-        if library.startswith("/") and path.parent.resolve() in Path(library).resolve().parents:
-            raise VariantRejected(
-                f"variant {variant}: delegate {library} lies in the model's folder; a delegate "
-                "must be installed on the board, not pushed with a model"
-            )
-        _check_delegate_library(library, variant)
         try:
             delegates.append(lite.load_delegate(library, dict(opts.delegate.options)))
         except (ValueError, RuntimeError, OSError) as exc:
@@ -365,9 +370,15 @@ def _open(lite: Any, path: Path, variant: str, threads: int, opts: RuntimeOption
     return interpreter
 
 
-def _check_delegate_library(library: str, variant: str) -> None:
-    """Reject a delegate the loader cannot find or that is no LiteRT delegate, before
-    LiteRT tries it (its Delegate object fails untidily when the library is missing)."""
+def _check_delegate_library(library: str, path: Path, variant: str) -> None:
+    """Reject a delegate shipped with the model, one the loader cannot find, or one that is
+    no LiteRT delegate, before LiteRT tries it (its Delegate object fails untidily when the
+    library is missing)."""
+    if library.startswith("/") and path.parent.resolve() in Path(library).resolve().parents:
+        raise VariantRejected(
+            f"variant {variant}: delegate {library} lies in the model's folder; a delegate "
+            "must be installed on the board, not pushed with a model"
+        )
     try:
         handle = ctypes.CDLL(library)
     except OSError as exc:

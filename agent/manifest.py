@@ -62,6 +62,10 @@ MODEL_SUFFIXES = (".onnx", ".tflite")
 _DELEGATE_NAME = r"^lib[A-Za-z0-9_.+-]+\.so(\.[0-9]+)*$"
 
 
+# What the Edge TPU compiler puts in a model for the part the accelerator runs.
+EDGETPU_OPS = frozenset({"edgetpu-custom-op"})
+
+
 class DelegateSpec(BaseModel):
     """An external LiteRT delegate (an accelerator's runtime) and its options."""
 
@@ -75,6 +79,20 @@ class DelegateSpec(BaseModel):
     options: dict[str, str] = Field(
         default_factory=dict, description="Passed to the delegate as key=value strings."
     )
+    custom_ops: tuple[str, ...] | None = Field(
+        None,
+        description="Custom operators the delegate implements, which a model for it may use "
+        "(default: edgetpu-custom-op for libedgetpu, none otherwise).",
+    )
+
+    @property
+    def provided_ops(self) -> frozenset[str]:
+        """The custom operators a model run with this delegate may contain."""
+        if self.custom_ops is not None:
+            return frozenset(self.custom_ops)
+        if PurePosixPath(self.library).name.startswith("libedgetpu."):
+            return EDGETPU_OPS
+        return frozenset()
 
     @field_validator("library")
     @classmethod
@@ -121,6 +139,11 @@ class RuntimeOptions(BaseModel):
         description="Open the file in a short-lived child process before the agent does, so "
         "that a file that crashes the interpreter kills only the child (default: true).",
     )
+
+    @property
+    def custom_ops(self) -> frozenset[str]:
+        """Custom operators the configured delegate provides (none without a delegate)."""
+        return self.delegate.provided_ops if self.delegate is not None else frozenset()
 
     def over(self, base: RuntimeOptions | None) -> RuntimeOptions:
         """These options with `base`'s filling every field left unset here."""

@@ -171,7 +171,8 @@ def verify_variant(
                 f"the manifest says {variant.sha256}"
             )
     if path.suffix == ".tflite":
-        check_tflite_file(path, variant=variant.name)
+        options = variant.runtime_options(source.manifest)
+        check_tflite_file(path, variant=variant.name, custom_ops=options.custom_ops)
     else:
         check_model_file(path, source.folder, variant=variant.name, allow_external_data=not signed)
     return path

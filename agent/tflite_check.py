@@ -70,18 +70,26 @@ class TfliteFacts:
     signatures: int = 0
 
 
-def check_tflite_file(path: Path, *, variant: str) -> TfliteFacts:
-    """The facts of `path`; VariantRejected with the reason when it is unsafe to open."""
+def check_tflite_file(
+    path: Path, *, variant: str, custom_ops: frozenset[str] = frozenset()
+) -> TfliteFacts:
+    """The facts of `path`; VariantRejected with the reason when it is unsafe to open.
+
+    `custom_ops` are the custom operators the variant's delegate implements (the Edge TPU's
+    edgetpu-custom-op); any other custom operator is refused.
+    """
     try:
         facts = inspect_tflite(path)
     except (OSError, TfliteFormatError) as exc:
         raise VariantRejected(
             f"variant {variant}: {path.name} is not a valid TFLite file: {exc}"
         ) from exc
-    if facts.custom_ops:
+    unknown = facts.custom_ops - custom_ops
+    if unknown:
         raise VariantRejected(
-            f"variant {variant}: {path.name} uses custom operator(s) {sorted(facts.custom_ops)}, "
+            f"variant {variant}: {path.name} uses custom operator(s) {sorted(unknown)}, "
             "which need a native library the agent does not load"
+            + (f" (its delegate provides {sorted(custom_ops)})" if custom_ops else "")
         )
     return facts
 

@@ -215,13 +215,13 @@ def int8_fc_tflite(path: Path, width: int = 4, units: int = 3, seed: int = 0) ->
                        * w_scale, in_q, out_q)
 
 
-def custom_op_tflite(path: Path) -> Path:
-    """A model whose only operator is a custom one ("EdgeAgentSecret"), which no runtime has."""
+def custom_op_tflite(path: Path, name: str = "EdgeAgentSecret") -> Path:
+    """A model whose only operator is a custom one (by default one no runtime has)."""
     g = _Graph()
     x = g.tensor("x", np.float32, (1, 4))
     y = g.tensor("y", np.float32, (1, 4))
     g.op(fb.BuiltinOperator.CUSTOM, [x], [y])
-    return g.save(path, [x], [y], custom_code="EdgeAgentSecret")
+    return g.save(path, [x], [y], custom_code=name)
 
 
 def constant_input_tflite(path: Path) -> Path:

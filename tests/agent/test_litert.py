@@ -158,6 +158,17 @@ def test_missing_delegate_library_rejects_the_variant(tmp_path: Path) -> None:
         load_variant("m", "edgetpu", path, SETTINGS, options=options)
 
 
+def test_edgetpu_model_needs_its_delegate(tmp_path: Path) -> None:
+    """A model compiled for the Edge TPU (its edgetpu-custom-op) is refused without the
+    delegate, and with libedgetpu configured but not installed the reason is the library."""
+    path = tflite_models.custom_op_tflite(tmp_path / "tpu.tflite", "edgetpu-custom-op")
+    with pytest.raises(VariantRejected, match="edgetpu-custom-op"):
+        load_variant("m", "tpu", path, SETTINGS)
+    options = RuntimeOptions(delegate=DelegateSpec(library="libedgetpu.so.1"))
+    with pytest.raises(VariantRejected, match=r"delegate libedgetpu\.so\.1 cannot load"):
+        load_variant("m", "tpu", path, SETTINGS, options=options)
+
+
 def test_library_that_is_no_delegate_rejects_the_variant(tmp_path: Path) -> None:
     """A library that loads but exports no delegate entry point is refused as such."""
     path = tflite_models.scale_tflite(tmp_path / "scale.tflite")

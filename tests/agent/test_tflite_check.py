@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.errors import ManifestError, VariantRejected
-from agent.manifest import Manifest, read_manifest
+from agent.manifest import DelegateSpec, Manifest, RuntimeOptions, read_manifest
 from agent.repository import BARE_VARIANT, scan, verify_variant
 from agent.runtime import load_variant
 from agent.session import SessionSettings
@@ -103,6 +103,18 @@ def test_specific_defects_are_named(tmp_path: Path, build: object, reason: str) 
     build(path)  # type: ignore[operator]  # the parametrized builders take one Path
     with pytest.raises(VariantRejected, match=reason):
         check_tflite_file(path, variant="v")
+
+
+def test_custom_ops_of_the_delegate_are_allowed(tmp_path: Path) -> None:
+    """A custom operator passes only when the variant's delegate provides it: the Edge TPU's
+    by default for libedgetpu, others when listed; anything else is still refused."""
+    path = tflite_models.custom_op_tflite(tmp_path / "tpu.tflite", "edgetpu-custom-op")
+    edgetpu = RuntimeOptions(delegate=DelegateSpec(library="libedgetpu.so.1"))
+    check_tflite_file(path, variant="v", custom_ops=edgetpu.custom_ops)
+    other = RuntimeOptions(delegate=DelegateSpec(library="/opt/npu/libnpu.so", custom_ops=["X"]))
+    with pytest.raises(VariantRejected, match="its delegate provides"):
+        check_tflite_file(path, variant="v", custom_ops=other.custom_ops)
+    assert RuntimeOptions().custom_ops == frozenset()
 
 
 def test_bare_tflite_file_is_a_one_variant_model(tmp_path: Path) -> None:
