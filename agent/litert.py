@@ -14,6 +14,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ DEFAULT_SIGNATURE = "serving_default"
 PROBE_TIMEOUT_S = 60.0
 _QUANTIZED = (np.dtype(np.int8), np.dtype(np.uint8))
 _PROBE_REFUSED = 3
+_POOL_POLL_S = 0.5  # how often a run waiting for an interpreter looks whether it was closed
 
 # Run by the probe child: open, allocate and run once on zeros. An exception is the
 # interpreter refusing the file (exit 3, its message on stderr); an invoke that raises is
@@ -204,6 +206,7 @@ class LiteRTVariant:
         self.load_ms = 0.0
         self.warmed_up = False
         self.rss_mb: float | None = None
+        self._closed = False
         self._pool: queue.SimpleQueue[_Bound] = queue.SimpleQueue()
         for each in bound:
             self._pool.put(each)
@@ -229,7 +232,7 @@ class LiteRTVariant:
         if opts.delegate is not None:
             _check_delegate_library(opts.delegate.library, path, name)
         if opts.probe is not False:
-            probe_file(path, name, threads, opts.delegate)
+            _probe_once(path, name, threads, opts.delegate)
         before = process_rss_mb()
         interpreters = [
             _open(lite, path, name, threads, opts) for _ in range(opts.interpreters or 1)
@@ -268,13 +271,22 @@ class LiteRTVariant:
     ) -> list[np.ndarray]:
         """Run on a free interpreter (waiting for one); any failure is an InferenceError."""
         names = tuple(output_names) if output_names else self.output_names
-        bound = self._pool.get()
+        bound = self._take()
         try:
             return bound.run(feeds, names)
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError/KeyError freely
             raise InferenceError(f"{self.model}/{self.name}: {_describe(exc)}") from exc
         finally:
             self._pool.put(bound)
+
+    def _take(self) -> _Bound:
+        """A free interpreter, waiting while all are busy; InferenceError once closed."""
+        while not self._closed:
+            try:
+                return self._pool.get(timeout=_POOL_POLL_S)
+            except queue.Empty:
+                continue
+        raise InferenceError(f"{self.model}/{self.name}: the variant was unloaded")
 
     def warm_up(self) -> bool:
         """Run once on zeros (free dimensions set to 1) so the first request is not slow."""
@@ -286,12 +298,35 @@ class LiteRTVariant:
         return True
 
     def close(self) -> None:
-        """Drop the interpreters (and their delegates); callers stop running it first."""
+        """Drop the interpreters (and their delegates); a run still waiting for one fails
+        with InferenceError, and one in flight finishes on its interpreter."""
+        self._closed = True
         for _ in range(self.interpreters):
             try:
                 self._pool.get_nowait()
             except queue.Empty:
                 break
+
+
+# Files that passed a probe, by identity and stamp (a rewrite changes the stamp): a policy
+# that swaps between rungs reloads the same files, and each probe costs a Python start.
+_probed: set[tuple[int, int, int, int, str]] = set()
+_probed_lock = threading.Lock()
+
+
+def _probe_once(path: Path, variant: str, threads: int, delegate: DelegateSpec | None) -> None:
+    info = path.stat()
+    spec = delegate.model_dump_json() if delegate else ""
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, spec)
+    with _probed_lock:
+        if key in _probed:
+            return
+    start = time.monotonic()
+    probe_file(path, variant, threads, delegate)
+    with _probed_lock:
+        _probed.add(key)
+    log.info("litert_probed", variant=variant, file=path.name, ms=round(
+        (time.monotonic() - start) * 1000.0, 1))  # fmt: skip
 
 
 def probe_file(

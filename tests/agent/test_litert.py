@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog.testing
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
@@ -305,3 +306,28 @@ print("ran")
         pytest.skip("this kernel has no PR_SET_MDWE")
     assert done.returncode == 0, done.stderr
     assert "ran" in done.stdout
+
+
+def test_a_probed_file_is_not_probed_again_until_it_changes(tmp_path: Path) -> None:
+    """Loading the same unchanged file again (a swap back to a rung) skips the probe; a
+    rewritten file is probed again."""
+    path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
+
+    def probes() -> int:
+        with structlog.testing.capture_logs() as logs:
+            load_variant("m", "v", path, SETTINGS).close()
+        return sum(1 for entry in logs if entry["event"] == "litert_probed")
+
+    assert probes() == 1
+    assert probes() == 0
+    tflite_models.scale_tflite(tmp_path / "next.tflite", factor=5.0).replace(path)
+    assert probes() == 1
+
+
+def test_a_closed_variant_refuses_to_run(tmp_path: Path) -> None:
+    """After close, run raises InferenceError instead of waiting for an interpreter."""
+    path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
+    variant = load_variant("m", "v", path, SETTINGS, options=NO_PROBE)
+    variant.close()
+    with pytest.raises(InferenceError, match="unloaded"):
+        variant.run({"x": np.ones((1, 4), np.float32)})
