@@ -115,9 +115,11 @@ class _Reader:
     def __init__(self, buf: memoryview) -> None:
         self.buf = buf
         self.size = len(buf)
-        # Tables are at least 4 bytes each; visiting more than fit in the file means tables
-        # are shared to multiply the work (a crafted file), not a model.
-        self._budget = self.size // 4 + 16
+        # Tables and vector elements take at least 4 bytes each, so a model has fewer than
+        # size/4 of them; reading many times more means objects are shared to multiply the
+        # work (a crafted file), not a model. The factor leaves room for a writer that
+        # shares some.
+        self._budget = self.size + 1024
 
     # -- primitives -------------------------------------------------------------------
     def _unpack(self, fmt: str, pos: int) -> int:
@@ -127,10 +129,14 @@ class _Reader:
         value: int = struct.unpack_from(fmt, self.buf, pos)[0]
         return value
 
-    def _table(self, pos: int, what: str) -> _Table:
-        self._budget -= 1
+    def charge(self, reads: int) -> None:
+        """Count `reads` table or element reads against the file's budget."""
+        self._budget -= reads
         if self._budget < 0:
-            raise TfliteFormatError("more tables than the file can hold (shared tables)")
+            raise TfliteFormatError("more reads than the file can hold (shared objects)")
+
+    def _table(self, pos: int, what: str) -> _Table:
+        self.charge(1)
         vtable = pos - self._unpack("<i", pos)
         vsize = self._unpack("<H", vtable)
         tsize = self._unpack("<H", vtable + 2)
@@ -258,12 +264,11 @@ class _Reader:
 
     def _tensor(self, tensor: _Table, buffers: list[int | None]) -> bool:
         """Check one tensor; True when it holds constant data."""
-        name = tensor.string(_T_NAME) or "<unnamed>"
-        where = f"tensor {name[:80]!r}"
-        shape = list(tensor.ints(_T_SHAPE))
-        signature = list(tensor.ints(_T_SIGNATURE))
-        if len(shape) > _MAX_RANK or any(d < 0 for d in shape):
-            raise TfliteFormatError(f"{where}: shape {shape[:_MAX_RANK + 1]}")
+        where = f"tensor {(tensor.string(_T_NAME, cap=80) or '<unnamed>')!r}"
+        shape = list(tensor.ints(_T_SHAPE, limit=_MAX_RANK))
+        signature = list(tensor.ints(_T_SIGNATURE, limit=_MAX_RANK))
+        if any(d < 0 for d in shape):
+            raise TfliteFormatError(f"{where}: shape {shape}")
         if signature and (len(signature) != len(shape) or any(d < -1 for d in signature)):
             raise TfliteFormatError(f"{where}: shape signature {signature} for shape {shape}")
         kind = tensor.u8(_T_TYPE)
@@ -357,8 +362,11 @@ class _Table:
     def vector_len(self, slot: int) -> int:
         return self.vector(slot, 4)[1]
 
-    def ints(self, slot: int) -> Iterator[int]:
+    def ints(self, slot: int, limit: int | None = None) -> Iterator[int]:
         start, length = self.vector(slot, 4)
+        if limit is not None and length > limit:
+            raise TfliteFormatError(f"{self.what}: field {slot} has {length} entries")
+        self.reader.charge(length)
         for i in range(length):
             yield self.reader._unpack("<i", start + 4 * i)
 
@@ -368,9 +376,10 @@ class _Table:
             element = start + 4 * i
             yield self.reader._table(self.reader._target(element), what)
 
-    def string(self, slot: int) -> str | None:
+    def string(self, slot: int, cap: int = 256) -> str | None:
+        """The string's first `cap` bytes, decoded (names serve messages and comparisons)."""
         pos = self._field(slot)
         if pos is None:
             return None
         start, length = self.reader._vector(self.reader._target(pos), 1, f"{self.what} string")
-        return bytes(self.reader.buf[start : start + length]).decode("utf-8", "replace")
+        return bytes(self.reader.buf[start : start + min(length, cap)]).decode("utf-8", "replace")

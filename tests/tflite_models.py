@@ -236,3 +236,39 @@ def constant_input_tflite(path: Path) -> Path:
     g.op(fb.BuiltinOperator.FULLY_CONNECTED, [x, w, b], [y],
          fb.BuiltinOptions.FullyConnectedOptions, options)
     return g.save(path, [w], [y])
+
+
+def shared_operator_tflite(path: Path, operators: int = 20_000, inputs: int = 1_000) -> Path:
+    """A crafted file: one operator table with a long inputs vector, referenced `operators`
+    times by its subgraph, so that a naive walk reads operators x inputs entries."""
+    b = flatbuffers.Builder(1024)
+    b.StartVector(4, inputs, 4)
+    for _ in range(inputs):
+        b.PrependInt32(-1)
+    ins = b.EndVector()
+    fb.OperatorStart(b)
+    fb.OperatorAddInputs(b, ins)
+    op = fb.OperatorEnd(b)
+    fb.SubGraphStartOperatorsVector(b, operators)
+    for _ in range(operators):
+        b.PrependUOffsetTRelative(op)
+    ops = b.EndVector()
+    fb.SubGraphStart(b)
+    fb.SubGraphAddOperators(b, ops)
+    sub = fb.SubGraphEnd(b)
+    fb.OperatorCodeStart(b)
+    fb.OperatorCodeAddBuiltinCode(b, fb.BuiltinOperator.ADD)
+    code = fb.OperatorCodeEnd(b)
+    fb.ModelStartOperatorCodesVector(b, 1)
+    b.PrependUOffsetTRelative(code)
+    codes = b.EndVector()
+    fb.ModelStartSubgraphsVector(b, 1)
+    b.PrependUOffsetTRelative(sub)
+    subs = b.EndVector()
+    fb.ModelStart(b)
+    fb.ModelAddVersion(b, 3)
+    fb.ModelAddOperatorCodes(b, codes)
+    fb.ModelAddSubgraphs(b, subs)
+    b.Finish(fb.ModelEnd(b), file_identifier=FILE_IDENTIFIER)
+    path.write_bytes(bytes(b.Output()))
+    return path

@@ -117,6 +117,15 @@ def test_custom_ops_of_the_delegate_are_allowed(tmp_path: Path) -> None:
     assert RuntimeOptions().custom_ops == frozenset()
 
 
+def test_shared_objects_cannot_multiply_the_work(tmp_path: Path) -> None:
+    """A file whose tables are shared so that a walk would read far more entries than the
+    file holds (here 20 million from 100 KB) is refused once its reads pass the budget."""
+    path = tflite_models.shared_operator_tflite(tmp_path / "shared.tflite")
+    assert path.stat().st_size < 200_000
+    with pytest.raises(TfliteFormatError, match="shared objects"):
+        inspect_tflite(path)
+
+
 def test_bare_tflite_file_is_a_one_variant_model(tmp_path: Path) -> None:
     """A bare name.tflite in the model directory is a model named by the file, with one
     variant that verify_variant accepts and load_variant serves."""
