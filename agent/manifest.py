@@ -255,6 +255,11 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
     """Write a manifest atomically, so a watcher never sees half of it."""
+    data = manifest.model_dump(mode="json")
+    # Unset runtime options are left out, so that agents older than them read the file.
+    for holder in (data, *data["variants"]):
+        if holder.get("runtime") is None:
+            holder.pop("runtime", None)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from agent.errors import ManifestError, VariantRejected
-from agent.manifest import DelegateSpec, Manifest, RuntimeOptions, read_manifest
+from agent.manifest import (
+    DelegateSpec,
+    Manifest,
+    RuntimeOptions,
+    read_manifest,
+    write_manifest,
+)
 from agent.repository import BARE_VARIANT, scan, verify_variant
 from agent.runtime import load_variant
 from agent.session import SessionSettings
@@ -203,3 +209,14 @@ def test_runtime_options_on_an_onnx_variant_are_refused() -> None:
     data["variants"] = [{"name": "a", "file": "a.onnx", "runtime": {"float_io": True}}]
     with pytest.raises(ValueError, match=r"apply to \.tflite variants"):
         Manifest.model_validate(data)
+
+
+def test_written_manifest_leaves_unset_runtime_options_out(tmp_path: Path) -> None:
+    """write_manifest omits runtime options nobody set (older agents refuse unknown keys)
+    and keeps those that are set, which read back the same."""
+    parsed = Manifest.model_validate(manifest(runtime={"float_io": True}))
+    write_manifest(parsed, tmp_path / "manifest.json")
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert "runtime" not in data["variants"][0]
+    assert data["variants"][1]["runtime"]["float_io"] is True
+    assert read_manifest(tmp_path / "manifest.json") == parsed
