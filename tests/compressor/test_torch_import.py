@@ -4,11 +4,13 @@ with torch's exporter, answer as PyTorch does, and ladder like any ONNX model.""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import structlog
 
 from agent.manifest import MANIFEST_FILE, read_manifest
 from compressor.cli import main
@@ -18,6 +20,13 @@ from compressor.torch_import import examples_from_npz, export_to_onnx
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
 
 FAST_TIMING = ["--threads", "1", "--batch", "8", "--rounds", "1", "--no-memory"]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """The CLI configures structlog globally; restore the defaults after each test."""
+    yield
+    structlog.reset_defaults()
 
 
 class Classifier(torch.nn.Module):  # type: ignore[misc]  # torch is Any to mypy
