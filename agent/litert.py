@@ -227,6 +227,7 @@ class LiteRTVariant:
         start = time.monotonic()
         opts = options or RuntimeOptions()
         lite = _litert(name)
+        stamp = _stamp(path, name)
         check_tflite_file(path, variant=name, custom_ops=opts.custom_ops)
         threads = opts.threads or settings.threads
         if opts.delegate is not None:
@@ -237,6 +238,9 @@ class LiteRTVariant:
         interpreters = [
             _open(lite, path, name, threads, opts) for _ in range(opts.interpreters or 1)
         ]
+        if _stamp(path, name) != stamp:
+            # The interpreters must have opened the bytes that were checked and probed.
+            raise VariantRejected(f"variant {name}: {path.name} changed while it loaded")
         signature = _signature(interpreters[0])
         ins, outs = _tensors(interpreters[0], signature, name, float_io=bool(opts.float_io))
         bound = [_Bound(it, signature, ins, outs) for it in interpreters]
@@ -308,6 +312,14 @@ class LiteRTVariant:
                 break
 
 
+def _stamp(path: Path, variant: str) -> tuple[int, int, int, int]:
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise VariantRejected(f"variant {variant}: cannot read {path.name}: {exc}") from exc
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 # Files that passed a probe, by identity and stamp (a rewrite changes the stamp): a policy
 # that swaps between rungs reloads the same files, and each probe costs a Python start.
 _probed: set[tuple[int, int, int, int, str]] = set()
@@ -315,9 +327,8 @@ _probed_lock = threading.Lock()
 
 
 def _probe_once(path: Path, variant: str, threads: int, delegate: DelegateSpec | None) -> None:
-    info = path.stat()
     spec = delegate.model_dump_json() if delegate else ""
-    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, spec)
+    key = (*_stamp(path, variant), spec)
     with _probed_lock:
         if key in _probed:
             return

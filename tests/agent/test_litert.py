@@ -331,3 +331,9 @@ def test_a_closed_variant_refuses_to_run(tmp_path: Path) -> None:
     variant.close()
     with pytest.raises(InferenceError, match="unloaded"):
         variant.run({"x": np.ones((1, 4), np.float32)})
+
+
+def test_missing_tflite_file_is_rejected(tmp_path: Path) -> None:
+    """A .tflite path that does not exist is a VariantRejected, not an OSError."""
+    with pytest.raises(VariantRejected, match=r"cannot read gone\.tflite"):
+        load_variant("m", "v", tmp_path / "gone.tflite", SETTINGS)
