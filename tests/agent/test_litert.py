@@ -337,3 +337,18 @@ def test_missing_tflite_file_is_rejected(tmp_path: Path) -> None:
     """A .tflite path that does not exist is a VariantRejected, not an OSError."""
     with pytest.raises(VariantRejected, match=r"cannot read gone\.tflite"):
         load_variant("m", "v", tmp_path / "gone.tflite", SETTINGS)
+
+
+def test_without_xnnpack_the_builtin_kernels_answer_the_same(tmp_path: Path) -> None:
+    """xnnpack = false runs LiteRT's own kernels, which answer as XNNPACK does."""
+    rng = np.random.default_rng(3)
+    layers = [(rng.standard_normal((5, 4)).astype(np.float32), np.zeros(5, np.float32))]
+    path = tflite_models.mlp_tflite(tmp_path / "fc.tflite", layers)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    answers = [
+        load_variant("m", "v", path, SETTINGS, options=RuntimeOptions(probe=False, xnnpack=on))
+        .run({"x": x})[0]
+        for on in (True, False)
+    ]
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answers[1], x @ layers[0][0].T, rtol=1e-5, atol=1e-5)
