@@ -31,7 +31,7 @@ _MAX_RANK = 16
 _MAX_SUBGRAPHS = 10_000
 
 # Bits per element of each TensorType (schema.fbs); None: no fixed size (strings, resources).
-_BITS: dict[int, int | None] = {
+ELEMENT_BITS: dict[int, int | None] = {
     0: 32, 1: 16, 2: 32, 3: 8, 4: 64, 5: None, 6: 8, 7: 16, 8: 64, 9: 8, 10: 64, 11: 128,
     12: 64, 13: None, 14: None, 15: 32, 16: 16, 17: 4, 18: 16, 19: 2, 20: 4, 21: 8, 22: 8,
 }  # fmt: skip
@@ -43,7 +43,7 @@ _OC_DEPRECATED, _OC_CUSTOM, _OC_BUILTIN = 0, 1, 3
 _SG_TENSORS, _SG_INPUTS, _SG_OUTPUTS, _SG_OPERATORS = 0, 1, 2, 3
 _T_SHAPE, _T_TYPE, _T_BUFFER, _T_NAME, _T_QUANT, _T_VARIABLE, _T_SPARSITY = 0, 1, 2, 3, 4, 5, 6
 _T_SIGNATURE, _T_EXTERNAL = 7, 10
-_Q_SCALE, _Q_ZERO_POINT, _Q_DIMENSION = 2, 3, 6
+_Q_SCALE, _Q_ZERO_POINT, _Q_DETAILS_TYPE, _Q_DIMENSION = 2, 3, 4, 6
 _OP_OPCODE, _OP_INPUTS, _OP_OUTPUTS, _OP_OPTIONS_TYPE, _OP_OPTIONS = 0, 1, 2, 3, 4
 _OP_INTERMEDIATES, _OP_LARGE_OFFSET, _OP_LARGE_SIZE = 8, 9, 10
 _B_DATA, _B_OFFSET, _B_SIZE = 0, 1, 2
@@ -272,7 +272,7 @@ class _Reader:
         if signature and (len(signature) != len(shape) or any(d < -1 for d in signature)):
             raise TfliteFormatError(f"{where}: shape signature {signature} for shape {shape}")
         kind = tensor.u8(_T_TYPE)
-        if kind not in _BITS:
+        if kind not in ELEMENT_BITS:
             raise TfliteFormatError(f"{where}: unknown tensor type {kind}")
         if tensor.u32(_T_EXTERNAL):
             raise TfliteFormatError(f"{where}: reads an external buffer")
@@ -283,7 +283,7 @@ class _Reader:
         if quant is not None:
             self._quantization(quant, shape, where)
         data = buffers[index] if buffers else None
-        bits = _BITS[kind]
+        bits = ELEMENT_BITS[kind]
         sparse = tensor.table(_T_SPARSITY, "sparsity") is not None
         if data is None:
             return False
@@ -302,7 +302,9 @@ class _Reader:
     def _quantization(self, quant: _Table, shape: list[int], where: str) -> None:
         _, scales = quant.vector(_Q_SCALE, 4)
         _, zero_points = quant.vector(_Q_ZERO_POINT, 8)
-        if scales > 1:  # per-channel: one scale and zero point per slice of one dimension
+        # Per-channel: one scale and zero point per slice of one dimension. Other schemes
+        # (blockwise: a details table) keep their scales elsewhere and are not judged here.
+        if scales > 1 and not quant.u8(_Q_DETAILS_TYPE):
             dim = quant.i32(_Q_DIMENSION)
             if not 0 <= dim < len(shape) or shape[dim] != scales or zero_points not in (
                 0,

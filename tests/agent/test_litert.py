@@ -270,10 +270,13 @@ def test_custom_operator_is_refused_before_the_interpreter(tmp_path: Path) -> No
         load_variant("m", "v", path, SETTINGS)
 
 
-def test_builtin_ceiling_matches_the_installed_schema() -> None:
-    """The verifier's highest builtin operator code is the installed LiteRT schema's."""
+def test_builtin_ceiling_and_tensor_types_match_the_installed_schema() -> None:
+    """The verifier's highest builtin operator code and its tensor types are the installed
+    LiteRT schema's, so that a LiteRT upgrade shows here first."""
     codes = [v for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")]
     assert max(codes) == tflite_check.MAX_BUILTIN_CODE
+    types = {v for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    assert types == set(tflite_check.ELEMENT_BITS)
 
 
 def test_litert_runs_without_writable_executable_memory(tmp_path: Path) -> None:
