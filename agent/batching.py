@@ -1,10 +1,15 @@
 """Per-model request queue and workers, with adaptive batching.
 
 Requests wait in a bounded queue (a full queue is an immediate `Overloaded`, never an
-unbounded backlog). Each worker takes the oldest request, adds whatever compatible requests
-are already waiting (up to `max_batch_size`, optionally waiting `batch_delay` for more),
-stacks them along dimension 0 and runs the model once. A failing batch is retried request
-by request, so one bad request cannot fail its neighbours.
+unbounded backlog). A batch runs under a lease on the model's active variant: a swap
+switches the reference between batches and the old variant is released once its batches
+are done; while a model has no active variant (a swap that must unload first), workers
+wait and the requests stay queued.
+
+Each worker takes the oldest request, adds whatever compatible requests are already
+waiting (up to `max_batch_size`, optionally waiting `batch_delay` for more), stacks them
+along dimension 0 and runs the model once. A failing batch is retried request by request,
+so one bad request cannot fail its neighbours.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import structlog
 
 from agent.errors import EdgeAgentError, InferenceError, ModelNotReady, Overloaded, RequestExpired
 from agent.metrics import ModelStats
-from agent.session import LoadedVariant
+from agent.session import RunControl
+from agent.variant import VariantHandle
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +69,10 @@ INLINE_MAX_ROWS = 8
 INLINE_EVIDENCE = 20
 """Small runs a model must have shown (on workers) before any request runs inline."""
 INLINE_STRIKE = 10.0
-"""An inline run this many times over inline_max_ms disables inline runs for the model."""
+"""An inline run this many times over inline_max_ms suspends inline runs for the model."""
+INLINE_SUSPEND_S = 30.0
+"""The first suspension; each further strike doubles it (a model whose cost depends on its
+data blocks the network thread once per suspension at most, and ever more rarely)."""
 INLINE_RUNNER = "the MQTT thread (inline run)"
 
 
@@ -76,13 +85,27 @@ class _Stop:
     """Tells a worker to exit once the jobs queued before it are done."""
 
 
+def _deadline_of(batch: Sequence[Job]) -> float | None:
+    """How long a batch may wait for a variant: until its most patient client gives up."""
+    deadlines = [job.deadline for job in batch]
+    if any(d is None for d in deadlines):
+        return None
+    return max(d for d in deadlines if d is not None)
+
+
+Lease = Callable[[float | None, bool], VariantHandle]
+"""`lease(deadline, wait)`: a lease on the model's active variant, waiting (until the
+monotonic `deadline`, or for good with None) while it has none; RequestExpired past it,
+ModelNotReady when the model is closed or `wait` is False."""
+
+
 class BatchingQueue:
     """The bounded queue and worker threads of one model."""
 
     def __init__(
         self,
         model: str,
-        current: Callable[[], LoadedVariant],
+        lease: Lease,
         stats: ModelStats,
         *,
         workers: int,
@@ -96,15 +119,23 @@ class BatchingQueue:
         self._inline_max_ms = inline_max_ms
         self._recent_ms: float | None = None
         self._observed = 0
-        self._current = current
+        self._strikes = 0
+        self._inline_off_until = 0.0
+        self._lease = lease
         self._stats = stats
-        self._queue: queue.Queue[Job | _Stop] = queue.Queue(maxsize=max_queue)
+        # Unbounded underneath: the bound is checked in submit(), under the same lock as
+        # `_closed`, so that close() can always queue its stop markers behind the jobs.
+        self._queue: queue.Queue[Job | _Stop] = queue.Queue()
+        self._max_queue = max_queue
+        self._intake = threading.Lock()
         self._max_batch = max_batch_size if batchable else 1
         self._delay = batch_delay_s
         self._closed = False
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._running_since: dict[str, float] = {}  # worker name -> when its batch started
+        self._local = threading.local()  # each worker's RunControl
+        self._controls: list[RunControl] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"model-{model}-{i}", daemon=True)
             for i in range(workers)
@@ -115,39 +146,75 @@ class BatchingQueue:
     @property
     def depth(self) -> int:
         """Requests waiting, not counting those running."""
-        return self._queue.qsize()
+        return max(0, self._queue.qsize() - (len(self._threads) if self._closed else 0))
 
     @property
     def busy(self) -> int:
         """Workers running a batch right now."""
         return self._busy
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise Overloaded at once when the queue is full."""
-        if self._closed:
-            raise ModelNotReady(f"model {self.model} is shutting down")
-        try:
+        """Queue a job, or raise Overloaded at once when the queue is full.
+
+        Raises ModelNotReady once close() has begun: the caller then hands the job to the
+        model's successor, or answers it.
+        """
+        with self._intake:
+            if self._closed:
+                raise ModelNotReady(f"model {self.model} is shutting down")
+            if self._queue.qsize() >= self._max_queue:
+                self._stats.record_rejected()
+                raise Overloaded(f"model {self.model}: {self._max_queue} requests already waiting")
             self._queue.put_nowait(job)
-        except queue.Full:
-            self._stats.record_rejected()
-            raise Overloaded(
-                f"model {self.model}: {self._queue.maxsize} requests already waiting"
-            ) from None
+        self._stats.arrived(job.enqueued)
 
     def close(self, timeout: float) -> bool:
-        """Finish the queued jobs, then stop the workers; False if they did not stop in time."""
-        self._closed = True
+        """Stop taking jobs, finish the queued ones, stop the workers; False when they did
+        not all stop within `timeout` (see abandon())."""
+        with self._intake:
+            if not self._closed:
+                self._closed = True
+                for _ in self._threads:
+                    self._queue.put_nowait(_Stop())
         deadline = time.monotonic() + timeout
-        for _ in self._threads:
-            try:
-                self._queue.put(_Stop(), timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Full:
-                break
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
 
+    def abandon(self, error: EdgeAgentError) -> int:
+        """Answer every job still queued with `error` (a stop past its bound); how many.
+
+        Batches already running answer when they finish.
+        """
+        answered = 0
+        with self._busy_lock:
+            controls = list(self._controls)
+        for control in controls:  # running batches stop between kernels, and say why
+            control.cancel()
+        stops = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Stop):
+                stops += 1
+            elif not item.notified:
+                self._notify(item, error)
+                answered += 1
+        for _ in range(stops):  # the workers still need theirs, to end
+            self._queue.put_nowait(_Stop())
+        return answered
+
     def _work(self) -> None:
+        control = RunControl()
+        self._local.control = control
+        with self._busy_lock:
+            self._controls.append(control)
         while True:
             first = self._queue.get()
             if isinstance(first, _Stop):
@@ -167,6 +234,7 @@ class BatchingQueue:
         """
         if (
             self._observed < INLINE_EVIDENCE
+            or time.monotonic() < self._inline_off_until
             or self._recent_ms is None
             or self._recent_ms > self._inline_max_ms
             or self._busy
@@ -176,33 +244,57 @@ class BatchingQueue:
         ):
             return False
         start = time.monotonic()
-        self._execute([job], who=INLINE_RUNNER, single=True)
+        if not self._execute([job], who=INLINE_RUNNER, single=True):
+            return False  # no active variant right now (a swap): the queue waits for one
+        self._stats.arrived(start)
         took_ms = (time.monotonic() - start) * 1000.0
         if took_ms > INLINE_STRIKE * self._inline_max_ms:
-            # Its cost depends on the data (a Loop, a search): never block the loop again.
-            self._inline_max_ms = 0.0
-            log.warning("inline_disabled", model=self.model, ms=round(took_ms, 3))
+            # One large request, or a cost that depends on the data (a Loop, a search):
+            # workers only for a while, and fresh evidence before inline runs again.
+            suspend = INLINE_SUSPEND_S * 2.0 ** min(self._strikes, 10)
+            self._strikes += 1
+            self._inline_off_until = time.monotonic() + suspend
+            self._observed = 0
+            log.warning(
+                "inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend
+            )
         return True
 
-    def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> None:
+    def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> bool:
+        """Run a batch under a lease; False (nothing run) when inline finds no variant."""
         name = who or f"worker {threading.current_thread().name}"
+        try:
+            # An inline run must not wait: the network thread is serving everyone.
+            handle = self._lease(_deadline_of(batch), not single)
+        except (ModelNotReady, RequestExpired) as exc:
+            if single:
+                return False
+            for job in batch:
+                if isinstance(exc, RequestExpired):
+                    self._stats.record_expired()
+                    self._notify(job, exc)
+                else:
+                    self._finish(job, exc)
+            return True
         with self._busy_lock:
             self._busy += 1
             self._running_since[name] = time.monotonic()
         try:
             if single:  # an inline request: known live and alone
-                self._run_one(batch[0])
+                self._run_one(handle, batch[0])
             else:
-                self._run_batch(batch)
+                self._run_batch(handle, batch)
         except Exception as exc:  # a bug here must not strand the batch or kill the worker
             log.exception("batch_failed", model=self.model, size=len(batch))
             for job in batch:
                 if not job.notified:
                     self._finish(job, InferenceError(f"model {self.model}: {exc!r}"))
         finally:
+            handle.release()
             with self._busy_lock:
                 self._busy -= 1
                 del self._running_since[name]
+        return True
 
     def _observe(self, infer_ms: float, rows: int) -> None:
         """Track how long small runs take, for the inline decision."""
@@ -246,7 +338,7 @@ class BatchingQueue:
             batch.append(item)
         return batch, False
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def _run_batch(self, handle: VariantHandle, jobs: list[Job]) -> None:
         now = time.monotonic()
         live: list[Job] = []
         for job in jobs:
@@ -256,24 +348,28 @@ class BatchingQueue:
             else:
                 live.append(job)
         if len(live) == 1:  # the common case when traffic is light: nothing to group
-            self._run_one(live[0])
+            self._run_one(handle, live[0])
             return
         groups: dict[tuple[object, ...], list[Job]] = {}
         for job in live:
             groups.setdefault(job.batch_key(), []).append(job)
         for group in groups.values():
-            if len(group) == 1 or not self._run_stacked(group):
+            if len(group) == 1 or not self._run_stacked(handle, group):
                 for job in group:
-                    self._run_one(job)
+                    self._run_one(handle, job)
 
-    def _run_one(self, job: Job) -> None:
-        variant = self._current()
+    def _run_one(self, handle: VariantHandle, job: Job) -> None:
+        variant = handle.runtime
         names = job.outputs or variant.output_names
         start = time.monotonic()
         try:
-            results = variant.run(job.feeds, names)
+            results = variant.run(job.feeds, names, self._control())
         except InferenceError as exc:
-            self._finish(job, exc)
+            control = self._control()
+            if control is not None and control.cancelled:
+                self._finish(job, ModelNotReady(f"model {self.model}: stopping"))
+            else:
+                self._finish(job, exc)
             return
         end = time.monotonic()
         self._observe((end - start) * 1000.0, _rows(job))
@@ -288,9 +384,9 @@ class BatchingQueue:
             ),
         )
 
-    def _run_stacked(self, group: Sequence[Job]) -> bool:
+    def _run_stacked(self, handle: VariantHandle, group: Sequence[Job]) -> bool:
         """Run a group as one batch; False when it must be retried job by job."""
-        variant = self._current()
+        variant = handle.runtime
         names = group[0].outputs or variant.output_names
         rows = [_rows(job) for job in group]
         feeds = {
@@ -299,7 +395,7 @@ class BatchingQueue:
         }
         start = time.monotonic()
         try:
-            results = variant.run(feeds, names)
+            results = variant.run(feeds, names, self._control())
         except InferenceError:
             return False  # one of them is bad: isolate it by running each alone
         end = time.monotonic()
@@ -323,10 +419,26 @@ class BatchingQueue:
             )
         return True
 
+    def _control(self) -> RunControl | None:
+        """The calling worker's RunControl (None on the network thread: inline runs)."""
+        control: RunControl | None = getattr(self._local, "control", None)
+        return control
+
     def _finish(self, job: Job, outcome: Outcome) -> None:
         latency_ms = (time.monotonic() - job.enqueued) * 1000.0
-        self._notify(job, outcome)  # the reply first: bookkeeping is not on its path
-        self._stats.record(latency_ms, ok=isinstance(outcome, Completed))
+        # Recorded before the reply: whoever holds a reply can read its figures.
+        if isinstance(outcome, Completed):
+            self._stats.record(
+                latency_ms,
+                ok=True,
+                variant=outcome.variant,
+                infer_ms=outcome.infer_ms,
+                queue_ms=outcome.queue_ms,
+                rows=_rows(job),
+            )
+        else:
+            self._stats.record(latency_ms, ok=False)
+        self._notify(job, outcome)
 
     def _notify(self, job: Job, outcome: Outcome) -> None:
         job.notified = True

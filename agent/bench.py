@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import structlog
 
+from agent.adapt.monitor import usable_cpus
 from agent.broker import BrokerError, MosquittoBroker, free_port
-from agent.config import AgentConfig, MqttConfig, usable_cpus
+from agent.config import AgentConfig, MqttConfig
 from agent.datatypes import NUMPY_DTYPES
 from agent.errors import EdgeAgentError
 from agent.logs import configure_logging

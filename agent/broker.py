@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import ctypes
 import getpass
+import logging
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -71,8 +73,15 @@ def local_broker(kind: BrokerKind, port: int, host: str = "127.0.0.1") -> LocalB
 
 
 def mosquitto_binary() -> str | None:
+    """mosquitto on PATH, in sbin, or beside this Python: tools/_env.sh puts a launcher for
+    Debian's package, unpacked without root, into the venv's bin."""
+    beside = Path(sys.executable).parent / "mosquitto"
     return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        (
+            str(p)
+            for p in (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto"), beside)
+            if p.exists()
+        ),
         None,
     )
 
@@ -208,6 +217,7 @@ class AmqttBroker:
             ) from None
         if port_in_use(self.host, self.port):
             raise BrokerError(f"{self.host}:{self.port} is already in use")
+        _quiet_mqtt5_refusals()
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {
@@ -252,3 +262,29 @@ class AmqttBroker:
         if self._thread is not None:
             self._thread.join(10)
         self._loop = self._broker = self._thread = None
+
+
+class _Mqtt5Refusal(logging.Filter):
+    """Drops amqtt's two warnings for a client that tried MQTT 5 first.
+
+    `edge-agent infer` and `status` try MQTT 5 and fall back to 3.1.1 when refused, as
+    designed; amqtt (3.1.1 only) answers with a CONNACK "unacceptable protocol version" and
+    logs "Invalid connection from ..." then "Failed to initialize client session: Invalid
+    protocol from ...: 5" each time. The first never says why (the second does, for any
+    other refusal, and is kept).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Invalid connection from"):
+            return False
+        return not (
+            text.startswith("Failed to initialize client session: Invalid protocol")
+            and text.rstrip().endswith(": 5")
+        )
+
+
+def _quiet_mqtt5_refusals() -> None:
+    logger = logging.getLogger("amqtt.broker")
+    if not any(isinstance(f, _Mqtt5Refusal) for f in logger.filters):
+        logger.addFilter(_Mqtt5Refusal())

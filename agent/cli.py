@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--config", type=Path, help="TOML config (default /etc/edge-agent/config.toml)"
+            "--config",
+            type=Path,
+            help="TOML config (default: $EDGE_AGENT_CONFIG, else none; the service's is "
+            "/etc/edge-agent/config.toml)",
         )
         p.add_argument("--mqtt-host", help="broker host")
         p.add_argument("--mqtt-port", type=int, help="broker port")
@@ -146,6 +149,10 @@ def _config(args: argparse.Namespace) -> AgentConfig:
 
 
 def _run(args: argparse.Namespace, config: AgentConfig) -> int:
+    # Before onnxruntime is imported: its telemetry would otherwise try to persist a device
+    # id under $XDG_CACHE_HOME or ~/.cache, and where it cannot (the unit's read-only file
+    # system) print a coloured non-JSON warning into the journal at every start.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from agent.service import Agent  # noqa: PLC0415  (keeps `infer`/`status` start-up light)
 
     configure_logging(config.log.level, config.log.format)
@@ -316,8 +323,12 @@ def _describe_status(status: dict[str, Any]) -> str:
             inputs = ", ".join(
                 f"{t['name']} {t['datatype']}{t['shape']}" for t in model.get("inputs", [])
             )
-            lines.append(f"  {name:<{width}}  {model.get('active', '?'):<12} {ladder}")
+            active = model.get("active") or "(swapping)"
+            lines.append(f"  {name:<{width}}  {active:<12} {ladder}")
             lines.append(f"  {'':<{width}}  {'':<12} {inputs}")
+            if model.get("reason"):
+                why = f"{model['reason']}: {model['why']}" if model.get("why") else model["reason"]
+                lines.append(f"  {'':<{width}}  {'':<12} why: {why}")
     elif status.get("state") == "online":
         lines.append("  no models loaded")
     return "\n".join(lines)

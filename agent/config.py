@@ -2,7 +2,9 @@
 
 Precedence, lowest to highest: built-in defaults, the TOML file, `EDGE_AGENT_<SECTION>__<KEY>`
 environment variables, command-line flags. An invalid value is refused with its key, the
-value, where it came from and why.
+value, where it came from and why. A file is read only when named (`--config` or
+`$EDGE_AGENT_CONFIG`): never found by looking, so that a run by hand or a test cannot pick
+up an installed service's configuration (and with it the service's state directory).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
-DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
+# Where `install-service` puts the service's file; its unit passes it with --config. Never
+# read unless named.
+SERVICE_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
 MIB = 1024 * 1024
 
 # MQTT topic levels must not contain these; a device id or prefix is one or more levels.
@@ -171,6 +175,14 @@ class ModelsConfig(_Section):
         description="Longest wait for a push to complete (files and hashes) before acting "
         "on it anyway and reporting what is wrong.",
     )
+    load_timeout_s: float = Field(
+        120.0,
+        ge=0.1,
+        le=3600.0,
+        description="Longest a model's load (checks, session, warm-up) may take, at start "
+        "and on a push. Past it the load is abandoned to its thread, reported "
+        "(model_load_stuck) and shown by the health check; other models go on loading.",
+    )
 
 
 class MetricsConfig(_Section):
@@ -179,6 +191,9 @@ class MetricsConfig(_Section):
     interval_s: float = Field(10.0, ge=0.0, le=3600.0, description="0 disables metrics.")
     window: int = Field(
         2048, ge=16, le=1_000_000, description="Latest latencies kept for percentiles."
+    )
+    latency_window_s: float = Field(
+        30.0, ge=1.0, le=3600.0, description="Per-variant figures cover the last this many s."
     )
 
 
@@ -237,6 +252,132 @@ class SecurityConfig(_Section):
     )
 
 
+class ModelObjective(_Section):
+    """One model's latency objective, overriding its manifest's."""
+
+    slo_p95_ms: float = Field(
+        gt=0.0, le=600_000.0, description="p95 latency in the agent this model must meet."
+    )
+
+
+class AdaptConfig(_Section):
+    """Adapting to the device: moving each model along its ladder as resources change."""
+
+    enabled: bool = Field(
+        True, description="Run the policy; off serves the pinned or richest loadable variant."
+    )
+    interval_s: float = Field(
+        1.0, ge=0.05, le=60.0, description="How often resources are sampled and decided on."
+    )
+    history_s: float = Field(
+        300.0, ge=10.0, le=86400.0, description="How much sampled history is kept."
+    )
+    down_after_s: float = Field(
+        3.0, ge=0.0, le=600.0, description="Pressure must hold this long before a step down."
+    )
+    up_after_s: float = Field(
+        20.0, ge=0.0, le=3600.0, description="Calm must hold this long before a step up."
+    )
+    cooldown_s: float = Field(
+        10.0, ge=0.0, le=3600.0, description="No step up sooner than this after any swap."
+    )
+    latency_window_s: float = Field(
+        5.0, ge=0.5, le=600.0, description="Window of the observed p95 the policy judges."
+    )
+    min_samples: int = Field(
+        5, ge=1, le=10_000, description="Observations in the window before p95 is trusted."
+    )
+    slo_factor: float = Field(
+        3.0,
+        ge=1.0,
+        le=1000.0,
+        description="A model without an objective gets this many times its richest "
+        "variant's measured latency...",
+    )
+    slo_min_ms: float = Field(5.0, gt=0.0, le=600_000.0, description="...but never less than this.")
+    objectives: dict[str, ModelObjective] = Field(
+        default_factory=dict, description="Per-model objectives: [adapt.objectives.NAME]."
+    )
+    down_margin: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="A step down picks a variant predicted within this share of the objective.",
+    )
+    up_margin: float = Field(
+        0.6,
+        gt=0.0,
+        le=1.0,
+        description="A step up needs the richer variant predicted within this share of it.",
+    )
+    min_gain: float = Field(
+        0.15,
+        ge=0.0,
+        lt=1.0,
+        description="When no variant meets the objective, step down only for at least this "
+        "predicted cut in p95.",
+    )
+    cpu_busy_percent: float = Field(
+        85.0,
+        ge=1.0,
+        le=100.0,
+        description="CPU taken by others (all cores) above which the CPU counts as contended.",
+    )
+    psi_cpu_some: float = Field(
+        40.0, ge=0.0, le=100.0, description="/proc/pressure/cpu some avg10 that means contended."
+    )
+    throttled_ratio: float = Field(
+        0.2, ge=0.0, le=1.0, description="Share of throttled cgroup CPU periods that means short."
+    )
+    memory_low_mb: float = Field(
+        64.0, ge=0.0, le=1e7, description="Memory headroom below which memory is short."
+    )
+    memory_calm_mb: float = Field(
+        128.0,
+        ge=0.0,
+        le=1e7,
+        description="Headroom a step up must leave (and a step down aims for).",
+    )
+    psi_memory_some: float = Field(
+        25.0, ge=0.0, le=100.0, description="/proc/pressure/memory some avg10 that means short."
+    )
+    temperature_c: float | None = Field(
+        None,
+        ge=0.0,
+        le=150.0,
+        description="CPU temperature that means thermal pressure; unset uses the sensor's "
+        "trip point minus 5 degrees, or 80.",
+    )
+    retry_after_s: float = Field(
+        60.0,
+        ge=0.0,
+        le=86400.0,
+        description="A variant that failed to load is not tried again for this long "
+        "(doubling with each failure).",
+    )
+    probe_interval_s: float = Field(
+        2.0,
+        ge=0.1,
+        le=3600.0,
+        description="A model without traffic is timed on zeros this often, so that its "
+        "latency under today's load is measured, not guessed.",
+    )
+    fleet_shed: bool = Field(
+        True,
+        description="Leave a model's fleet subscription while even its lightest variant "
+        "misses the objective; rejoin after calm.",
+    )
+    drain_timeout_s: float = Field(
+        10.0, ge=0.0, le=600.0, description="How long a swap waits for the old variant's batches."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> AdaptConfig:
+        if self.memory_calm_mb < self.memory_low_mb:
+            raise ValueError("memory_calm_mb must not be below memory_low_mb")
+        return self
+
+
 class AgentConfig(_Section):
     """The whole configuration file."""
 
@@ -247,6 +388,7 @@ class AgentConfig(_Section):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
 
 
 def load_config(
@@ -257,9 +399,10 @@ def load_config(
 ) -> AgentConfig:
     """Build the configuration from a TOML file, the environment and flag overrides.
 
-    `path` None reads `EDGE_AGENT_CONFIG` or `/etc/edge-agent/config.toml` when they exist
-    and defaults otherwise; an explicit path must exist. `overrides` maps dotted keys
-    (`"mqtt.port"`) to values from the command line; None values are ignored.
+    `path` None reads the file `EDGE_AGENT_CONFIG` names, when set, and no file otherwise
+    (not even /etc/edge-agent/config.toml: the service's unit names it); a named file must
+    exist. `overrides` maps dotted keys (`"mqtt.port"`) to values from the command line;
+    None values are ignored.
     """
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
@@ -267,8 +410,6 @@ def load_config(
 
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = Path(env[f"{ENV_PREFIX}CONFIG"])
-    elif path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
             with path.open("rb") as f:
@@ -334,21 +475,6 @@ def _explain(exc: ValidationError, sources: Mapping[tuple[str, ...], str]) -> st
         shown = repr(value) if not isinstance(value, dict) else "{...}"
         lines.append(f"  {key} = {shown}: {err['msg']} (from {where})")
     return "\n".join(lines)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here: the affinity mask is the limit
-    return cpus
 
 
 def read_password(mqtt: MqttConfig, env: Mapping[str, str] | None = None) -> str | None:

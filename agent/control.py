@@ -7,11 +7,14 @@ reply, or raises an `EdgeAgentError` that the transport turns into an error repl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import InvalidRequest, ModelNotFound
 from agent.models import ModelManager
 from agent.state import StateStore
+
+if TYPE_CHECKING:
+    from agent.adapt.loop import Adapter
 
 Command = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -21,7 +24,9 @@ class ControlCommands:
 
     def __init__(self, manager: ModelManager, state: StateStore | None = None) -> None:
         self._manager = manager
-        self._commands: dict[str, Command] = {"models": self.models}
+        self._commands: dict[str, Command] = {"models": self.models, "adapt": self.adapt}
+        # Set by the agent when the policy runs (adapt.enabled).
+        self.adapter: Adapter | None = None
         self._state = state
         if state is not None:
             self._commands.update(pin=self.pin, unpin=self.unpin)
@@ -51,15 +56,33 @@ class ControlCommands:
             raise ModelNotFound(f"model {name!r} is not loaded")
         return {"models": {name: self._manager.get(name).describe()}}
 
+    def adapt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The policy's view: per model the active and desired variant, the reason, the
+        figures behind it, the time since the last swap and each variant's predicted p95
+        (or only the model named in `model`)."""
+        if self.adapter is None:
+            return {"enabled": False, "models": {}}
+        view = self.adapter.view()
+        name = body.get("model")
+        if name is not None:
+            if not isinstance(name, str):
+                raise InvalidRequest("'model' must be a string")
+            if name not in view["models"]:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            view["models"] = {name: view["models"][name]}
+        return view
+
     # --- Pins: an operator fixes a model's variant; remembered across restarts ---
 
     def pin(self, body: dict[str, Any]) -> dict[str, Any]:
         """Switch `model` to `variant` and keep it there (also after a restart)."""
         assert self._state is not None  # registered only with a state store
         name, variant = _string(body, "model"), _string(body, "variant")
-        served = self._manager.switch(name, variant, reason="pinned")
-        self._state.pin(name, variant)
-        return {"model": name, "pinned": variant, "active": served.active.name}
+        # Under the model's lock: a reload cannot slip between the switch and the record.
+        with self._manager.owner(name):
+            served = self._manager.switch(name, variant, reason="pinned")
+            self._state.pin(name, variant)
+        return {"model": name, "pinned": variant, "active": served.active_name}
 
     def unpin(self, body: dict[str, Any]) -> dict[str, Any]:
         """Forget the pin of `model`; the active variant stays until something changes it."""
@@ -71,7 +94,7 @@ class ControlCommands:
             "model": name,
             "pinned": None,
             "was_pinned": was_pinned,
-            "active": served.active.name,
+            "active": served.active_name,
         }
 
 

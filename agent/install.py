@@ -1,10 +1,13 @@
 """`edge-agent install-service`: install the agent as a hardened systemd service.
 
 Writes the unit (`/etc/systemd/system/edge-agent.service`), a commented configuration
-(`/etc/edge-agent/config.toml`), the credentials folder, the state and model directories,
-and uses (or creates) the virtual environment the unit runs. Running it again changes
-nothing that is already right; an operator's edited config.toml is never overwritten.
-`--root DIR` stages the same layout under DIR (images, tests); `--dry-run` only shows.
+(`/etc/edge-agent/config.toml`), the credentials folder, mosquitto's low-latency settings
+when a local mosquitto is installed (`/etc/mosquitto/conf.d/`), and uses (or creates) the
+virtual environment the unit runs. The state and model directories are systemd's to create
+(`StateDirectory=`, owned by the service's dynamic user). Running it again changes nothing
+that is already right; an operator's edited config.toml or broker snippet is never
+overwritten. `--root DIR` stages the same layout under DIR (images, tests); `--dry-run`
+only shows.
 
 The unit below is the one shipped as `systemd/edge-agent.service` (a test keeps the two
 identical); edit it here, then `edge-agent install-service --print-unit`.
@@ -32,6 +35,8 @@ CREDENTIALS_DIR = CONFIG_DIR / "credentials"
 PASSWORD_CREDENTIAL = "mqtt-password"
 STATE_DIR = Path("/var/lib/edge-agent")
 MODELS_DIR = STATE_DIR / "models"
+MOSQUITTO_CONF_D = Path("/etc/mosquitto/conf.d")
+MOSQUITTO_SNIPPET_NAME = "edge-agent-tuning.conf"
 DEFAULT_PREFIX = Path("/opt/edge-agent")
 # ProtectHome=yes hides these from the service.
 _HIDDEN_BY_PROTECT_HOME = (Path("/home"), Path("/root"), Path("/run/user"))
@@ -45,14 +50,16 @@ UNIT_TEMPLATE = """\
 [Unit]
 Description=edge-agent: ONNX model inference over MQTT
 Wants=network-online.target
-After=network-online.target
+# Ordering only: with a local mosquitto, start after it (and stop before it).
+After=network-online.target mosquitto.service
 # Five failed starts within ten minutes and systemd stops trying (the unit is "failed").
 StartLimitIntervalSec=10min
 StartLimitBurst=5
 
 [Service]
-# READY=1 comes once the models are loaded and the broker is connected; until the broker
-# answers the agent retries with backoff and extends the start timeout itself.
+# READY=1 comes once the models are loaded and the broker has accepted the agent, or 10 s
+# after the models are loaded without a broker: then STATUS= says "waiting for the broker"
+# and the agent retries with backoff (a missing broker never looks like a hung start).
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start} run --config {config}
@@ -72,8 +79,9 @@ KillMode=mixed
 WatchdogSec=30s
 
 # Identity and files: a transient user; state, models and config in systemd's folders.
+# systemd creates the state and model directories at the first start, for that user.
 DynamicUser=yes
-StateDirectory=edge-agent
+StateDirectory=edge-agent edge-agent/models
 StateDirectoryMode=0750
 ConfigurationDirectory=edge-agent
 ConfigurationDirectoryMode=0755
@@ -124,6 +132,25 @@ SystemCallErrorNumber=EPERM
 
 [Install]
 WantedBy=multi-user.target
+"""
+
+
+MOSQUITTO_SNIPPET = """\
+# mosquitto settings for edge-agent's request/reply traffic. Placed by
+# `edge-agent install-service` (yours to edit: a reinstall keeps it); then
+# `systemctl restart mosquitto`. Global options only: Debian's listener is unchanged.
+
+# Without it mosquitto holds back each small packet written right after another (Nagle)
+# until the client's delayed ACK: ~40 ms more for every request/reply round trip.
+set_tcp_nodelay true
+# Replies to a burst of requests should not wait on each other's PUBACKs.
+max_inflight_messages 100
+# Requests waiting for a busy agent.
+max_queued_messages 10000
+# Above mqtt.max_payload_bytes (64 MiB) plus room for the topic and properties, so an
+# oversized request reaches the agent and gets its 413 reply. (mosquitto 2 replaced
+# message_size_limit with this.)
+max_packet_size 67174400
 """
 
 
@@ -190,11 +217,14 @@ class InstallError(Exception):
     """install-service cannot proceed; the message says what to do."""
 
 
-def make_plan(root: Path, prefix: Path | None, source: str | None = None) -> Plan:
+def make_plan(
+    root: Path, prefix: Path | None, source: str | None = None, *, broker_config: bool = True
+) -> Plan:
     """What to do to install under `root` with the virtual environment at `prefix`.
 
     A missing venv is created and `source` (what pip installs: a checkout, a wheel, a
     requirement) installed into it; by default the source this copy was installed from.
+    With `broker_config` and a local mosquitto (its conf.d exists), its settings snippet.
     """
     venv = prefix if prefix is not None else _default_venv()
     executable = venv / "bin" / "edge-agent"
@@ -238,9 +268,21 @@ def make_plan(root: Path, prefix: Path | None, source: str | None = None) -> Pla
         # systemd refuses to start a unit whose LoadCredential= source is missing; an
         # empty password is ignored until mqtt.username is set.
         Step(CREDENTIALS_DIR / PASSWORD_CREDENTIAL, 0o600, "", overwrite=False),
-        Step(STATE_DIR, 0o750),
-        Step(MODELS_DIR, 0o755),
+        # No STATE_DIR nor MODELS_DIR: a plain directory made here would be migrated by
+        # systemd at the first start (DynamicUser=); StateDirectory= makes both, owned right.
     ]
+    if broker_config and _under(root, MOSQUITTO_CONF_D).is_dir():
+        steps.append(
+            Step(
+                MOSQUITTO_CONF_D / MOSQUITTO_SNIPPET_NAME, 0o644, MOSQUITTO_SNIPPET, overwrite=False
+            )
+        )
+    elif broker_config:
+        warnings.append(
+            f"no {MOSQUITTO_CONF_D}: no local mosquitto to tune; with one (apt-get install "
+            "mosquitto) run install-service again, or give your broker the settings in "
+            f"systemd/mosquitto-{MOSQUITTO_SNIPPET_NAME} (set_tcp_nodelay true above all)"
+        )
     return Plan(root, venv, create, steps, warnings)
 
 
@@ -279,10 +321,12 @@ def apply(plan: Plan, *, dry_run: bool) -> list[str]:
     return report
 
 
-def systemctl_lines(root: Path) -> list[str]:
+def systemctl_lines(root: Path, *, restart_broker: bool = False) -> list[str]:
     if root != Path("/"):
         return [f"systemctl --root={root} enable {UNIT_NAME}"]
+    broker = ["systemctl restart mosquitto.service"] if restart_broker else []
     return [
+        *broker,
         "systemctl daemon-reload",
         f"systemctl enable --now {UNIT_NAME}",
         f"systemctl status {UNIT_NAME}",
@@ -312,6 +356,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="what pip installs into a new venv (a checkout, a wheel, a requirement); "
         "default: where this copy was installed from",
     )
+    parser.add_argument(
+        "--no-broker-config",
+        dest="broker_config",
+        action="store_false",
+        help=f"do not place {MOSQUITTO_CONF_D / MOSQUITTO_SNIPPET_NAME} (mosquitto's "
+        "low-latency settings) even when a local mosquitto is installed",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show what would be done")
     parser.add_argument("--print-unit", action="store_true", help="print the unit and exit")
 
@@ -320,7 +371,12 @@ def run(args: argparse.Namespace) -> int:
     """The install-service command."""
     root: Path = args.root.resolve()
     try:
-        plan = make_plan(root, args.prefix.absolute() if args.prefix else None, args.source)
+        plan = make_plan(
+            root,
+            args.prefix.absolute() if args.prefix else None,
+            args.source,
+            broker_config=args.broker_config,
+        )
     except InstallError as exc:
         print(f"edge-agent install-service: {exc}", file=sys.stderr)
         return 1
@@ -345,7 +401,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         unit = next(s for s in plan.steps if s.path.name == UNIT_NAME)
         print(f"\n--- {unit.path} ---\n{unit.content}", end="")
-    print("\nthen:\n" + "\n".join(f"  {line}" for line in systemctl_lines(root)))
+    snippet = str(MOSQUITTO_CONF_D / MOSQUITTO_SNIPPET_NAME)
+    placed = any(line.split()[-1] == snippet and "create" in line for line in report)
+    lines = systemctl_lines(root, restart_broker=placed)
+    print("\nthen:\n" + "\n".join(f"  {line}" for line in lines))
+    print(f"  and push models into {MODELS_DIR} (made at the first start), e.g. models/digits")
     return 0
 
 

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import structlog
 
+from agent.adapt.procstat import process_rss_mb
 from agent.datatypes import NUMPY_DTYPES, datatype_of
 from agent.errors import InferenceError, VariantRejected
+from agent.files import check_regular
 from agent.manifest import DelegateSpec, RuntimeOptions, TensorSpec
-from agent.monitor import process_rss_mb
 from agent.session import SessionSettings
 from agent.tflite_check import check_tflite_file
 
@@ -35,7 +36,8 @@ log = structlog.get_logger(__name__)
 
 INSTALL_HINT = "install the litert extra: pip install 'edge-agent[litert]'"
 DEFAULT_SIGNATURE = "serving_default"
-PROBE_TIMEOUT_S = 60.0
+# What a probe may take beyond the warm-up bound: a Python start and LiteRT's import.
+PROBE_START_S = 30.0
 _QUANTIZED = (np.dtype(np.int8), np.dtype(np.uint8))
 _PROBE_REFUSED = 3
 _POOL_POLL_S = 0.5  # how often a run waiting for an interpreter looks whether it was closed
@@ -233,7 +235,11 @@ class LiteRTVariant:
         if opts.delegate is not None:
             _check_delegate_library(opts.delegate.library, path, name)
         if opts.probe is not False:
-            _probe_once(path, name, threads, opts.delegate)
+            _probe_once(path, name, threads, opts.delegate, settings.warmup_timeout_s)
+        try:
+            check_regular(path)  # LiteRT's own open would block on a FIFO swapped in
+        except OSError as exc:
+            raise VariantRejected(f"variant {name}: refused {path.name}: {exc}") from exc
         before = process_rss_mb()
         interpreters = [
             _open(lite, path, name, threads, opts) for _ in range(opts.interpreters or 1)
@@ -254,7 +260,8 @@ class LiteRTVariant:
         if settings.warmup:
             # Every interpreter once: each allocates its arena on its first run.
             variant.warmed_up = all(variant.warm_up() for _ in range(variant.interpreters))
-        variant.rss_mb = max(0.0, process_rss_mb() - before)
+        after = process_rss_mb()
+        variant.rss_mb = max(0.0, after - before) if before is not None and after else None
         variant.load_ms = (time.monotonic() - start) * 1000.0
         log.info(
             "litert_variant_loaded",
@@ -265,7 +272,7 @@ class LiteRTVariant:
             threads=threads,
             delegate=opts.delegate.library if opts.delegate else None,
             float_io=bool(opts.float_io),
-            rss_mb=round(variant.rss_mb, 1),
+            rss_mb=round(variant.rss_mb, 1) if variant.rss_mb is not None else None,
             ms=round(variant.load_ms, 1),
         )
         return variant
@@ -292,9 +299,16 @@ class LiteRTVariant:
                 continue
         raise InferenceError(f"{self.model}/{self.name}: the variant was unloaded")
 
-    def warm_up(self) -> bool:
-        """Run once on zeros (free dimensions set to 1) so the first request is not slow."""
-        feeds = {spec.name: _zeros(spec) for spec in self.inputs}
+    def warm_up(self, rows: int = 1, timeout_s: float | None = None) -> bool:
+        """Run on zeros (free dimensions 1, the batch dimension `rows`) so that the first
+        request is not slow; True when it ran.
+
+        LiteRT cannot stop a run, so `timeout_s` is kept by the probe, which runs the model
+        on zeros in a child process that is killed past it (the variant is then rejected);
+        without the probe a warm-up is not bounded.
+        """
+        del timeout_s  # kept by the probe (see above)
+        feeds = {spec.name: _zeros(spec, rows) for spec in self.inputs}
         try:
             self.run(feeds)
         except InferenceError:
@@ -326,14 +340,16 @@ _probed: set[tuple[int, int, int, int, str]] = set()
 _probed_lock = threading.Lock()
 
 
-def _probe_once(path: Path, variant: str, threads: int, delegate: DelegateSpec | None) -> None:
+def _probe_once(
+    path: Path, variant: str, threads: int, delegate: DelegateSpec | None, run_s: float
+) -> None:
     spec = delegate.model_dump_json() if delegate else ""
     key = (*_stamp(path, variant), spec)
     with _probed_lock:
         if key in _probed:
             return
     start = time.monotonic()
-    probe_file(path, variant, threads, delegate)
+    probe_file(path, variant, threads, delegate, timeout_s=run_s + PROBE_START_S)
     with _probed_lock:
         _probed.add(key)
     log.info("litert_probed", variant=variant, file=path.name, ms=round(
@@ -341,7 +357,11 @@ def _probe_once(path: Path, variant: str, threads: int, delegate: DelegateSpec |
 
 
 def probe_file(
-    path: Path, variant: str, threads: int = 1, delegate: DelegateSpec | None = None
+    path: Path,
+    variant: str,
+    threads: int = 1,
+    delegate: DelegateSpec | None = None,
+    timeout_s: float = 60.0,
 ) -> None:
     """Open and run the file once in a child process (with the variant's delegate, whose
     custom operators the model may need); VariantRejected if the child dies (a signal),
@@ -352,13 +372,13 @@ def probe_file(
             [sys.executable, "-c", _PROBE, str(path), str(threads), spec],
             stdin=subprocess.DEVNULL,
             capture_output=True,
-            timeout=PROBE_TIMEOUT_S,
+            timeout=timeout_s,
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise VariantRejected(
             f"variant {variant}: opening {path.name} in a probe process did not finish "
-            f"in {PROBE_TIMEOUT_S:.0f} s"
+            f"in {timeout_s:g} s (a Python start, LiteRT's import, one run on zeros)"
         ) from exc
     except OSError as exc:
         raise VariantRejected(
@@ -522,8 +542,10 @@ def _conform(
     return list(expected)
 
 
-def _zeros(spec: TensorSpec) -> np.ndarray:
-    shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
+def _zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
+    shape = tuple(
+        (rows if i == 0 else 1) if dim == -1 else dim for i, dim in enumerate(spec.shape)
+    )
     return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
 
 

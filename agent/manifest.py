@@ -209,6 +209,12 @@ class Manifest(BaseModel):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     variants: list[Variant] = Field(min_length=1, description="Richest first, lightest last.")
+    slo_p95_ms: float | None = Field(
+        None,
+        gt=0.0,
+        description="The latency objective (p95 in the agent, ms) the policy keeps this "
+        "model within; unset derives one from the richest variant's measured latency.",
+    )
     batching: bool | None = Field(
         None,
         description="Whether requests may be stacked along dimension 0; None decides from "

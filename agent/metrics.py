@@ -1,12 +1,16 @@
-"""Request counters and latency percentiles per model, cheap enough for the hot path.
+"""Request counters and latency figures per model and per variant, cheap enough for the hot
+path.
 
-Workers record into a `ModelStats`; the metrics publisher (and later the policy) read
-`snapshot()`. Percentiles come from the latest `window` latencies.
+Workers record every finished request *before* its reply is sent, so that anyone who has
+the reply can read its figures. Each record carries its monotonic time: the policy and the
+metrics ask for figures over the last N seconds, not the last N requests. A model's stats
+belong to its name, not to one load of it: they survive reloads and variant swaps.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -37,25 +41,85 @@ class StatsSnapshot:
         }
 
 
+@dataclass(frozen=True)
+class VariantFigures:
+    """One variant's requests over a recent time window (milliseconds, requests/s)."""
+
+    variant: str
+    window_s: float
+    count: int
+    p50_ms: float | None
+    p95_ms: float | None
+    infer_p50_ms: float | None
+    infer_p95_ms: float | None
+    queue_p95_ms: float | None
+    mean_rows: float | None
+    probes: int
+    """How many of `count` were the agent's own probe runs (no client waiting)."""
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        return {
+            "count": self.count,
+            "probes": self.probes,
+            "p50_ms": _round(self.p50_ms),
+            "p95_ms": _round(self.p95_ms),
+            "infer_p50_ms": _round(self.infer_p50_ms),
+            "infer_p95_ms": _round(self.infer_p95_ms),
+            "queue_p95_ms": _round(self.queue_p95_ms),
+            "mean_rows": _round(self.mean_rows),
+        }
+
+
+# One record: (monotonic end, total ms, inference ms, queue ms, rows, probe?)
+_Record = tuple[float, float, float, float, int, bool]
+
+
 class ModelStats:
-    """Thread-safe counters and a sliding window of latencies for one model."""
+    """Thread-safe counters and timestamped latencies of one model, per variant."""
 
     def __init__(self, window: int = 2048) -> None:
         self._lock = threading.Lock()
+        self._window = window
         self._latencies: deque[float] = deque(maxlen=window)
+        self._by_variant: dict[str, deque[_Record]] = {}
+        self._arrivals: deque[float] = deque(maxlen=window)
         self._requests = 0
         self._errors = 0
         self._rejected = 0
         self._expired = 0
 
-    def record(self, latency_ms: float, *, ok: bool) -> None:
+    def arrived(self, now: float | None = None) -> None:
+        """A request for this model was accepted into its queue (for the arrival rate)."""
+        stamp = time.monotonic() if now is None else now
+        with self._lock:
+            self._arrivals.append(stamp)
+
+    def record(
+        self,
+        latency_ms: float,
+        *,
+        ok: bool,
+        variant: str | None = None,
+        infer_ms: float = 0.0,
+        queue_ms: float = 0.0,
+        rows: int = 1,
+    ) -> None:
         """A request ran (or failed in the model) after `latency_ms` in the agent."""
+        now = time.monotonic()
         with self._lock:
             self._requests += 1
-            if ok:
-                self._latencies.append(latency_ms)
-            else:
+            if not ok:
                 self._errors += 1
+                return
+            self._latencies.append(latency_ms)
+            if variant is not None:
+                self._log(variant).append((now, latency_ms, infer_ms, queue_ms, rows, False))
+
+    def record_probe(self, variant: str, infer_ms: float, rows: int = 1) -> None:
+        """The agent ran `variant` itself to measure it (no client, not counted as a request)."""
+        now = time.monotonic()
+        with self._lock:
+            self._log(variant).append((now, infer_ms, infer_ms, 0.0, rows, True))
 
     def record_rejected(self) -> None:
         """A request was refused because the queue was full."""
@@ -83,3 +147,50 @@ class ModelStats:
             return StatsSnapshot(*counts, p50_ms=None, p95_ms=None, p99_ms=None)
         p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
         return StatsSnapshot(*counts, p50_ms=p50, p95_ms=p95, p99_ms=p99)
+
+    def arrival_rate(self, window_s: float, now: float | None = None) -> float:
+        """Requests accepted per second over the last `window_s` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = sum(1 for t in self._arrivals if now - t <= window_s)
+        return recent / window_s if window_s > 0 else 0.0
+
+    def variant_figures(
+        self, variant: str, window_s: float, now: float | None = None
+    ) -> VariantFigures:
+        """`variant`'s latencies over the last `window_s` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            records = [r for r in self._by_variant.get(variant, ()) if now - r[0] <= window_s]
+        if not records:
+            return VariantFigures(variant, window_s, 0, None, None, None, None, None, None, 0)
+        data = np.array([r[1:5] for r in records], dtype=np.float64)
+        total, infer, queued, rows = data.T
+        p50, p95 = (float(v) for v in np.percentile(total, [50, 95]))
+        i50, i95 = (float(v) for v in np.percentile(infer, [50, 95]))
+        return VariantFigures(
+            variant,
+            window_s,
+            len(records),
+            p50,
+            p95,
+            i50,
+            i95,
+            float(np.percentile(queued, 95)),
+            float(rows.mean()),
+            sum(1 for r in records if r[5]),
+        )
+
+    def variants_seen(self) -> list[str]:
+        with self._lock:
+            return sorted(self._by_variant)
+
+    def _log(self, variant: str) -> deque[_Record]:
+        log = self._by_variant.get(variant)
+        if log is None:
+            log = self._by_variant[variant] = deque(maxlen=self._window)
+        return log
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -3,18 +3,18 @@ native library loaded into the agent) and no external data outside the model's f
 (onnxruntime would read whatever file the model names, e.g. `../../etc/shadow`).
 
 The agent does not depend on the `onnx` package, so this reads the protobuf wire format
-itself, and only the few fields it needs. The file is memory-mapped: tensor payloads are
-skipped by length, never copied.
+itself, and only the few fields it needs. The file is read whole, once (onnxruntime reads
+it whole right after anyway), and tensor payloads are skipped by length, never copied. Not
+memory-mapped: a push truncating the file under a mapping would kill the agent (SIGBUS).
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from agent.errors import VariantRejected
+from agent.files import RefusedFile, check_regular, open_regular
 
 # Operator domains onnxruntime implements itself. Anything else needs a custom-op library.
 BUILTIN_DOMAINS = frozenset(
@@ -101,26 +101,31 @@ def check_model_file(
                 f"variant {variant}: {path.name} reads external data from {location!r}, "
                 f"outside its model folder {root}"
             )
-        if not target.is_file():
+        try:
+            check_regular(target)
+        except RefusedFile as exc:
+            # onnxruntime would open it itself, and a FIFO would hold the load forever.
+            raise VariantRejected(
+                f"variant {variant}: external data file {location!r} of {path.name} "
+                f"is refused: {exc}"
+            ) from exc
+        except OSError:
             raise VariantRejected(
                 f"variant {variant}: external data file {location!r} of {path.name} is missing"
-            )
+            ) from None
 
 
 def inspect_model(path: Path) -> OnnxFacts:
-    """Operator domains and external data locations of the ONNX model at `path`."""
-    with path.open("rb") as f:
-        try:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as exc:  # an empty file cannot be mapped
-            raise OnnxFormatError("empty file") from exc
+    """Operator domains and external data locations of the ONNX model at `path`.
+
+    Only a regular file is opened (RefusedFile otherwise): a FIFO would block the read.
+    """
+    with open_regular(path) as f:
+        data = f.read()
+    if not data:
+        raise OnnxFormatError("empty file")
     facts = OnnxFacts()
-    try:
-        _model(memoryview(mapped), facts)
-    finally:
-        # A view still referenced from a traceback keeps the map open until collected.
-        with contextlib.suppress(BufferError):
-            mapped.close()
+    _model(memoryview(data), facts)
     return facts
 
 

@@ -8,12 +8,14 @@ hashes, so that the session layer only ever sees files that are safe to open.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import SecurityConfig
 from agent.errors import ManifestError, VariantRejected
+from agent.files import RefusedFile, check_regular, open_regular, read_regular
 from agent.manifest import (
     MANIFEST_FILE,
     MODEL_SUFFIXES,
@@ -29,6 +31,8 @@ from agent.tflite_check import check_tflite_file
 BARE_VARIANT = "default"
 _NAME = re.compile(NAME_PATTERN)
 _HASH_CHUNK = 1024 * 1024
+# A ladder of a hundred variants is a few tens of kB; more is not a manifest.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Rejection:
 
     path: Path
     reason: str
+    # Size and modification time of the entry (and its manifest) when it was rejected: the
+    # same entry with the same reason and stamp is the same rejection, reported once.
+    stamp: tuple[tuple[str, int, int], ...] = ()
 
 
 def scan(
@@ -96,7 +103,10 @@ def scan(
             try:
                 models.append(read_model(entry, models_dir, policy))
             except ManifestError as exc:
-                rejected.append(Rejection(entry, str(exc)))
+                if not os.path.lexists(entry):
+                    continue  # removed while we looked: not a bad entry, just gone
+                files = [entry, entry / MANIFEST_FILE] if entry.is_dir() else [entry]
+                rejected.append(Rejection(entry, str(exc), _stamp(files)))
     return models, rejected
 
 
@@ -105,17 +115,20 @@ def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLI
     _check_inside(path, models_dir)
     if path.is_dir():
         manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise ManifestError(f"{path}: no {MANIFEST_FILE} in the model folder")
         _check_inside(manifest_path, models_dir, what="manifest")
         try:
-            raw = manifest_path.read_bytes()
+            raw = read_regular(manifest_path, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no {MANIFEST_FILE} in the model folder") from None
+        except RefusedFile as exc:
+            raise ManifestError(f"{manifest_path}: refused: {exc}") from exc
         except OSError as exc:
             raise ManifestError(f"{manifest_path}: cannot read: {exc.strerror}") from exc
         if policy.verifier is not None:
             # The bytes checked are the bytes parsed: no window for a swap in between.
             signature_path = path / SIGNATURE_FILE
             _check_inside(signature_path, models_dir, what="signature")
+            _refuse_special(signature_path)
             policy.verifier.verify(raw, signature_path)
         manifest = parse_manifest(raw, manifest_path)
         if manifest.name != path.name:
@@ -132,8 +145,24 @@ def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLI
     name = path.stem
     if not _NAME.match(name):
         raise ManifestError(f"{path}: {name!r} is not a valid model name ({NAME_PATTERN})")
-    variant = Variant(name=BARE_VARIANT, file=path.name, size_bytes=path.stat().st_size)
+    try:
+        info = check_regular(path)
+    except RefusedFile as exc:
+        raise ManifestError(f"{path}: refused: {exc}") from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+    variant = Variant(name=BARE_VARIANT, file=path.name, size_bytes=info.st_size)
     return ModelSource(name, path, (variant,), None, _stamp([path]))
+
+
+def _refuse_special(path: Path) -> None:
+    """ManifestError when `path` exists but is not a regular file (it would block a read)."""
+    try:
+        check_regular(path)
+    except RefusedFile as exc:
+        raise ManifestError(f"{path}: refused: {exc}") from exc
+    except OSError:
+        pass  # missing or unreadable: the reader says so in its own words
 
 
 def _stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -155,8 +184,16 @@ def verify_variant(
     hash, and need neither custom operators nor data from outside its folder."""
     path = source.folder / variant.file
     _check_inside(path, models_dir, what=f"variant {variant.name}")
-    if not path.is_file():
-        raise VariantRejected(f"variant {variant.name}: file {variant.file} is missing")
+    try:
+        check_regular(path)
+    except FileNotFoundError:
+        raise VariantRejected(f"variant {variant.name}: file {variant.file} is missing") from None
+    except RefusedFile as exc:
+        raise VariantRejected(f"variant {variant.name}: refused: {exc}") from exc
+    except OSError as exc:
+        raise VariantRejected(
+            f"variant {variant.name}: cannot read {variant.file}: {exc.strerror}"
+        ) from exc
     signed = policy.verifier is not None
     if variant.sha256 is None and source.manifest is not None and (policy.require_sha256 or signed):
         raise VariantRejected(
@@ -164,7 +201,12 @@ def verify_variant(
             "(security.require_sha256)"
         )
     if variant.sha256 is not None:
-        digest = sha256_of(path)
+        try:
+            digest = sha256_of(path)
+        except OSError as exc:  # RefusedFile too: swapped for a FIFO since the check
+            raise VariantRejected(
+                f"variant {variant.name}: cannot read {variant.file}: {exc}"
+            ) from exc
         if digest != variant.sha256:
             raise VariantRejected(
                 f"variant {variant.name}: sha256 of {variant.file} is {digest}, "
@@ -179,9 +221,10 @@ def verify_variant(
 
 
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks so a large model does not double the RSS."""
+    """Hex sha256 of a regular file (RefusedFile otherwise), read in chunks so that a large
+    model does not double the RSS."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

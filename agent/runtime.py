@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, cast, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from agent.errors import VariantRejected
 from agent.litert import LiteRTVariant
 from agent.manifest import RuntimeOptions, TensorSpec
-from agent.monitor import process_rss_mb
 from agent.session import LoadedVariant, SessionSettings
 
 
@@ -34,9 +33,6 @@ class Runtime(Protocol):
     output_names: tuple[str, ...]
     load_ms: float
     warmed_up: bool
-    # Growth of the agent's RSS while the variant loaded (MiB); None when not measured. The
-    # policy compares it with the memory left before it loads a variant.
-    rss_mb: float | None
 
     def run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
@@ -45,22 +41,14 @@ class Runtime(Protocol):
         any failure of the runtime raises InferenceError."""
         ...
 
-    def warm_up(self) -> bool:
-        """One run on zeros; False when the model refuses synthetic input."""
+    def warm_up(self, rows: int = 1, timeout_s: float | None = None) -> bool:
+        """Run on zeros (free dimensions 1, the batch dimension `rows`); False when the model
+        refuses synthetic input; VariantRejected when it does not finish in `timeout_s`."""
         ...
 
     def close(self) -> None:
-        """Release the runtime's resources; the variant must not run afterwards."""
+        """Release the runtime's resources; a run afterwards raises InferenceError."""
         ...
-
-
-class OnnxVariant(LoadedVariant):
-    """onnxruntime's LoadedVariant with what the protocol adds (until session.py has it)."""
-
-    rss_mb: float | None = None
-
-    def close(self) -> None:
-        """Nothing to do: onnxruntime frees a session with the last reference to it."""
 
 
 def load_variant(
@@ -78,13 +66,7 @@ def load_variant(
     """
     suffix = path.suffix
     if suffix == ".onnx":
-        before = process_rss_mb()
-        variant = cast(
-            OnnxVariant,
-            OnnxVariant.load(model, name, path, settings, expected_inputs, expected_outputs),
-        )
-        variant.rss_mb = max(0.0, process_rss_mb() - before)
-        return variant
+        return LoadedVariant.load(model, name, path, settings, expected_inputs, expected_outputs)
     if suffix == ".tflite":
         return LiteRTVariant.load(
             model, name, path, settings, expected_inputs, expected_outputs, options

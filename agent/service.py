@@ -17,13 +17,16 @@ from typing import Any
 import structlog
 
 from agent import __version__
-from agent.config import AgentConfig, read_password, usable_cpus
+from agent.adapt.loop import Adapter
+from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource, usable_cpus
+from agent.coalesce import Coalescer
+from agent.config import AgentConfig, read_password
 from agent.control import ControlCommands
 from agent.errors import ConfigError
 from agent.events import Events
+from agent.loader import ModelLoader
 from agent.logs import configure_logging
 from agent.models import ModelManager
-from agent.monitor import ResourceMonitor
 from agent.mqtt.frontend import MqttFrontend
 from agent.repository import SupplyPolicy, scan
 from agent.sdnotify import Notifier, watchdog_interval
@@ -35,13 +38,18 @@ from agent.watcher import ModelWatcher
 log = structlog.get_logger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
+# The retained status is republished at most this often (loads of many models at once).
+STATUS_INTERVAL_S = 0.5
 
 
 class Agent:
     """One running agent. `start()` loads and connects; `stop()` shuts down in order."""
 
     def __init__(
-        self, config: AgentConfig, reload_config: Callable[[], AgentConfig] | None = None
+        self,
+        config: AgentConfig,
+        reload_config: Callable[[], AgentConfig] | None = None,
+        resources: SnapshotSource | None = None,
     ) -> None:
         self.config = config
         self.events = Events()
@@ -59,13 +67,27 @@ class Agent:
         self.supervisor: Supervisor | None = None
         self._reload_config = reload_config
         self._started = False
-        self.abandoned = 0  # requests still queued or running when stop() gave up
-        self.monitor = ResourceMonitor()
+        self._abandoned_requests = 0
+        # One sampler feeds the metrics and the policy; tests may script the figures.
+        self._resources = resources
+        self.sampler: ResourceSampler | None = None
+        self.adapter: Adapter | None = None
         self.frontend: MqttFrontend | None = None
         self.watcher: ModelWatcher | None = None
-        self._rescan_lock = threading.Lock()
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._stop = threading.Event()
+        # Loads run there, each bounded, so that neither the watcher nor start-up waits on one.
+        self.loader = ModelLoader(
+            self.manager,
+            lambda: scan(self.config.models.dir, self.manager.supply_policy),
+            self._emit,
+            timeout_s=config.models.load_timeout_s,
+            stopping=self._stop,
+            unsettled=self._unsettled,
+        )
+        self._status_updates = Coalescer(
+            self._publish_status, STATUS_INTERVAL_S, name="status-publisher", stopping=self._stop
+        )
 
     def start(self) -> None:
         """Load every model in the directory, then connect to the broker (in the background)."""
@@ -83,10 +105,22 @@ class Agent:
         self.state = StateStore(self.config.state.dir or _state_directory())
         self.control = ControlCommands(self.manager, self.state)
         self.state.load()
-        sources, rejected = scan(models_dir, self.manager.supply_policy)
-        for rejection in rejected:
-            self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
-        self.manager.load_all(sources, prefer=self.state.preferred)
+        self.manager.preferred = self.state.preferred
+        adapt = self.config.adapt
+        self.sampler = ResourceSampler(
+            self._resources or ResourceMonitor(),
+            adapt.interval_s,
+            history_size=max(16, int(adapt.history_s / adapt.interval_s)),
+        )
+        self.sampler.start()
+        self.manager.headroom_mb = self._headroom_mb
+        self.manager.drain_timeout_s = adapt.drain_timeout_s
+        self._status_updates.start()
+        self.loader.start()
+        # Each load is bounded: a model stuck loading is abandoned, and start-up goes on.
+        self.loader.before_load = self._starting_load
+        self.loader.rescan()
+        self.loader.before_load = None
         self._warn_unhonoured_pins()
         self.frontend = MqttFrontend(
             self.config.mqtt,
@@ -97,6 +131,17 @@ class Agent:
             password=read_password(self.config.mqtt),
         )
         self.frontend.start()
+        if self.config.adapt.enabled:
+            self.adapter = Adapter(
+                self.manager,
+                self.config.adapt,
+                self.sampler.history.all,
+                pinned=self.state.pinned,
+                emit=self.events.emit,
+                fleet=self._fleet_hook(),
+            )
+            self.control.adapter = self.adapter
+            self.adapter.start()
         if self.config.models.watch:
             self.watcher = ModelWatcher(
                 models_dir,
@@ -121,19 +166,35 @@ class Agent:
     def metrics(self) -> dict[str, Any]:
         """The periodic metrics body: resources, then per-model traffic and latency."""
         models = {}
+        window = self.config.metrics.latency_window_s
         for model in self.manager.served():
             models[model.name] = {
-                "variant": model.active.name,
+                "variant": model.active_name,
                 "queue_depth": model.queue.depth,
                 "busy_workers": model.queue.busy,
+                "arrival_rate": round(model.stats.arrival_rate(window), 3),
                 **model.stats.snapshot().as_dict(),
+                "variants": {
+                    name: model.stats.variant_figures(name, window).as_dict()
+                    for name in model.stats.variants_seen()
+                },
             }
         return {
             "ts": time.time(),
             "device": self.config.mqtt.device_id,
-            "resources": self.monitor.sample().as_dict(),
+            "resources": self._latest_resources(),
             "models": models,
         }
+
+    @property
+    def abandoned(self) -> int:
+        """Requests still queued or running when stop() gave up, plus loads still running
+        (stuck): work inside onnxruntime that the interpreter must not be finalised under."""
+        return self._abandoned_requests + self.loader.running()
+
+    @abandoned.setter
+    def abandoned(self, requests: int) -> None:
+        self._abandoned_requests = requests
 
     def run_until_stopped(self) -> None:
         """Publish metrics every interval until `request_stop()` (or a signal)."""
@@ -165,18 +226,21 @@ class Agent:
             drain_timeout = self.config.service.stop_timeout_s
         self._stop.set()
         self.notifier.stopping(self._stopping_line(drain_timeout))
+        if self.adapter is not None:
+            self.adapter.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.frontend is not None:
             self.frontend.stop_intake()
-        self.manager.close(drain_timeout)
-        self.abandoned = sum(m.queue.depth + m.queue.busy for m in self.manager.served())
+        self.abandoned = self.manager.close(drain_timeout)
         if self.abandoned:
             log.warning("requests_abandoned", count=self.abandoned, timeout_s=drain_timeout)
         if self.frontend is not None:
             self.frontend.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
         self.notifier.close()
         log.info("agent_stopped")
 
@@ -193,7 +257,8 @@ class Agent:
             self.supervisor.request_reload()
 
     def health_problems(self, loop_stale_after: float) -> list[str]:
-        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker."""
+        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker, a
+        model load stuck past models.load_timeout_s."""
         problems: list[str] = []
         if self.frontend is not None:
             self.frontend.probe_loop(idle_after=loop_stale_after / 6)
@@ -203,6 +268,11 @@ class Agent:
         stall = self.config.service.worker_stall_s
         for model in self.manager.served():
             problems += [f"model {model.name}: {p}" for p in model.queue.stalled(stall)]
+        problems += [
+            f"model {name}: load stuck for {seconds:.0f} s "
+            f"(models.load_timeout_s = {self.loader.timeout_s:g})"
+            for name, seconds in self.loader.stuck()
+        ]
         return problems
 
     def status_line(self) -> str:
@@ -210,7 +280,7 @@ class Agent:
         if self._stop.is_set():
             return "stopping"
         served = self.manager.served()
-        models = ", ".join(f"{m.name}={m.active.name}" for m in served) or "none"
+        models = ", ".join(f"{m.name}={m.active_name}" for m in served) or "none"
         mqtt = self.config.mqtt
         broker = self.frontend.broker_state if self.frontend is not None else "not started"
         verb = "serving" if self.ready else "waiting for the broker;"
@@ -245,54 +315,69 @@ class Agent:
         restart = [name for name in changed if name not in _LIVE_SECTIONS]
         if restart:
             log.warning("reload_needs_restart", sections=restart)
-        self._rescan()
-        if self.frontend is not None:
-            self.frontend.publish_status()
+        # A reload retries what failed before: the security section may have changed.
+        self.loader.rescan(retry=True)
+        self._status_updates.request()
         log.info("reload_done", applied=live, needs_restart=restart)
         return self.status_line()
 
     def _on_models_changed(self, entries: set[str]) -> None:
-        """The watcher saw pushes settle: bring the served models in line with the disk."""
+        """The watcher saw pushes settle: have the loader bring the served models in line.
+
+        Returns at once: the watcher thread must never wait on a load.
+        """
         log.info("models_changed", entries=sorted(entries))
-        self._rescan()
-        if self.frontend is not None:
+        self.loader.request()
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self.events.emit(event, **fields)  # looked up on each call: start() replaces parts
+
+    def _unsettled(self) -> set[str]:
+        return self.watcher.unsettled() if self.watcher is not None else set()
+
+    def _starting_load(self, model: str) -> None:
+        # Start-up may load many models, each within the bound: keep systemd's start timeout
+        # ahead of the next one.
+        self.notifier.extend_timeout(self.loader.timeout_s + 30.0)
+        self.notifier.status(f"loading model {model}")
+
+    def _publish_status(self) -> None:
+        if self.frontend is not None and not self._stop.is_set():
             self.frontend.publish_status()
-
-    def _rescan(self) -> None:
-        """Load models that are new or changed on disk, unload those that are gone."""
-        with self._rescan_lock:  # the watcher and a SIGHUP reload may both ask
-            self._rescan_locked()
-
-    def _rescan_locked(self) -> None:
-        sources, rejected = scan(self.config.models.dir, self.manager.supply_policy)
-        for rejection in rejected:
-            self.events.emit("model_rejected", path=str(rejection.path), reason=rejection.reason)
-        served = {model.name: model for model in self.manager.served()}
-        for source in sources:
-            current = served.get(source.name)
-            if current is None or current.source != source:
-                self.manager.load(source, prefer=self.state.preferred(source.name))
-        # A model whose folder is there but now rejected keeps serving what it had.
-        present = {s.name for s in sources} | {
-            r.path.stem if r.path.suffix == ".onnx" else r.path.name for r in rejected
-        }
-        for name in served.keys() - present:
-            self.manager.unload(name)
 
     def _on_model_event(self, event: str, **fields: Any) -> None:
         """Events from the model manager: published, and remembered as last known good."""
         self.events.emit(event, **fields)
-        if event in ("model_loaded", "variant_swapped"):
-            self.state.record_good(fields["model"], fields["variant"])
-            if self.frontend is not None:
-                self.frontend.publish_status()
+        if event == "model_loaded" or (event == "variant_swapped" and fields["reason"] == "pinned"):
+            # What the policy chose is not remembered: the next boot starts from the pin
+            # or the richest variant that loads, and the policy decides again from there.
+            self.state.record_good(fields["model"], fields.get("variant") or fields["to"])
+        if event in ("model_loaded", "variant_swapped", "variant_restored", "model_unloaded"):
+            self._status_updates.request()  # coalesced: one publication for many loads
+        if event in ("model_loaded", "model_unloaded") and self.frontend is not None:
+            self.frontend.refresh_fleet()
+
+    def _headroom_mb(self) -> float | None:
+        latest = self.sampler.history.latest() if self.sampler is not None else None
+        return latest.memory_headroom_mb if latest is not None else None
+
+    def _latest_resources(self) -> dict[str, Any]:
+        latest = self.sampler.history.latest() if self.sampler is not None else None
+        return latest.as_dict() if latest is not None else {}
+
+    def _fleet_hook(self) -> Callable[[str, bool], None] | None:
+        """How the policy gives a model's fleet traffic away, when this agent is in a fleet."""
+        frontend = self.frontend
+        if frontend is None or not self.config.mqtt.fleet_group:
+            return None
+        return frontend.set_fleet_membership
 
     def _warn_unhonoured_pins(self) -> None:
         for model in self.manager.served():
             pinned = self.state.pinned(model.name)
-            if pinned is not None and model.active.name != pinned:
+            if pinned is not None and model.active_name != pinned:
                 log.warning(
-                    "pin_not_honoured", model=model.name, pinned=pinned, active=model.active.name
+                    "pin_not_honoured", model=model.name, pinned=pinned, active=model.active_name
                 )
 
     def _stopping_line(self, drain_timeout: float) -> str:

@@ -6,6 +6,7 @@ built; a model switches variants by swapping which `LoadedVariant` it points at.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from agent.manifest import TensorSpec
 # onnxruntime prints its own errors to stderr, bypassing structlog; every failure it reports
 # reaches us as an exception that we log (or answer) ourselves.
 ort.set_default_logger_severity(4)
+ort.disable_telemetry_events()
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class SessionSettings:
     threads: int
     spin: bool = False
     warmup: bool = True
+    warmup_timeout_s: float = 30.0
+    """A warm-up run still going after this is stopped and the variant rejected: a model
+    whose cost has no bound (a Loop with a huge trip count) must not hang a load."""
 
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -56,6 +61,20 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     return options
 
 
+class RunControl:
+    """Lets another thread stop a run in progress: onnxruntime checks the flag between
+    kernels. One per worker; once cancelled, every later run of that worker stops at once
+    (cancelling is for a stop or an unload past its bound)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.options.terminate = True
+
+
 class LoadedVariant:
     """A variant ready to run: its session and the signature it serves."""
 
@@ -77,7 +96,7 @@ class LoadedVariant:
         self.output_names = tuple(spec.name for spec in self.outputs)
         self.load_ms = load_ms
         self.warmed_up = False
-        self._session = session
+        self._session: ort.InferenceSession | None = session
 
     @classmethod
     def load(
@@ -109,33 +128,62 @@ class LoadedVariant:
             outputs = _conform(name, "output", outputs, expected_outputs)
         variant = cls(model, name, path, session, inputs, outputs, 0.0)
         if settings.warmup:
-            variant.warmed_up = variant.warm_up()
+            variant.warmed_up = variant.warm_up(timeout_s=settings.warmup_timeout_s)
         variant.load_ms = (time.monotonic() - start) * 1000.0
         return variant
 
+    def close(self) -> None:
+        """Release the session (its weights and arena); the variant cannot run after this."""
+        self._session = None
+
     def run(
-        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+        control: RunControl | None = None,
     ) -> list[np.ndarray]:
         """Run the session; any onnxruntime failure becomes an InferenceError."""
+        session = self._session
+        if session is None:
+            raise InferenceError(f"{self.model}/{self.name}: this variant has been released")
         try:
-            result: list[np.ndarray] = self._session.run(
-                list(output_names) if output_names else None, dict(feeds)
+            result: list[np.ndarray] = session.run(
+                list(output_names) if output_names else None,
+                dict(feeds),
+                control.options if control is not None else None,
             )
         except Exception as exc:  # onnxruntime's exception types are not a stable API
             raise InferenceError(f"{self.model}/{self.name}: {_describe(exc)}") from exc
         return result
 
-    def warm_up(self) -> bool:
-        """Run once on zeros (free dimensions set to 1) so the first request is not slow.
+    def warm_up(self, rows: int = 1, timeout_s: float | None = None) -> bool:
+        """Run on zeros (free dimensions 1, the batch dimension `rows`) so that the first
+        request is not slow; True when it ran.
 
         A model may legitimately refuse synthetic input, so a failure here is reported and
-        does not reject the variant.
+        does not reject the variant. A run past `timeout_s` is stopped (onnxruntime checks
+        `RunOptions.terminate` between kernels) and rejects the variant: a model that does
+        not finish on zeros cannot be trusted to finish on requests.
         """
-        feeds = {spec.name: _zeros(spec) for spec in self.inputs}
+        feeds = {spec.name: _zeros(spec, rows) for spec in self.inputs}
+        control = RunControl()
+        timer = None
+        if timeout_s is not None:
+            timer = threading.Timer(timeout_s, control.cancel)
+            timer.daemon = True
+            timer.start()
         try:
-            self.run(feeds)
-        except InferenceError:
+            self.run(feeds, control=control)
+        except InferenceError as exc:
+            if control.cancelled:
+                raise VariantRejected(
+                    f"variant {self.name}: its warm-up run did not finish within "
+                    f"{timeout_s:g} s (models.warmup_timeout_s)"
+                ) from exc
             return False
+        finally:
+            if timer is not None:
+                timer.cancel()
         return True
 
 
@@ -174,8 +222,10 @@ def _conform(
     return list(expected)
 
 
-def _zeros(spec: TensorSpec) -> np.ndarray:
+def _zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
     shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
+    if spec.shape and spec.shape[0] == -1:
+        shape = (rows, *shape[1:])
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=object)
     return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])

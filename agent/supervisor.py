@@ -1,6 +1,10 @@
 """Keeps the service manager informed: READY once serving, STATUS lines, WATCHDOG pings
 while the health check passes, RELOADING/READY around a SIGHUP reload.
 
+READY=1 follows the broker's acceptance, or `BROKER_WAIT_S` after the models are loaded,
+whichever comes first: a missing broker must not make `systemctl start` look hung. STATUS=
+then says the agent is waiting for the broker, and why.
+
 The health check looks at the real loops (the MQTT network thread, each model's workers),
 so a hung worker stops the pings and systemd restarts the agent; a broker that is down does
 not (a restart would not bring it back): the agent keeps retrying with backoff instead.
@@ -22,6 +26,14 @@ log = structlog.get_logger(__name__)
 DEFAULT_INTERVAL_S = 10.0
 # Until READY=1 the check runs this often, so that READY follows the broker's CONNACK.
 _STARTING_POLL_S = 0.1
+# How long READY=1 waits for the broker once the models are loaded (the supervisor starts
+# then). A connection on loopback or a LAN takes milliseconds, so READY normally means
+# "serving"; past this, READY means "running, retrying the broker" and STATUS= says so.
+BROKER_WAIT_S = 10.0
+# What Supervised.reload() returns when the new configuration was refused.
+RELOAD_FAILED = "reload failed"
+# What Supervised.status_line() begins with once the agent is shutting down.
+STOPPING = "stopping"
 
 
 class Supervised(Protocol):
@@ -41,7 +53,8 @@ class Supervised(Protocol):
         ...
 
     def reload(self) -> str:
-        """Re-read the configuration and apply it; returns a status line. Never raises."""
+        """Re-read the configuration and apply it; returns a status line, which starts with
+        RELOAD_FAILED when the new configuration was refused. Never raises."""
         ...
 
 
@@ -68,6 +81,11 @@ class Supervisor:
         self._last_status: str | None = None
         self._last_problems: list[str] = []
         self._extended_at = -float("inf")
+        self._started_at = time.monotonic()
+        self.broker_wait_s = BROKER_WAIT_S
+        # Why the last reload was refused: kept in STATUS= until a reload succeeds, or the
+        # next health-check tick would replace it.
+        self._reload_failure: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
@@ -106,19 +124,28 @@ class Supervisor:
             # No ping: if this lasts WatchdogSec, systemd restarts the agent.
             self._status("unhealthy: " + "; ".join(problems))
             return
-        if not self.ready_sent and self._target.ready:
+        waited = time.monotonic() - self._started_at >= self.broker_wait_s
+        line = self._line()
+        # Not once shutdown has begun (STOPPING=1 went out; the status line says so).
+        stopping = self._target.status_line().startswith(STOPPING)
+        if not self.ready_sent and (self._target.ready or waited) and not stopping:
             self.ready_sent = True
-            self._last_status = status = self._target.status_line()
+            self._last_status = status = line
             self._notifier.ready(status)
-            log.info("service_ready", status=status)
+            log.info("service_ready", status=status, broker_connected=self._target.ready)
         if self.ready_sent:
             if self.watchdog_s:
                 self._notifier.watchdog()
         elif time.monotonic() - self._extended_at >= self.interval:
-            # Still waiting for the broker but alive: keep systemd's start timeout away.
+            # Waiting a moment for the broker, alive: keep systemd's start timeout away.
             self._extended_at = time.monotonic()
             self._notifier.extend_timeout(3 * self.interval)
-        self._status(self._target.status_line())
+        self._status(line)
+
+    def _line(self) -> str:
+        """The agent's status line, after why the last reload was refused, if it was."""
+        line = self._target.status_line()
+        return line if self._reload_failure is None else f"{self._reload_failure}; {line}"
 
     def _reload_step(self) -> None:
         """Start a requested reload, or report a finished one.
@@ -131,6 +158,8 @@ class Supervisor:
                 return
             self._reloading = None
             status = self._reload_result or self._target.status_line()
+            failed = status.startswith(RELOAD_FAILED)
+            self._reload_failure = status if failed else None
             self._last_status = status
             if self.ready_sent:
                 self._notifier.ready(status)

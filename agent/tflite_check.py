@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import VariantRejected
+from agent.files import open_regular
 
 FILE_IDENTIFIER = b"TFL3"
 # The highest BuiltinOperator of the LiteRT schema pinned in the `litert` extra (2.3.0); a
@@ -96,7 +97,8 @@ def check_tflite_file(
 
 def inspect_tflite(path: Path) -> TfliteFacts:
     """Walk the whole model at `path`; TfliteFormatError names the first inconsistency."""
-    with path.open("rb") as f:
+    # Only a regular file: a FIFO or device put in a model's place must not block the check.
+    with open_regular(path) as f:
         try:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError as exc:  # an empty file cannot be mapped

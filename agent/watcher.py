@@ -8,12 +8,16 @@ sha256; a bare .onnx file when it stopped changing. A rename into place is compl
 once. Past `max_wait_s` an entry is acted on anyway, so that a broken push is reported
 (as a rejection) instead of being waited for forever. Entries whose name starts with a dot
 are staging areas and are never looked at.
+
+This thread only notices and settles: it reads nothing but regular files (a FIFO manifest
+would block it for good), and `on_change` must hand the loading to a thread of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +32,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from agent.files import RefusedFile, read_regular
 from agent.manifest import MANIFEST_FILE
-from agent.repository import sha256_of
+from agent.repository import MAX_MANIFEST_BYTES, sha256_of
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +60,7 @@ class ModelWatcher:
         self._lock = threading.Lock()
         # entry name -> (first event, last event, last completeness check), monotonic
         self._pending: dict[str, tuple[float, float, float]] = {}
+        self._waiting_for: dict[str, str] = {}  # entry -> why it is incomplete, as last logged
         self._wake = threading.Event()
         self._stopping = False
         self._observer: Observer | None = None  # type: ignore[valid-type]
@@ -87,6 +93,11 @@ class ModelWatcher:
             self._observer.join(5)
         if self._thread.is_alive():
             self._thread.join(5)
+
+    def unsettled(self) -> set[str]:
+        """Entries changed lately that have not been handed to `on_change` yet."""
+        with self._lock:
+            return set(self._pending)
 
     def touched(self, path: str) -> None:
         """Something changed at `path`: note which top-level entry it belongs to."""
@@ -141,7 +152,11 @@ class ModelWatcher:
                         )
                 else:
                     self._pending[entry] = (first, last, now)
-                    log.info("model_push_waiting", entry=entry, reason=why)
+                    if self._waiting_for.get(entry) != why:  # once per reason, not per look
+                        self._waiting_for[entry] = why
+                        log.info("model_push_waiting", entry=entry, reason=why)
+                if entry not in self._pending:
+                    self._waiting_for.pop(entry, None)
         return ready
 
 
@@ -163,7 +178,9 @@ def _complete(path: Path) -> tuple[bool, str]:
         return True, ""  # removed, or a bare file that has stopped changing
     manifest = path / MANIFEST_FILE
     try:
-        data = json.loads(manifest.read_bytes())
+        data = json.loads(read_regular(manifest, MAX_MANIFEST_BYTES))
+    except RefusedFile:
+        return True, ""  # a FIFO, a device, too large: never readable, loading will say why
     except OSError:
         return False, f"no readable {MANIFEST_FILE} yet"
     except ValueError:
@@ -177,17 +194,24 @@ def _complete(path: Path) -> tuple[bool, str]:
 
 def _first_unfinished(folder: Path, variants: list[object]) -> str | None:
     """Why the first variant file that is not there (or not whole) yet is not, or None."""
+    root = folder.parent.resolve()  # the model directory
     for variant in variants:
         if not isinstance(variant, dict) or not isinstance(variant.get("file"), str):
             continue
         file = folder / variant["file"]
-        if not file.is_file():
+        try:
+            info = file.stat()
+        except OSError:
             return f"{variant['file']} is not there yet"
+        if not stat.S_ISREG(info.st_mode):
+            continue  # a FIFO or a device will not become a model: loading rejects it
+        if root not in file.resolve().parents:
+            continue  # a link out of the model directory: loading rejects it, unread
         size = variant.get("size_bytes")
         if isinstance(size, int) and size > 0:
             # Copies grow until whole: the size says it without reading the file, which
             # loading will hash anyway.
-            if file.stat().st_size != size:
+            if info.st_size != size:
                 return f"{variant['file']} does not have its {size} bytes yet"
             continue
         expected = variant.get("sha256")

@@ -125,7 +125,7 @@ def bench_pools(
                 rate = throughput(variant, x, clients=2, seconds=seconds)
                 rates.setdefault((n, batch), []).append(rate)
     for n, variant in pools.items():
-        rss = variant.rss_mb or 0.0
+        rss = getattr(variant, "rss_mb", None) or 0.0  # LiteRTVariant measures its own
         print(f"interpreters={n}: batch 1 {statistics.median(rates[(n, 1)]):8.0f} runs/s, "
               f"batch 256 {statistics.median(rates[(n, 256)]):6.0f} runs/s, "
               f"load RSS {rss:.1f} MiB ({rss / n:.1f} per interpreter)")

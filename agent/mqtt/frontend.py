@@ -39,6 +39,7 @@ from agent.errors import (
 )
 from agent.events import Events
 from agent.models import ModelManager
+from agent.mqtt import rtt
 from agent.mqtt.connection import (
     ReplyProperties,
     build_client,
@@ -95,6 +96,9 @@ class MqttFrontend:
         self._control_prefix = f"{root}/control/"
         self._connected = threading.Event()
         self._commands = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
+        self._fleet_lock = threading.Lock()
+        self._fleet_shed: set[str] = set()
+        self._fleet_subscribed: set[str] = set()
         self._subscribe_mid: int | None = None
         self._session_present = False
         self._accepting = True
@@ -121,9 +125,48 @@ class MqttFrontend:
     @property
     def subscriptions(self) -> list[str]:
         topics = [f"{self._infer_prefix}+", f"{self._control_prefix}+"]
-        if self._config.fleet_group:
-            topics.append(f"$share/{self._config.fleet_group}/{self._fleet_prefix}+")
-        return topics
+        return topics + [self._fleet_topic(name) for name in sorted(self._fleet_wanted())]
+
+    # --- The fleet: one shared subscription per model, so that one can be given away ---
+
+    def _fleet_topic(self, model: str) -> str:
+        return f"$share/{self._config.fleet_group}/{self._fleet_prefix}{model}"
+
+    def _fleet_wanted(self) -> set[str]:
+        if not self._config.fleet_group:
+            return set()
+        return set(self._manager.names()) - self._fleet_shed
+
+    def set_fleet_membership(self, model: str, joined: bool) -> None:
+        """Leave (joined False) or rejoin the fleet's shared subscription of `model`: while
+        it is left, the broker gives that model's fleet requests to the other agents of the
+        group; requests addressed to this device are still served."""
+        with self._fleet_lock:
+            if joined:
+                self._fleet_shed.discard(model)
+            else:
+                self._fleet_shed.add(model)
+        self.refresh_fleet()
+
+    def refresh_fleet(self) -> None:
+        """Subscribe the fleet topics of models loaded (or rejoined) since, unsubscribe
+        those unloaded (or left)."""
+        with self._fleet_lock:
+            if not self.connected or not self._accepting:
+                return
+            wanted = self._fleet_wanted()
+            added = sorted(wanted - self._fleet_subscribed)
+            removed = sorted(self._fleet_subscribed - wanted)
+            self._fleet_subscribed = wanted
+        qos = self._config.qos
+        if added:
+            topics: list[tuple[str, Any]] = [
+                (self._fleet_topic(n), SubscribeOptions(qos=qos) if self._v5 else qos)
+                for n in added
+            ]
+            self._client.subscribe(topics)
+        if removed:
+            self._client.unsubscribe([self._fleet_topic(n) for n in removed])
 
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
@@ -222,6 +265,8 @@ class MqttFrontend:
         self._refusals = 0
         self.broker_state = "connected"
         qos = self._config.qos
+        with self._fleet_lock:
+            self._fleet_subscribed = self._fleet_wanted()
         topics: list[tuple[str, Any]] = [
             (topic, SubscribeOptions(qos=qos) if self._v5 else qos) for topic in self.subscriptions
         ]
@@ -258,6 +303,7 @@ class MqttFrontend:
             port=self._config.port,
             session_present=self._session_present,
         )
+        rtt.check_in_background(self._config, self._password)  # warns of a slow broker (Nagle)
 
     def _on_disconnect(
         self,

@@ -4,12 +4,18 @@ quick start."""
 from __future__ import annotations
 
 import json
+import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,11 +101,12 @@ def test_infer_exit_codes(agent: RunningAgent, tmp_path: Path) -> None:
 
 
 def test_status_shows_the_device(agent: RunningAgent) -> None:
-    """`edge-agent status` prints the device's state and each model's active variant."""
+    """`edge-agent status` prints the device's state, each model's active variant and why."""
     result = edge_agent("status", *where(agent))
     assert result.returncode == 0, result.stderr
     assert f"device {agent.config.mqtt.device_id}: online" in result.stdout
     assert "digits  fp32" in result.stdout
+    assert "why: start" in result.stdout
     raw = json.loads(edge_agent("status", *where(agent), "--json").stdout)
     assert raw["models"]["digits"]["active"] == "fp32"
     absent = edge_agent(
@@ -116,7 +123,7 @@ def test_status_shows_the_device(agent: RunningAgent) -> None:
 
 
 @pytest.fixture
-def embedded_amqtt(models_dir: Path) -> Iterator[tuple[int, str]]:
+def embedded_amqtt(models_dir: Path) -> Iterator[tuple[int, str, subprocess.Popen[str]]]:
     """`edge-agent run --embedded-broker amqtt` as a subprocess (MQTT 3.1.1 end to end)."""
     port, device = free_port(), f"emb-{uuid.uuid4().hex[:6]}"
     process = spawn_agent(port, device, models_dir, "--embedded-broker", "amqtt")
@@ -125,15 +132,19 @@ def embedded_amqtt(models_dir: Path) -> Iterator[tuple[int, str]]:
     for line in process.stderr:
         if '"broker_connected"' in line or time.monotonic() > deadline:
             break
-    yield port, device
-    process.terminate()
-    assert process.wait(30) == 0
+    yield port, device, process
+    if process.poll() is None:
+        process.terminate()
+        process.wait(30)
     process.stderr.close()
 
 
-def test_embedded_amqtt_broker_serves_mqtt311_end_to_end(embedded_amqtt: tuple[int, str]) -> None:
-    """With the in-process amqtt broker, infer falls back to MQTT 3.1.1 and gets its answer."""
-    port, device = embedded_amqtt
+def test_embedded_amqtt_broker_serves_mqtt311_end_to_end(
+    embedded_amqtt: tuple[int, str, subprocess.Popen[str]],
+) -> None:
+    """With the in-process amqtt broker, infer and status fall back to MQTT 3.1.1 and get
+    their answers, and the agent's log shows nothing of their refused MQTT 5 tries."""
+    port, device, process = embedded_amqtt
     result = edge_agent(
         "infer", "digits", str(DIGITS_NPZ), "--mqtt-port", str(port), "--device-id", device
     )
@@ -141,6 +152,50 @@ def test_embedded_amqtt_broker_serves_mqtt311_end_to_end(embedded_amqtt: tuple[i
     assert result.stdout.count("row ") == 8
     status = edge_agent("status", "--mqtt-port", str(port), "--device-id", device)
     assert "online" in status.stdout, status.stderr
+    process.terminate()
+    assert process.wait(30) == 0
+    assert process.stderr is not None
+    rest = process.stderr.read()
+    assert '"agent_stopped"' in rest
+    assert "Invalid" not in rest, rest
+    assert "Failed to initialize" not in rest, rest
+
+
+def test_the_agent_writes_only_json_lines_where_onnxruntime_cannot_cache(
+    broker: MosquittoBroker, models_dir: Path
+) -> None:
+    """With JSON logs every line the agent writes is JSON, also where onnxruntime could not
+    persist a telemetry id (no writable cache, as under the unit): journald gets ours only."""
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": "/dev/null/cache",  # cannot be created, even by root
+        "EDGE_AGENT_METRICS__INTERVAL_S": "0",
+    }
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    device = f"json-{uuid.uuid4().hex[:6]}"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "agent", "run", "--mqtt-port", str(broker.port)),
+            *("--device-id", device, "--models-dir", str(models_dir), "--log-format", "json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    for line in process.stderr:
+        lines.append(line)
+        if '"service_ready"' in line or time.monotonic() > deadline:
+            break
+    process.terminate()
+    assert process.wait(30) == 0
+    lines += process.stderr.readlines()
+    process.stderr.close()
+    assert any('"agent_stopped"' in line for line in lines), lines
+    for line in lines:
+        json.loads(line)
 
 
 def test_embedded_broker_refuses_a_busy_port(broker: MosquittoBroker) -> None:
@@ -171,6 +226,89 @@ def test_quickstart_answers() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "answered by variant fp32" in result.stdout
     assert "row 0: top 7" in result.stdout
+
+
+def readme_try_lines() -> list[str]:
+    """The lines the README's quick start tells a newcomer to try from another terminal."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"keeps serving while it\s.*?```sh\n(.*?)```", readme, re.S)
+    assert block is not None, "README: no block of lines to try after the quick start"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+class _Output:
+    """Lines of a process's output, read on a thread so that waiting for one is bounded."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        assert process.stdout is not None
+        stream = process.stdout
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def until(self, text: str, timeout: float) -> bool:
+        """Collect lines until one contains `text` (True) or the output ends (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:
+                return False
+            self.lines.append(line)
+            if text in line:
+                return True
+        return False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_ctrl_c_stops_the_quick_start_cleanly_after_the_readme_lines_work() -> None:
+    """While the quick start serves, the README's lines to try all succeed (whatever runs
+    on 1883); then Ctrl-C, a SIGINT to the whole process group as a terminal sends it,
+    stops the agent cleanly (agent_stopping, agent_stopped) and the script exits 0."""
+    process = subprocess.Popen(
+        ["bash", str(REPO / "tools" / "quickstart.sh")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    output = _Output(process)
+    try:
+        assert output.until("Ctrl-C stops it.", 600), output.text
+        for line in readme_try_lines():
+            tried = subprocess.run(
+                ["bash", "-c", line],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert tried.returncode == 0, (line, tried.stdout, tried.stderr, output.text)
+            assert "digits" in tried.stdout or '"model_name"' in tried.stdout, tried.stdout
+        os.killpg(process.pid, signal.SIGINT)
+        output.until("no such line: read to the end", 60)
+        assert process.wait(60) == 0, output.text
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert "agent_stopping" in output.text
+    assert "reason=SIGINT" in output.text
+    assert "agent_stopped" in output.text
 
 
 def test_bench_runs_and_prints_its_ratios() -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapt.monitor import usable_cpus
 from agent.config import (
     AgentConfig,
     MqttConfig,
     example_toml,
     load_config,
     read_password,
-    usable_cpus,
 )
 from agent.errors import ConfigError
 
@@ -62,6 +62,39 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     assert load_config(None, env={"EDGE_AGENT_CONFIG": str(path)}).mqtt.device_id == (
         "from-env-file"
     )
+
+
+# Files opened while `_opened` is recording (an audit hook sees every open() of the process).
+_recording: list[list[str]] = []
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and _recording:
+        _recording[-1].append(str(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def test_no_config_file_is_read_unless_one_is_named(tmp_path: Path) -> None:
+    """Without --config or EDGE_AGENT_CONFIG no file is opened, not even the service's
+    /etc/edge-agent/config.toml: a run by hand never picks up an installed service's
+    configuration or state directory."""
+    named = tmp_path / "named.toml"
+    named.write_text('[mqtt]\ndevice_id = "named"\n')
+    _recording.append([])
+    try:
+        config = load_config(None, env={"EDGE_AGENT_MQTT__PORT": "1884"})
+        opened_unnamed = list(_recording[-1])
+        _recording[-1].clear()
+        assert load_config(None, env={"EDGE_AGENT_CONFIG": str(named)}).mqtt.device_id == "named"
+        opened_named = list(_recording[-1])
+    finally:
+        _recording.pop()
+    assert config.mqtt.port == 1884
+    assert config.state.dir is None
+    assert opened_unnamed == []
+    assert opened_named == [str(named)]
 
 
 @pytest.mark.parametrize(

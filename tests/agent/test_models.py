@@ -390,10 +390,13 @@ def test_inline_is_off_when_the_model_is_busy_or_when_disabled(
     assert off.threads[0].startswith("model-scale-")
 
 
-def test_a_slow_inline_run_turns_inline_off_for_good(
-    tmp_path: Path, make_manager: Callable[..., Any]
+def test_a_slow_inline_run_suspends_inline_runs_and_they_come_back(
+    tmp_path: Path, make_manager: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A model whose cost depends on its data blocks the MQTT thread at most once."""
+    """A slow inline run (one large request, or a cost that depends on the data) sends the
+    next requests to workers; after the suspension and fresh evidence, small requests run
+    inline again (one large request no longer turns inline off for good)."""
+    monkeypatch.setattr("agent.batching.INLINE_SUSPEND_S", 0.3)
     busy_model(tmp_path / "busy.onnx")
     manager, _ = make_manager(inline_max_ms=1.0)
     model = manager.get("busy")
@@ -411,3 +414,15 @@ def test_a_slow_inline_run_turns_inline_off_for_good(
     here = threading.current_thread().name
     assert done.threads[-2] == here
     assert done.threads[-1].startswith("model-busy-")
+
+    time.sleep(0.4)  # the suspension (0.3 s) is over
+    evidence = 2 * INLINE_EVIDENCE  # afresh, on workers; and the slow run's mark fades
+    for n in range(evidence):
+        model.submit(busy(1), done.note)
+        done.wait_for(INLINE_EVIDENCE + 3 + n)
+    deadline = time.monotonic() + 5
+    while model.queue.busy and time.monotonic() < deadline:  # the worker lets go after replying
+        time.sleep(0.01)
+    model.submit(busy(1), done.note)
+    done.wait_for(INLINE_EVIDENCE + 3 + evidence)
+    assert done.threads[-1] == here

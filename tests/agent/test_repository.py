@@ -11,8 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from agent.errors import InferenceError, ManifestError, VariantRejected
+from agent.files import RefusedFile, open_regular, read_regular
 from agent.manifest import Manifest, read_manifest
-from agent.repository import scan, verify_variant
+from agent.onnx_check import inspect_model
+from agent.repository import MAX_MANIFEST_BYTES, scan, sha256_of, verify_variant
 from agent.session import LoadedVariant, SessionSettings
 from tests import onnx_models
 
@@ -134,6 +136,53 @@ def test_sha256_mismatch_and_missing_file_are_rejected(tmp_path: Path) -> None:
         verify_variant(source, source.variants[0], tmp_path)
     with pytest.raises(VariantRejected, match=r"file b\.onnx is missing"):
         verify_variant(source, source.variants[1], tmp_path)
+
+
+def test_non_regular_files_are_refused_without_being_opened(tmp_path: Path) -> None:
+    """A FIFO or a directory where a manifest or model file should be is rejected by the
+    scan and by verification, and the hashing and ONNX checks refuse it, without blocking."""
+    models = tmp_path / "models"
+    built = onnx_models.scale_model(tmp_path / "build" / "s.onnx")
+    folder = onnx_models.ladder_folder(models / "m", [("a", built), ("b", built)], **SCALE_IO)
+    (folder / "a.onnx").unlink()
+    os.mkfifo(folder / "a.onnx")
+    (folder / "b.onnx").unlink()
+    (folder / "b.onnx").mkdir()
+    (models / "pipe").mkdir()
+    os.mkfifo(models / "pipe" / "manifest.json")
+    os.mkfifo(models / "bare.onnx")
+    (source,), rejected = scan(models)
+    reasons = {r.path.name: r.reason for r in rejected}
+    assert "manifest.json is a FIFO, not a regular file" in reasons["pipe"]
+    assert "bare.onnx is a FIFO, not a regular file" in reasons["bare.onnx"]
+    with pytest.raises(VariantRejected, match=r"a\.onnx is a FIFO"):
+        verify_variant(source, source.variants[0], models)
+    with pytest.raises(VariantRejected, match=r"b\.onnx is a directory"):
+        verify_variant(source, source.variants[1], models)
+    for reader in (sha256_of, inspect_model, open_regular):
+        with pytest.raises(RefusedFile, match="FIFO"):
+            reader(folder / "a.onnx")  # type: ignore[operator]  # each takes one path
+
+
+def test_a_rejection_carries_the_stamp_of_what_was_rejected(tmp_path: Path) -> None:
+    """The same bad entry scans to an equal rejection until it is rewritten."""
+    (tmp_path / "bad").mkdir()
+    manifest = tmp_path / "bad" / "manifest.json"
+    manifest.write_text("{")
+    first = scan(tmp_path)[1]
+    assert scan(tmp_path)[1] == first
+    manifest.write_text("{ ")
+    assert scan(tmp_path)[1] != first
+
+
+def test_an_oversized_manifest_is_refused(tmp_path: Path) -> None:
+    """A manifest.json larger than MAX_MANIFEST_BYTES is refused before it is parsed."""
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "manifest.json").write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
+    (rejection,) = scan(tmp_path)[1]
+    assert "larger than" in rejection.reason
+    with pytest.raises(RefusedFile):
+        read_regular(tmp_path / "big" / "manifest.json", MAX_MANIFEST_BYTES)
 
 
 def test_session_exposes_the_graph_signature(tmp_path: Path) -> None:

@@ -196,3 +196,118 @@ def test_hidden_entries_and_disabled_watching_are_left_alone(
     onnx_models.scale_model(directory / ".hidden.onnx")
     time.sleep(1.0)
     assert agent.agent.manager.names() == []
+
+
+# --- Hostile entries: FIFOs and other non-regular files never block the watcher (issue 12) ---
+
+
+def fifo_manifest(models: Path, scratch: Path) -> str:
+    """A model folder whose manifest.json is a FIFO (reading it would block for good)."""
+    (models / "fifo-manifest").mkdir()
+    os.mkfifo(models / "fifo-manifest" / "manifest.json")
+    return "fifo-manifest"
+
+
+def fifo_variant(models: Path, scratch: Path) -> str:
+    """A model folder with a valid manifest whose variant file is a FIFO."""
+    built = onnx_models.scale_model(scratch / "fp32.onnx")
+    staged = onnx_models.ladder_folder(scratch / "fifo-variant", [("fp32", built)], **SCALE_IO)
+    (staged / "fp32.onnx").unlink()
+    os.mkfifo(staged / "fp32.onnx")
+    os.rename(staged, models / "fifo-variant")
+    return "fifo-variant"
+
+
+def fifo_bare(models: Path, scratch: Path) -> str:
+    """A bare model file that is a FIFO."""
+    os.mkfifo(models / "fifo-bare.onnx")
+    return "fifo-bare.onnx"
+
+
+def link_to_fifo(models: Path, scratch: Path) -> str:
+    """A bare model file that is a symlink to a FIFO inside the model directory."""
+    os.mkfifo(models / ".pipe")
+    os.symlink(models / ".pipe", models / "fifo-link.onnx")
+    return "fifo-link.onnx"
+
+
+def rejections_of(agent: RunningAgent, entry: str) -> list[dict[str, object]]:
+    """model_rejected events about `entry` (by path, or by model name)."""
+    name = entry.removesuffix(".onnx")
+    return [
+        e
+        for e in events_named(agent, "model_rejected")
+        if str(e.get("path", "")).endswith(f"/{entry}") or e.get("model") == name
+    ]
+
+
+@pytest.mark.parametrize("make", [fifo_manifest, fifo_variant, fifo_bare, link_to_fifo])
+def test_a_fifo_entry_is_rejected_once_and_later_pushes_still_load(
+    watched: RunningAgent, tmp_path: Path, make: Callable[[Path, Path], str]
+) -> None:
+    """A FIFO where a manifest or model file should be is rejected with a reason, once; a
+    normal push after it loads, and removing the bad entry works."""
+    models = Path(watched.config.models.dir)
+    entry = make(models, tmp_path / "scratch")
+    wait_until(lambda: bool(rejections_of(watched, entry)))
+    reasons = " ".join(
+        str(e["reason"])
+        for e in events_named(watched, "model_rejected") + events_named(watched, "variant_rejected")
+    )
+    assert "FIFO" in reasons
+    onnx_models.scale_model(models / "after.onnx", factor=3.0)
+    wait_until(lambda: serves(watched, "after"))
+    assert len(rejections_of(watched, entry)) == 1  # the rescan for `after` said nothing again
+    target = models / entry
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    onnx_models.scale_model(models / "later.onnx")
+    wait_until(lambda: serves(watched, "later"))
+    assert len(rejections_of(watched, entry)) == 1
+    assert serves(watched, "scale")
+
+
+def test_a_push_elsewhere_does_not_judge_a_push_still_being_written(
+    watched: RunningAgent, tmp_path: Path
+) -> None:
+    """While one folder is half-copied (manifest there, variant file short), another model
+    pushed meanwhile loads, and the half-copied one is neither rejected nor loaded until
+    its file is whole."""
+    models = Path(watched.config.models.dir)
+    built = onnx_models.scale_model(tmp_path / "build" / "fp32.onnx")
+    staging = onnx_models.ladder_folder(tmp_path / "stage" / "slow", [("fp32", built)], **SCALE_IO)
+    (models / "slow").mkdir()
+    shutil.copyfile(staging / "manifest.json", models / "slow" / "manifest.json")
+    (models / "slow" / "fp32.onnx").write_bytes(built.read_bytes()[:100])
+    for index in range(8):  # keep the slow push unsettled while the other one lands
+        if index == 1:
+            onnx_models.scale_model(models / "other.onnx")
+        with (models / "slow" / "fp32.onnx").open("ab") as f:
+            f.write(b"\0")
+        time.sleep(0.1)
+    wait_until(lambda: serves(watched, "other"))
+    assert not serves(watched, "slow")
+    assert events_named(watched, "variant_rejected") == []
+    assert events_named(watched, "model_rejected") == []
+    shutil.copyfile(built, models / "slow" / "fp32.onnx")
+    wait_until(lambda: serves(watched, "slow"))
+    assert events_named(watched, "variant_rejected") == []
+
+
+def test_a_bad_entry_is_reported_once_and_again_when_it_changes(watched: RunningAgent) -> None:
+    """A folder with an invalid manifest is rejected once however many rescans follow, and
+    again once its manifest is rewritten (still invalid, differently)."""
+    models = Path(watched.config.models.dir)
+    (models / "broken").mkdir()
+    (models / "broken" / "manifest.json").write_text('{"name": "broken"}')
+    wait_until(lambda: len(events_named(watched, "model_rejected")) == 1)
+    for index in range(3):
+        onnx_models.scale_model(models / f"push{index}.onnx")
+        wait_until(lambda i=index: serves(watched, f"push{i}"))
+    assert len(events_named(watched, "model_rejected")) == 1
+    (models / "broken" / "manifest.json").write_text("[]")
+    wait_until(lambda: len(events_named(watched, "model_rejected")) == 2)
+    first, second = (e["reason"] for e in events_named(watched, "model_rejected"))
+    assert first != second

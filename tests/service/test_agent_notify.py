@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent import supervisor
 from agent.broker import MosquittoBroker, free_port
 from agent.errors import ConfigError
 from agent.service import Agent
@@ -38,6 +39,9 @@ class BlockingVariant:
     ) -> list[np.ndarray]:
         self._release.wait(30)
         return self._inner.run(feeds, output_names)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 @pytest.fixture
@@ -69,17 +73,20 @@ def pings_after(sock: NotifySocket, moment: float) -> int:
     return sum(1 for n in sock.with_key("WATCHDOG", "1") if n.at > moment)
 
 
-def test_ready_is_sent_only_once_models_are_loaded_and_the_broker_connected(
+def test_ready_waits_a_moment_for_the_broker_then_comes_saying_it_waits(
     notify_socket: NotifySocket, make_agent: Callable[..., Agent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no broker the agent says it waits (and extends the start timeout); READY follows
-    the broker's arrival, with a STATUS naming every model and its active variant."""
+    """With no broker the agent waits a moment (extending the start timeout), then sends
+    READY anyway with a STATUS saying it waits for the broker, so `systemctl start` returns;
+    once the broker is there STATUS names every model and its active variant."""
+    monkeypatch.setattr(supervisor, "BROKER_WAIT_S", 1.0)
     port = free_port()
-    make_agent(port)
-    notify_socket.wait_for("EXTEND_TIMEOUT_USEC")
-    time.sleep(1.0)
-    assert not notify_socket.with_key("READY")
-    waiting = notify_socket.statuses()[-1]
+    agent = make_agent(port)
+    extended = notify_socket.wait_for("EXTEND_TIMEOUT_USEC")
+    ready = notify_socket.wait_for("READY", "1", timeout=10)
+    assert extended.at < ready.at
+    assert not agent.ready
+    waiting = ready.fields["STATUS"]
     assert "waiting for the broker" in waiting
     assert "digits=fp32" in waiting
     # mosquitto speaks sd_notify too: it must not inherit our socket and say READY itself.
@@ -87,14 +94,29 @@ def test_ready_is_sent_only_once_models_are_loaded_and_the_broker_connected(
     broker = MosquittoBroker(port)
     broker.start()
     try:
-        ready = notify_socket.wait_for("READY", "1", timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            s.startswith("serving") for s in notify_socket.statuses()
+        ):
+            time.sleep(0.05)
     finally:
         broker.stop()
-    status = ready.fields["STATUS"]
+    status = next(s for s in notify_socket.statuses() if s.startswith("serving"))
     assert status.startswith("serving 4 model(s)")
     for model in ("digits=fp32", "scale=default", "picky=default", "pair=default"):
         assert model in status
     assert f"127.0.0.1:{port} connected" in status
+    assert len(notify_socket.with_key("READY", "1")) == 1
+
+
+def test_ready_follows_the_broker_when_it_answers(
+    notify_socket: NotifySocket, make_agent: Callable[..., Agent], broker: MosquittoBroker
+) -> None:
+    """With a broker, READY=1 comes once it has accepted the agent: READY means serving."""
+    agent = make_agent(broker.port)
+    ready = notify_socket.wait_for("READY", "1")
+    assert ready.fields["STATUS"].startswith("serving 4 model(s)")
+    assert agent.ready
 
 
 def test_watchdog_pings_stop_while_a_model_worker_hangs(
@@ -111,7 +133,8 @@ def test_watchdog_pings_stop_while_a_model_worker_hangs(
     watchdog_1s.wait_for("WATCHDOG", "1", after=time.monotonic())
     served = agent.manager.get("scale")
     # A stand-in with the same duck type; mypy does not check tests, this says so anyway.
-    served.active = BlockingVariant(served.active, release)  # type: ignore[assignment]
+    assert served.active is not None
+    served.active.runtime = BlockingVariant(served.active.runtime, release)  # type: ignore[assignment]
     wait_subscribed(probe, agent.config.mqtt.device_topic)
     probe.publish(f"{agent.config.mqtt.device_topic}/infer/scale", scale_request(probe.reply_topic))
 
@@ -209,6 +232,19 @@ def test_a_failed_reload_keeps_serving_and_says_why(
     assert ready.fields["STATUS"].startswith("reload failed")
     assert "mqtt.port = 70000" in ready.fields["STATUS"]
     assert agent.ready
+    # The health check's next lines keep saying so (they used to replace it at once).
+    assert agent.supervisor is not None
+    agent.supervisor.request_reload()  # only to wake the supervisor: it fails again
+    second = notify_socket.wait_for("READY", "1", after=ready.at)
+    later = [
+        n.fields["STATUS"]
+        for n in notify_socket.with_key("STATUS")
+        if n.at >= ready.at and "RELOADING" not in n.fields
+    ]
+    assert later
+    assert all(line.startswith("reload failed") for line in later), later
+    assert "serving 4 model(s)" in later[-1]
+    assert second.fields["STATUS"].startswith("reload failed")
 
 
 def test_stop_announces_stopping(

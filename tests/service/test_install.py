@@ -3,20 +3,27 @@
 
 from __future__ import annotations
 
+import getpass
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.broker import free_port, mosquitto_binary, port_in_use
 from agent.cli import main
 from agent.config import load_config
-from agent.install import render_unit, systemctl_lines
+from agent.install import MOSQUITTO_SNIPPET, render_unit, systemctl_lines
+from agent.mqtt import rtt
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_UNIT = REPO / "systemd" / "edge-agent.service"
+SHIPPED_SNIPPET = REPO / "systemd" / "mosquitto-edge-agent-tuning.conf"
+SNIPPET = "/etc/mosquitto/conf.d/edge-agent-tuning.conf"
 UNIT = "/etc/systemd/system/edge-agent.service"
 PREFIX = "/opt/edge-agent"
 
@@ -32,8 +39,11 @@ def os_layer(root: Path) -> Path:
     for unit in Path("/usr/lib/systemd/system").glob("*"):
         if unit.suffix in (".target", ".slice") and unit.is_file() and not unit.is_symlink():
             shutil.copy(unit, units)
-    (root / "bin").mkdir()
-    shutil.copy("/bin/kill", root / "bin" / "kill")
+    # verify only needs an executable there; a machine without procps has no /bin/kill.
+    kill = root / "bin" / "kill"
+    kill.parent.mkdir()
+    kill.write_text('#!/bin/sh\nexec kill "$@"\n')
+    kill.chmod(0o755)
     return root
 
 
@@ -124,7 +134,8 @@ def test_the_unit_has_the_required_directives() -> None:
         "StartLimitBurst=5",
         "RestartPreventExitStatus=78",
         "DynamicUser=yes",
-        "StateDirectory=edge-agent",
+        "StateDirectory=edge-agent edge-agent/models",
+        "After=network-online.target mosquitto.service",
         "ConfigurationDirectory=edge-agent",
         "ProtectSystem=strict",
         "ProtectHome=yes",
@@ -172,7 +183,9 @@ def test_install_lays_out_config_credentials_state_and_models(root: Path) -> Non
     credentials = root / "etc/edge-agent/credentials"
     assert credentials.stat().st_mode & 0o777 == 0o700
     assert (credentials / "mqtt-password").stat().st_mode & 0o777 == 0o600
-    assert (root / "var/lib/edge-agent/models").is_dir()
+    # systemd makes them at the first start, for the dynamic user (StateDirectory=): a plain
+    # directory made beforehand would be migrated, with a warning in the journal.
+    assert not (root / "var/lib/edge-agent").exists()
 
 
 def test_dry_run_shows_everything_and_writes_nothing(
@@ -246,3 +259,126 @@ def test_the_venv_source_can_be_given_and_is_never_guessed(
     code = main(["install-service", "--root", str(tmp_path), "--prefix", PREFIX, "--dry-run"])
     assert code == 1
     assert "pass --source" in capsys.readouterr().err
+
+
+def test_the_shipped_broker_snippet_is_the_one_install_service_places() -> None:
+    """systemd/mosquitto-edge-agent-tuning.conf is what install-service writes, and it sets
+    what the Nagle trap and mosquitto 2 need (max_packet_size, not message_size_limit)."""
+    assert SHIPPED_SNIPPET.read_text() == MOSQUITTO_SNIPPET
+    settings = [line.split()[0] for line in MOSQUITTO_SNIPPET.splitlines() if line[:1].isalpha()]
+    assert "set_tcp_nodelay" in settings
+    assert "max_packet_size" in settings
+    assert "message_size_limit" not in settings
+
+
+def test_the_broker_snippet_is_placed_only_where_mosquitto_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With /etc/mosquitto/conf.d the snippet is placed (and the broker restart printed),
+    an edited one is kept, --no-broker-config leaves it out; without mosquitto there is
+    a warning instead."""
+    bare = os_layer(tmp_path / "bare")
+    venv_in(bare)
+    out = install(bare, capsys=capsys)
+    assert SNIPPET not in out
+    assert (
+        "no /etc/mosquitto/conf.d" in capsys.readouterr().err
+        or not (bare / SNIPPET.lstrip("/")).exists()
+    )
+
+    skipped = os_layer(tmp_path / "skipped")
+    venv_in(skipped)
+    (skipped / "etc/mosquitto/conf.d").mkdir(parents=True)
+    install(skipped, "--no-broker-config", capsys=capsys)
+    assert not (skipped / SNIPPET.lstrip("/")).exists()
+
+    target = os_layer(tmp_path / "root")
+    venv_in(target)
+    (target / "etc/mosquitto/conf.d").mkdir(parents=True)
+    dry = install(target, "--dry-run", capsys=capsys)
+    assert f"would create  {SNIPPET}" in dry
+    assert not (target / SNIPPET.lstrip("/")).exists()
+    install(target, capsys=capsys)
+    placed = target / SNIPPET.lstrip("/")
+    assert placed.read_text() == MOSQUITTO_SNIPPET
+    assert placed.stat().st_mode & 0o777 == 0o644
+    placed.write_text("set_tcp_nodelay true\n")
+    assert f"kept (yours)  {SNIPPET}" in install(target, capsys=capsys)
+    assert placed.read_text() == "set_tcp_nodelay true\n"
+    assert systemctl_lines(Path("/"), restart_broker=True)[0] == (
+        "systemctl restart mosquitto.service"
+    )
+
+
+def _raw_mosquitto(tmp_path: Path, *lines: str) -> tuple[subprocess.Popen[bytes], int]:
+    """mosquitto on a free loopback port with only `lines` besides the listener, as
+    Debian's default configuration leaves it (no set_tcp_nodelay); it logs to stderr."""
+    binary = mosquitto_binary()
+    assert binary is not None
+    port = free_port()
+    conf = tmp_path / f"mosquitto-{port}.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+        "log_dest stderr\n" + "".join(f"{line}\n" for line in lines)
+    )
+    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        if port_in_use("127.0.0.1", port):
+            return process, port
+        time.sleep(0.02)
+    process.kill()
+    said = process.communicate()[1].decode()
+    raise AssertionError(f"mosquitto did not listen on {port}: {said}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> str:
+    """Stop a mosquitto of `_raw_mosquitto`; what it logged."""
+    process.terminate()
+    return process.communicate(timeout=10)[1].decode()
+
+
+def test_mosquitto_takes_the_snippet_without_a_complaint(tmp_path: Path) -> None:
+    """A real mosquitto loads the snippet from a conf.d (include_dir) and logs no warning
+    or deprecation about it."""
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    (conf_d / "edge-agent-tuning.conf").write_text(MOSQUITTO_SNIPPET)
+    process, _port = _raw_mosquitto(tmp_path, f"include_dir {conf_d}")
+    said = _stop(process)
+    assert "edge-agent-tuning.conf" in said
+    # (As root the tests keep mosquitto root, which it warns about: not the snippet's doing.)
+    lines = [line for line in said.lower().splitlines() if "run as root" not in line]
+    for word in ("warning", "deprecated", "recommended", "error", "unknown"):
+        assert not [line for line in lines if word in line], said
+
+
+def test_the_agent_warns_of_a_slow_broker_and_names_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against mosquitto as Debian ships it (no set_tcp_nodelay) the round-trip probe finds
+    it slow and the warning says how to fix it; with the snippet it is far faster."""
+    plain, plain_port = _raw_mosquitto(tmp_path)
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    (conf_d / "edge-agent-tuning.conf").write_text(MOSQUITTO_SNIPPET)
+    tuned, tuned_port = _raw_mosquitto(tmp_path, f"include_dir {conf_d}")
+    try:
+        slow = rtt.check(_mqtt(plain_port), None)
+        fast = rtt.measure(_mqtt(tuned_port), None)
+    finally:
+        _stop(plain)
+        _stop(tuned)
+    assert slow is not None
+    assert fast is not None
+    assert slow.slow, slow
+    assert fast.median_ms < slow.median_ms / 4, (fast, slow)
+    out = capsys.readouterr().out
+    assert "broker_round_trip_slow" in out
+    assert "set_tcp_nodelay true" in out
+
+
+def _mqtt(port: int) -> Any:
+    return load_config(
+        None, env={}, overrides={"mqtt.port": port, "mqtt.device_id": "rtt-test"}
+    ).mqtt

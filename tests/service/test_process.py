@@ -22,6 +22,7 @@ from agent.broker import MosquittoBroker
 from tests.conftest import Probe
 from tests.service.busy_model import busy_model, busy_request
 from tests.service.conftest import NotifySocket, wait_subscribed
+from tests.stuck_model import ENDLESS, loop_model
 
 # About half a second of work per request on this kind of machine.
 HALF_SECOND = 500_000
@@ -199,3 +200,29 @@ def test_the_agent_serves_with_write_xor_execute_memory_enforced(
     assert reply["outputs"][0]["data"] == [10.0]
     agent.process.send_signal(signal.SIGTERM)
     assert agent.exit_code(timeout=10) == 0
+
+
+def test_sigterm_while_a_load_is_stuck_exits_cleanly(
+    run_agent: Callable[..., AgentProcess],
+    notify_socket: NotifySocket,
+    probe: Probe,
+    tmp_path: Path,
+) -> None:
+    """A model whose warm-up never ends, present at start, is abandoned after
+    models.load_timeout_s: the agent comes online and serves its other model, the health
+    check names the stuck load, and SIGTERM still ends the process with exit code 0."""
+    loop_model(tmp_path / "models" / "endless.onnx", ENDLESS)
+    agent = run_agent(EDGE_AGENT_MODELS__LOAD_TIMEOUT_S="1")
+    wait_subscribed(probe, agent.device_topic, timeout=30)
+    send_busy(probe, agent, count=1, steps=10)
+    (reply,) = replies(probe, within=5)
+    assert reply["outputs"][0]["data"] == [10.0]
+    deadline = time.monotonic() + 10
+    while not any("endless: load stuck" in s for s in notify_socket.statuses()):
+        assert time.monotonic() < deadline, notify_socket.statuses()
+        time.sleep(0.05)
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.exit_code(timeout=20) == 0
+    events = [json.loads(line) for line in agent.log.read_text().splitlines() if line[:1] == "{"]
+    stuck = [e for e in events if e.get("event") == "model_load_stuck"]
+    assert [e["model"] for e in stuck] == ["endless"]

@@ -267,7 +267,7 @@ def test_functions_defined_inside_the_model_are_not_custom_ops(tmp_path: Path) -
     models = tmp_path / "models"
     manager, name = bare(models, local_function_model(models / "fn.onnx"))
     assert name in manager.names()
-    result = manager.get(name).active.run({"x": np.ones((1, 4), dtype=np.float32)})
+    result = manager.get(name).active.runtime.run({"x": np.ones((1, 4), dtype=np.float32)})
     assert result[0].tolist() == [[2.0, 2.0, 2.0, 2.0]]
     manager.close(1)
 
@@ -280,7 +280,7 @@ def test_external_data_inside_the_model_folder_is_served(tmp_path: Path) -> None
     onnx_models.ladder_folder(folder, [("fp32", folder / "fp32.onnx")], **SPEC)
     manager = RecordingManager(models, SupplyPolicy())
     manager.load(read_model(folder, models))
-    result = manager.get("ext").active.run({"x": np.ones((1, 4), dtype=np.float32)})
+    result = manager.get("ext").active.runtime.run({"x": np.ones((1, 4), dtype=np.float32)})
     assert result[0].tolist() == [[1.0, 2.0, 3.0, 4.0]]
     manager.close(1)
 

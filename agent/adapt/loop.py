@@ -1,0 +1,283 @@
+"""The adaptation loop: every interval, gather what was measured, ask the policy, and apply
+its decisions through the model manager (the one owner of variant changes).
+
+It runs on its own thread, so that a swap that takes a while (loading, warming, draining)
+never delays the sampler or the requests. Models without traffic are timed now and then
+on zeros (a probe), so that their latency under today's load is measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from agent.adapt.policy import (
+    Decision,
+    ModelView,
+    PolicyState,
+    RungView,
+    board_signals,
+    decide,
+    in_backoff,
+    objective,
+)
+from agent.adapt.snapshot import ResourceSnapshot
+from agent.config import AdaptConfig
+from agent.errors import EdgeAgentError
+from agent.models import ModelManager, ServedModel
+
+log = structlog.get_logger(__name__)
+
+History = Callable[[], Sequence[ResourceSnapshot]]
+FleetHook = Callable[[str, bool], None]
+"""`hook(model, joined)`: leave (False) or rejoin (True) the model's fleet subscription."""
+
+PROBES_PER_TICK = 4
+
+
+class Adapter:
+    """Runs the policy on the latest figures and carries out what it decides."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        config: AdaptConfig,
+        history: History,
+        *,
+        pinned: Callable[[str], str | None],
+        emit: Callable[..., None],
+        fleet: FleetHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._manager = manager
+        self._config = config
+        self._history = history
+        self._pinned = pinned
+        self._emit = emit
+        self._fleet = fleet
+        self._clock = clock
+        self._state = PolicyState()
+        self._decisions: dict[str, Decision] = {}
+        self._views: dict[str, ModelView] = {}
+        self._shed: set[str] = set()
+        self._last_probe: dict[str, float] = {}
+        self._probe_cursor = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="adapt", daemon=True)
+        self._thread.start()
+        log.info("adapt_started", interval_s=self._config.interval_s)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._config.interval_s):
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any bug in one decision
+                log.exception("adapt_tick_failed")
+
+    # --- One decision round ---
+
+    def tick(self) -> dict[str, Decision]:
+        """Probe idle models, decide, apply; returns the decisions taken."""
+        now = self._clock()
+        self._probe_idle(now)
+        history = self._history()
+        views = [self._view(model) for model in self._manager.served()]
+        decisions, state = decide(history, views, self._config, self._state, self._clock())
+        with self._lock:
+            self._state = state
+            self._decisions = decisions
+            self._views = {v.name: v for v in views}
+        for decision in decisions.values():
+            self._apply(decision)
+        self.ticks += 1
+        return decisions
+
+    def _view(self, model: ServedModel) -> ModelView:
+        cfg = self._config
+        failures = self._manager.failures
+        rungs: list[RungView] = []
+        for index, variant in enumerate(model.ladder):
+            metrics = variant.metrics
+            quality = metrics.accuracy if metrics.accuracy is not None else metrics.fidelity
+            failure = failures.get((model.name, variant.name))
+            rungs.append(
+                RungView(
+                    name=variant.name,
+                    quality=quality if quality is not None else -float(index),
+                    latency_ms=metrics.latency_ms or None,
+                    memory_mb=self._manager.predicted_mb(model.name, variant),
+                    failures=failure.count if failure is not None else 0,
+                    failed_at=failure.last if failure is not None else None,
+                )
+            )
+        declared = cfg.objectives.get(model.name)
+        manifest = model.source.manifest
+        slo = objective(
+            rungs,
+            declared.slo_p95_ms
+            if declared is not None
+            else (manifest.slo_p95_ms if manifest is not None else None),
+            cfg,
+        )
+        active = model.active_name
+        figures = (
+            model.stats.variant_figures(active, cfg.latency_window_s)
+            if active is not None
+            else None
+        )
+        swap = model.last_swap
+        return ModelView(
+            name=model.name,
+            rungs=tuple(rungs),
+            active=active,
+            slo_p95_ms=slo,
+            observed_p95_ms=figures.p95_ms if figures is not None else None,
+            observed_infer_p95_ms=figures.infer_p95_ms if figures is not None else None,
+            observed_count=figures.count if figures is not None else 0,
+            pinned=self._pinned(model.name),
+            fleet=self._fleet is not None,
+            last_swap_at=swap.at if swap is not None else None,
+        )
+
+    def _probe_idle(self, now: float) -> None:
+        """Time a few models that have had too little traffic to judge them by."""
+        cfg = self._config
+        served = [m for m in self._manager.served() if len(m.ladder) > 1]
+        if not served:
+            return
+        probed = 0
+        for offset in range(len(served)):
+            model = served[(self._probe_cursor + offset) % len(served)]
+            if probed >= PROBES_PER_TICK:
+                break
+            active = model.active_name
+            if (
+                active is None
+                or now - self._last_probe.get(model.name, -1e9) < cfg.probe_interval_s
+            ):
+                continue
+            recent = model.stats.variant_figures(active, cfg.latency_window_s, now)
+            if recent.count - recent.probes >= cfg.min_samples:
+                continue  # real traffic says enough
+            self._last_probe[model.name] = now
+            self._manager.probe(model.name)
+            probed += 1
+        self._probe_cursor += 1
+
+    def _apply(self, decision: Decision) -> None:
+        self._fleet_membership(decision)
+        if not decision.swap or decision.desired is None:
+            return
+        try:
+            model = self._manager.get(decision.model)
+        except EdgeAgentError:
+            return  # unloaded meanwhile
+        target = next((v for v in model.ladder if v.name == decision.desired), None)
+        failure = self._manager.failures.get((decision.model, decision.desired))
+        if target is None:
+            return
+        if failure is not None:
+            rung = RungView(target.name, 0.0, None, None, failure.count, failure.last)
+            if in_backoff(rung, self._config, self._clock()):
+                return
+        figures = {
+            "explanation": decision.explanation,
+            **decision.figures,
+            "predicted_p95_ms": {
+                k: (None if v is None else round(v, 3))
+                for k, v in decision.predicted_p95_ms.items()
+            },
+        }
+        try:
+            self._manager.switch(decision.model, decision.desired, decision.reason, figures)
+        except EdgeAgentError as exc:
+            log.warning(
+                "adapt_swap_failed", model=decision.model, to=decision.desired, error=str(exc)
+            )
+
+    def _fleet_membership(self, decision: Decision) -> None:
+        if self._fleet is None:
+            return
+        name = decision.model
+        if decision.shed_fleet and name not in self._shed:
+            self._shed.add(name)
+            self._fleet(name, False)
+            self._emit(
+                "fleet_left",
+                model=name,
+                reason=decision.explanation,
+                figures=decision.figures,
+            )
+        elif not decision.shed_fleet and name in self._shed:
+            self._shed.discard(name)
+            self._fleet(name, True)
+            self._emit("fleet_rejoined", model=name, reason=decision.explanation)
+
+    # --- What the control topic and the metrics show ---
+
+    def view(self) -> dict[str, Any]:
+        """The policy's view per model: active and desired variant, why, the figures, the
+        time since the last swap and each variant's predicted p95."""
+        with self._lock:
+            decisions = dict(self._decisions)
+            views = dict(self._views)
+        history = self._history()
+        board = board_signals(history, self._config, self._clock())
+        models: dict[str, Any] = {}
+        now = self._clock()
+        for name, decision in sorted(decisions.items()):
+            view = views.get(name)
+            body = decision.as_dict()
+            try:  # live, not as of the last decision: a swap may have followed it
+                body["active"] = self._manager.get(name).active_name
+            except EdgeAgentError:
+                continue  # unloaded since
+            if view is not None:
+                body["slo_p95_ms"] = view.slo_p95_ms
+                body["pinned"] = view.pinned
+                body["since_swap_s"] = (
+                    round(now - view.last_swap_at, 1) if view.last_swap_at is not None else None
+                )
+                body["variants"] = [
+                    {
+                        "name": r.name,
+                        "quality": r.quality,
+                        "latency_ms": r.latency_ms,
+                        "memory_mb": None if r.memory_mb is None else round(r.memory_mb, 1),
+                        "predicted_p95_ms": body["predicted_p95_ms"].get(r.name),
+                        "in_backoff": in_backoff(r, self._config, now),
+                    }
+                    for r in view.rungs
+                ]
+            body["fleet_shed"] = name in self._shed
+            models[name] = body
+        return {
+            "enabled": True,
+            "ticks": self.ticks,
+            "board": {
+                "cpu_contended": board.cpu_contended,
+                "memory_short": board.memory_short,
+                "thermal": board.thermal,
+                **board.figures,
+            },
+            "models": models,
+        }
+
+    def reason(self, model: str) -> str | None:
+        with self._lock:
+            decision = self._decisions.get(model)
+        return decision.explanation if decision is not None else None

@@ -1,0 +1,554 @@
+"""The swap policy: a pure function from what was measured to the variant each model should
+serve, with the reasons.
+
+    decide(history, models, config, state, now) -> (decisions, new state)
+
+It chooses by measured figures, never by position in the ladder:
+- latency (or CPU) pressure: the most accurate variant predicted to meet the model's
+  objective, the prediction scaling the active variant's observed p95 by each variant's
+  measured latency; only variants measured cheaper in latency are candidates;
+- memory pressure: across all models, the moves that lose the least accuracy per MB freed,
+  until the headroom is back; only variants measured lighter in memory are candidates;
+- thermal pressure: one step to a variant measured cheaper in latency.
+Down fast (pressure held `down_after_s`, skipping rungs when the prediction says so), up slow
+(calm held `up_after_s`, one rung at a time, `cooldown_s` after any swap). Pins always win;
+a variant that failed to load waits out a backoff.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agent.adapt.snapshot import ResourceSnapshot
+from agent.config import AdaptConfig
+
+Predicate = Callable[[ResourceSnapshot], bool]
+
+DEFAULT_TRIP_C = 80.0
+MAX_BACKOFF_DOUBLINGS = 6
+
+
+@dataclass(frozen=True)
+class RungView:
+    """One variant of a ladder as the policy sees it: what it is worth and what it costs."""
+
+    name: str
+    quality: float
+    """Accuracy on labels, else fidelity, else minus its ladder position."""
+    latency_ms: float | None
+    """Measured latency at batch 1 (the manifest's); None: not a candidate for CPU relief."""
+    memory_mb: float | None
+    """Resident memory it adds (measured by the agent, else the manifest's); None: not a
+    candidate for memory relief."""
+    failures: int = 0
+    failed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One served model at decision time."""
+
+    name: str
+    rungs: tuple[RungView, ...]  # quality order, richest first
+    active: str | None
+    slo_p95_ms: float | None
+    observed_p95_ms: float | None = None
+    """The active variant's p95 in the agent over the latency window."""
+    observed_infer_p95_ms: float | None = None
+    observed_count: int = 0
+    pinned: str | None = None
+    fleet: bool = False
+    last_swap_at: float | None = None
+
+    def rung(self, name: str | None) -> RungView | None:
+        return next((r for r in self.rungs if r.name == name), None)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What the policy remembers of one model between decisions."""
+
+    over_since: float | None = None
+    """Since when the observed p95 has been over the objective (continuously)."""
+    calm_since: float | None = None
+    """Since when the model has been within its objective with margin."""
+    shedding: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    models: Mapping[str, ModelState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy wants for one model, and why."""
+
+    model: str
+    active: str | None
+    desired: str | None
+    reason: str
+    """One word: pinned, latency, cpu, memory, thermal, calm, hold, disabled, unknown."""
+    explanation: str
+    figures: dict[str, Any]
+    predicted_p95_ms: dict[str, float | None]
+    shed_fleet: bool = False
+
+    @property
+    def swap(self) -> bool:
+        return self.desired is not None and self.desired != self.active
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "desired": self.desired,
+            "reason": self.reason,
+            "explanation": self.explanation,
+            "figures": self.figures,
+            "predicted_p95_ms": {
+                k: (None if v is None else round(v, 3)) for k, v in self.predicted_p95_ms.items()
+            },
+            "shed_fleet": self.shed_fleet,
+        }
+
+
+@dataclass(frozen=True)
+class BoardSignals:
+    """The board's state over the recent history, as the rules read it."""
+
+    cpu_contended: bool
+    cpu_calm: bool
+    memory_short: bool
+    memory_calm: bool
+    thermal: bool
+    thermal_calm: bool
+    headroom_mb: float | None
+    figures: dict[str, Any]
+
+
+def objective(
+    view_rungs: Sequence[RungView], declared: float | None, cfg: AdaptConfig
+) -> float | None:
+    """The model's p95 objective: declared, else derived from its richest measured rung."""
+    if declared is not None:
+        return declared
+    richest = view_rungs[0].latency_ms if view_rungs else None
+    if richest is None:
+        return None
+    return max(cfg.slo_min_ms, cfg.slo_factor * richest)
+
+
+def board_signals(
+    history: Sequence[ResourceSnapshot], cfg: AdaptConfig, now: float
+) -> BoardSignals:
+    """Read the pressure signals from the history: held ones for going down, calm over a
+    whole window for going up."""
+    if not history:
+        return BoardSignals(False, True, False, True, False, True, None, {})
+    latest = history[-1]
+    trip = cfg.temperature_c
+    if trip is None:
+        trip = (
+            latest.cpu_temperature_max_c - 5.0
+            if latest.cpu_temperature_max_c is not None
+            else DEFAULT_TRIP_C
+        )
+
+    def contended(s: ResourceSnapshot) -> bool:
+        return _cpu_contended(s, cfg)
+
+    def short(s: ResourceSnapshot) -> bool:
+        return _memory_short(s, cfg)
+
+    def hot(s: ResourceSnapshot) -> bool:
+        return s.cpu_temperature_c is not None and s.cpu_temperature_c >= trip
+
+    def roomy(s: ResourceSnapshot) -> bool:
+        return s.memory_headroom_mb >= cfg.memory_calm_mb and not short(s)
+
+    down = cfg.down_after_s
+    up = cfg.up_after_s
+    figures: dict[str, Any] = {
+        "system_cpu_percent": round(latest.system_cpu_percent, 1),
+        "others_cpu_percent": round(_others_cpu(latest), 1),
+        "memory_headroom_mb": round(latest.memory_headroom_mb, 1),
+    }
+    for name in (
+        "psi_cpu_some_avg10",
+        "psi_memory_some_avg10",
+        "cgroup_cpu_throttled_ratio",
+        "cgroup_memory_events",
+        "cpu_temperature_c",
+        "cpu_freq_mhz",
+    ):
+        value = getattr(latest, name)
+        if value is not None:
+            figures[name] = round(value, 3) if isinstance(value, float) else value
+    return BoardSignals(
+        cpu_contended=held(history, contended, down, now),
+        cpu_calm=throughout(history, lambda s: not contended(s), up, now),
+        memory_short=held(history, short, down, now),
+        memory_calm=throughout(history, roomy, up, now),
+        thermal=held(history, hot, down, now),
+        thermal_calm=throughout(history, lambda s: not hot(s), up, now),
+        headroom_mb=latest.memory_headroom_mb,
+        figures=figures,
+    )
+
+
+def held(history: Sequence[ResourceSnapshot], pred: Predicate, window: float, now: float) -> bool:
+    """`pred` true for the latest sample and for at least 80% of those in the last
+    `window` seconds, the history covering that window: a spike or a signal oscillating
+    around its threshold does not count as held."""
+    if not history or not pred(history[-1]):
+        return False
+    recent = [s for s in history if now - s.monotonic <= window]
+    if window > 0 and now - history[0].monotonic < window:
+        return False  # not watched for long enough yet
+    if not recent:
+        return True
+    return sum(1 for s in recent if pred(s)) >= 0.8 * len(recent)
+
+
+def throughout(
+    history: Sequence[ResourceSnapshot], pred: Predicate, window: float, now: float
+) -> bool:
+    """`pred` true for every sample of the last `window` seconds, the history covering it."""
+    if not history:
+        return True
+    if now - history[0].monotonic < window:
+        return False
+    return all(pred(s) for s in history if now - s.monotonic <= window)
+
+
+def _others_cpu(s: ResourceSnapshot) -> float:
+    """CPU taken by everything but the agent, in percent of all cores."""
+    own = s.process_cpu_percent / max(1, s.cpu_count)
+    return max(0.0, s.system_cpu_percent - own)
+
+
+def _cpu_contended(s: ResourceSnapshot, cfg: AdaptConfig) -> bool:
+    if (
+        s.cgroup_cpu_throttled_ratio is not None
+        and s.cgroup_cpu_throttled_ratio >= cfg.throttled_ratio
+    ):
+        return True
+    if s.psi_cpu_some_avg10 is not None and s.psi_cpu_some_avg10 >= cfg.psi_cpu_some:
+        return True
+    return _others_cpu(s) >= cfg.cpu_busy_percent
+
+
+def _memory_short(s: ResourceSnapshot, cfg: AdaptConfig) -> bool:
+    if s.memory_headroom_mb < cfg.memory_low_mb:
+        return True
+    if s.cgroup_memory_events:
+        return True
+    return s.psi_memory_some_avg10 is not None and s.psi_memory_some_avg10 >= cfg.psi_memory_some
+
+
+def in_backoff(rung: RungView, cfg: AdaptConfig, now: float) -> bool:
+    """A variant that failed to load waits `retry_after_s`, doubled for each failure."""
+    if rung.failed_at is None or rung.failures <= 0:
+        return False
+    wait = cfg.retry_after_s * float(2 ** min(rung.failures - 1, MAX_BACKOFF_DOUBLINGS))
+    return now - rung.failed_at < wait
+
+
+def predict(view: ModelView) -> dict[str, float | None]:
+    """Each rung's p95 under today's conditions: the part of the active variant's observed
+    p95 spent computing, scaled by the rung's measured latency, plus the part that is not
+    (queueing, scheduling) as it is. None where a figure is missing."""
+    active = view.rung(view.active)
+    out: dict[str, float | None] = {r.name: None for r in view.rungs}
+    if (
+        active is None
+        or active.latency_ms is None
+        or active.latency_ms <= 0
+        or view.observed_p95_ms is None
+    ):
+        return out
+    compute = view.observed_infer_p95_ms
+    if compute is None or compute > view.observed_p95_ms:
+        compute = view.observed_p95_ms
+    overhead = view.observed_p95_ms - compute
+    for rung in view.rungs:
+        if rung.latency_ms is not None:
+            out[rung.name] = overhead + compute * rung.latency_ms / active.latency_ms
+    return out
+
+
+def decide(
+    history: Sequence[ResourceSnapshot],
+    models: Sequence[ModelView],
+    cfg: AdaptConfig,
+    state: PolicyState,
+    now: float,
+) -> tuple[dict[str, Decision], PolicyState]:
+    """The desired variant of every model, with reasons, and the policy's new state."""
+    board = board_signals(history, cfg, now)
+    decisions: dict[str, Decision] = {}
+    states: dict[str, ModelState] = {}
+    for view in models:
+        previous = state.models.get(view.name, ModelState())
+        decision, states[view.name] = _decide_model(view, board, cfg, previous, now)
+        decisions[view.name] = decision
+    if board.memory_short:
+        decisions = _relieve_memory(models, decisions, board, cfg, now)
+    return decisions, PolicyState(states)
+
+
+@dataclass
+class _Context:
+    """Everything one model's rules read, gathered once."""
+
+    view: ModelView
+    board: BoardSignals
+    cfg: AdaptConfig
+    now: float
+    active: RungView
+    usable: list[RungView]
+    predicted: dict[str, float | None]
+    figures: dict[str, Any]
+    observed: float | None
+    since_swap: float
+
+    def decision(self, desired: str | None, reason: str, why: str, shed: bool = False) -> Decision:
+        view = self.view
+        return Decision(
+            view.name, view.active, desired, reason, why, self.figures, self.predicted, shed
+        )
+
+    def cheaper_in_latency(self) -> list[RungView]:
+        base = self.active.latency_ms
+        if base is None:
+            return []
+        return [r for r in self.usable if r.latency_ms is not None and r.latency_ms < base]
+
+
+def _track(view: ModelView, cfg: AdaptConfig, previous: ModelState, now: float) -> ModelState:
+    """Update since when the model has been over its objective, or calm."""
+    slo = view.slo_p95_ms
+    observed = view.observed_p95_ms if view.observed_count >= cfg.min_samples else None
+    over = observed is not None and slo is not None and observed > slo
+    calm_now = observed is None or slo is None or observed <= slo * cfg.up_margin
+    # A swap starts the variant's observations afresh: so does the policy's memory of them.
+    swapped_since = (
+        view.last_swap_at is not None
+        and previous.over_since is not None
+        and view.last_swap_at > previous.over_since
+    )
+    over_since = None
+    if over:
+        over_since = previous.over_since if not swapped_since else None
+        over_since = now if over_since is None else over_since
+    calm_since = (previous.calm_since or now) if calm_now and not over else None
+    if view.last_swap_at is not None and calm_since is not None:
+        calm_since = max(calm_since, view.last_swap_at)
+    return ModelState(over_since, calm_since, previous.shedding)
+
+
+def _decide_model(
+    view: ModelView, board: BoardSignals, cfg: AdaptConfig, previous: ModelState, now: float
+) -> tuple[Decision, ModelState]:
+    predicted = predict(view)
+    observed = view.observed_p95_ms if view.observed_count >= cfg.min_samples else None
+    since_swap = now - view.last_swap_at if view.last_swap_at is not None else math.inf
+    figures: dict[str, Any] = {
+        **board.figures,
+        "slo_p95_ms": _r(view.slo_p95_ms),
+        "observed_p95_ms": _r(view.observed_p95_ms),
+        "observed_infer_p95_ms": _r(view.observed_infer_p95_ms),
+        "observed_count": view.observed_count,
+        "since_swap_s": None if math.isinf(since_swap) else round(since_swap, 1),
+    }
+    state = _track(view, cfg, previous, now)
+    if view.pinned is not None:
+        why = f"pinned to {view.pinned} over the control topic"
+        pinned = Decision(view.name, view.active, view.pinned, "pinned", why, figures, predicted)
+        return pinned, replace(state, shedding=False)
+    active = view.rung(view.active)
+    if active is None:
+        why = "the active variant is not in the ladder"
+        return Decision(
+            view.name, view.active, view.active, "unknown", why, figures, predicted
+        ), state
+    usable = [r for r in view.rungs if not in_backoff(r, cfg, now)]
+    if board.memory_short and active.memory_mb is not None:
+        # Memory is short too: relieving the CPU must not take more of it.
+        limit = active.memory_mb
+        usable = [r for r in usable if r.memory_mb is not None and r.memory_mb <= limit]
+    ctx = _Context(view, board, cfg, now, active, usable, predicted, figures, observed, since_swap)
+    if state.over_since is not None and now - state.over_since >= cfg.down_after_s:
+        return _step_down(ctx, state, state.over_since)
+    if board.thermal:
+        return _cool_down(ctx), state
+    if state.over_since is not None:
+        assert observed is not None and view.slo_p95_ms is not None
+        why = (
+            f"p95 {observed:.2f} ms over the objective {view.slo_p95_ms:.2f} ms; "
+            "waiting for it to hold"
+        )
+        return ctx.decision(view.active, "hold", why, state.shedding), state
+    return _step_up(ctx, state)
+
+
+def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Decision, ModelState]:
+    """Over the objective long enough: the most accurate variant predicted to meet it."""
+    view, cfg, predicted = ctx.view, ctx.cfg, ctx.predicted
+    slo, observed = view.slo_p95_ms, ctx.observed
+    assert slo is not None and observed is not None
+    cause = "cpu" if ctx.board.cpu_contended else "latency"
+    over_for = ctx.now - over_since
+    cheaper = ctx.cheaper_in_latency()
+    meets = [
+        r
+        for r in cheaper
+        if (p := predicted.get(r.name)) is not None and p <= slo * cfg.down_margin
+    ]
+    if meets:
+        best = max(meets, key=lambda r: r.quality)
+        why = (
+            f"p95 {observed:.2f} ms over the objective {slo:.2f} ms for {over_for:.0f} s; "
+            f"{best.name} is predicted at {predicted[best.name]:.2f} ms"
+        )
+        return ctx.decision(best.name, cause, why), replace(state, shedding=False)
+    # Nothing meets it: the lightest, if it helps enough; and give fleet traffic away.
+    shed = view.fleet and cfg.fleet_shed
+    lightest = min(cheaper, key=lambda r: r.latency_ms or math.inf, default=None)
+    if lightest is not None:
+        p = predicted.get(lightest.name)
+        if p is not None and p <= observed * (1.0 - cfg.min_gain):
+            why = (
+                f"p95 {observed:.2f} ms over the objective {slo:.2f} ms; no variant is "
+                f"predicted to meet it, the lightest {lightest.name} comes closest ({p:.2f} ms)"
+            )
+            return ctx.decision(lightest.name, cause, why, shed), replace(state, shedding=shed)
+    why = (
+        f"p95 {observed:.2f} ms over the objective {slo:.2f} ms and no lighter variant "
+        "is predicted to help" + ("; leaving the fleet subscription" if shed else "")
+    )
+    return ctx.decision(view.active, cause, why, shed), replace(state, shedding=shed)
+
+
+def _cool_down(ctx: _Context) -> Decision:
+    """Thermal pressure: one step to the most accurate variant cheaper in compute."""
+    cheaper = sorted(ctx.cheaper_in_latency(), key=lambda r: -r.quality)
+    if cheaper and ctx.since_swap >= ctx.cfg.down_after_s:
+        why = f"CPU at {ctx.board.figures.get('cpu_temperature_c')} °C: one step cheaper"
+        return ctx.decision(cheaper[0].name, "thermal", why)
+    return ctx.decision(ctx.view.active, "thermal", "hot; nothing cheaper to step to yet")
+
+
+def _step_up(ctx: _Context, state: ModelState) -> tuple[Decision, ModelState]:
+    """Calm long enough, cooled down: one rung richer, if predicted to fit."""
+    view, cfg, board, now = ctx.view, ctx.cfg, ctx.board, ctx.now
+    calm_for = now - state.calm_since if state.calm_since is not None else 0.0
+    board_calm = board.cpu_calm and board.thermal_calm and not board.memory_short
+    shedding = state.shedding
+    if shedding and calm_for >= cfg.up_after_s and board_calm:
+        shedding = False
+        state = replace(state, shedding=False)
+    richer = view.rungs[: view.rungs.index(ctx.active)]
+    candidate = next((r for r in reversed(richer) if not in_backoff(r, cfg, now)), None)
+    if candidate is None:
+        why = "serving the richest usable variant"
+        return ctx.decision(view.active, "calm", why, shedding), state
+    since = 0.0 if math.isinf(ctx.since_swap) else ctx.since_swap
+    if not board_calm:
+        why = "the board is not calm yet"
+    elif calm_for < cfg.up_after_s or ctx.since_swap < cfg.cooldown_s:
+        why = f"calm for {calm_for:.0f} s of {cfg.up_after_s:g}; {since:.0f} s since the last swap"
+    elif (p := ctx.predicted.get(candidate.name)) is not None and (
+        view.slo_p95_ms is not None and p > view.slo_p95_ms * cfg.up_margin
+    ):
+        why = (
+            f"{candidate.name} is predicted at {p:.2f} ms, over {cfg.up_margin:g} of the objective"
+        )
+    elif not _fits(candidate, ctx.active, board, cfg):
+        why = f"{candidate.name} would not leave {cfg.memory_calm_mb:g} MB of headroom"
+    else:
+        why = f"calm for {calm_for:.0f} s: one step up to {candidate.name}"
+        return ctx.decision(candidate.name, "calm", why, shedding), replace(state, calm_since=None)
+    return ctx.decision(view.active, "hold", why, shedding), state
+
+
+def _fits(candidate: RungView, active: RungView, board: BoardSignals, cfg: AdaptConfig) -> bool:
+    if board.headroom_mb is None or candidate.memory_mb is None or active.memory_mb is None:
+        return True
+    extra = max(0.0, candidate.memory_mb - active.memory_mb)
+    return board.headroom_mb - extra * 1.25 >= cfg.memory_calm_mb
+
+
+def _memory_moves(
+    models: Sequence[ModelView], decisions: Mapping[str, Decision], cfg: AdaptConfig, now: float
+) -> list[tuple[float, str, RungView, float]]:
+    """Every swap that frees memory: (quality lost per MB freed, model, rung, MB freed)."""
+    moves: list[tuple[float, str, RungView, float]] = []
+    for view in models:
+        if view.pinned is not None:
+            continue
+        if view.last_swap_at is not None and now - view.last_swap_at < cfg.down_after_s:
+            continue  # what the last swap freed may not show in the figures yet
+        current = view.rung(decisions[view.name].desired) or view.rung(view.active)
+        active = view.rung(view.active)
+        if current is None or active is None or active.memory_mb is None:
+            continue
+        for rung in view.rungs:
+            if rung.memory_mb is None or in_backoff(rung, cfg, now):
+                continue
+            freed = active.memory_mb - rung.memory_mb
+            # Only lighter in memory; and never heavier than a CPU decision already taken.
+            if freed <= 0 or (current.memory_mb is not None and rung.memory_mb > current.memory_mb):
+                continue
+            loss = max(0.0, active.quality - rung.quality)
+            moves.append((loss / freed, view.name, rung, freed))
+    return moves
+
+
+def _relieve_memory(
+    models: Sequence[ModelView],
+    decisions: dict[str, Decision],
+    board: BoardSignals,
+    cfg: AdaptConfig,
+    now: float,
+) -> dict[str, Decision]:
+    """Free memory across models: the moves losing the least quality per MB freed first,
+    until the headroom is back above memory_calm_mb."""
+    headroom = board.headroom_mb or 0.0
+    needed = cfg.memory_calm_mb - headroom
+    moves = _memory_moves(models, decisions, cfg, now)
+    moves.sort(key=lambda m: (m[0], -m[3]))
+    chosen: dict[str, tuple[RungView, float]] = {}
+    freed_total = 0.0
+    for _ratio, name, rung, freed in moves:
+        if freed_total >= needed:
+            break
+        had = chosen.get(name)
+        if had is not None:
+            if freed <= had[1]:
+                continue
+            freed_total -= had[1]
+        chosen[name] = (rung, freed)
+        freed_total += freed
+    out = dict(decisions)
+    for name, (rung, freed) in chosen.items():
+        before = decisions[name]
+        why = (
+            f"memory headroom {headroom:.0f} MB below {cfg.memory_low_mb:g} MB; "
+            f"{rung.name} frees about {freed:.0f} MB"
+        )
+        out[name] = replace(
+            before,
+            desired=rung.name,
+            reason="memory",
+            explanation=why,
+            figures={**before.figures, "needed_mb": round(needed, 1), "freed_mb": round(freed, 1)},
+        )
+    return out
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -1,0 +1,293 @@
+"""The adapting agent end to end over a real broker: scripted resource figures (a fake
+source, so the policy is driven deterministically) move a real ladder down and back up,
+and every step is an event, in the retained status and in control/adapt."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.adapt.monitor import FakeSource, calm_snapshot
+from agent.adapt.snapshot import ResourceSnapshot
+from agent.broker import MosquittoBroker
+from agent.service import Agent
+from tests import onnx_models
+from tests.conftest import Probe, agent_config
+
+SIGNATURE = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+}
+# name, factor, accuracy, latency_ms, peak_rss_mb: a ladder that differs in memory.
+RUNGS = [
+    ("big", 2.0, 0.98, 0.05, 100.0),
+    ("mid", 3.0, 0.97, 0.04, 50.0),
+    ("small", 5.0, 0.90, 0.03, 10.0),
+]
+FAST = {
+    "interval_s": 0.1,
+    "down_after_s": 0.4,
+    "up_after_s": 1.0,
+    "cooldown_s": 0.3,
+    "memory_low_mb": 64.0,
+    "memory_calm_mb": 128.0,
+    "probe_interval_s": 0.2,
+}
+
+
+def ladder(models: Path, name: str = "lad") -> Path:
+    build = models.parent / "build"
+    variants = [
+        (rung, onnx_models.scale_model(build / f"{rung}.onnx", factor=factor))
+        for rung, factor, *_ in RUNGS
+    ]
+    folder = onnx_models.ladder_folder(models / name, variants, **SIGNATURE)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry, (_, _, accuracy, latency, memory) in zip(manifest["variants"], RUNGS, strict=True):
+        entry["metrics"] = {"accuracy": accuracy, "latency_ms": latency, "peak_rss_mb": memory}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+class Board:
+    """Memory headroom the test sets; every other figure calm."""
+
+    def __init__(self) -> None:
+        self.headroom = 4000.0
+
+    def __call__(self, now: float) -> ResourceSnapshot:
+        return calm_snapshot(now, memory_available_mb=self.headroom)
+
+
+@pytest.fixture
+def adapting(broker: MosquittoBroker, tmp_path: Path) -> Iterator[tuple[Agent, Board]]:
+    models = tmp_path / "models"
+    models.mkdir()
+    ladder(models)
+    board = Board()
+    config = agent_config(broker.port, models, adapt=FAST)
+    agent = Agent(config, resources=FakeSource(board))
+    agent.start()
+    assert agent.frontend is not None and agent.frontend.wait_connected(10)
+    yield agent, board
+    agent.request_stop()
+    agent.stop(drain_timeout=10)
+
+
+def swaps(probe: Probe, until: float) -> list[dict[str, Any]]:
+    """variant_swapped events until the monotonic time `until`."""
+    seen = []
+    while time.monotonic() < until:
+        try:
+            msg = probe.expect(timeout=max(0.05, until - time.monotonic()))
+        except AssertionError:
+            break
+        if msg.topic.endswith("/events"):
+            event = json.loads(msg.payload)
+            if event["event"] == "variant_swapped":
+                seen.append(event)
+    return seen
+
+
+def wait_for_swap(probe: Probe, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = probe.expect(timeout=deadline - time.monotonic())
+        if msg.topic.endswith("/events"):
+            event = json.loads(msg.payload)
+            if event["event"] == "variant_swapped":
+                return event
+    raise AssertionError("no variant_swapped event")
+
+
+def control(probe: Probe, topic: str, command: str, body: dict[str, Any]) -> dict[str, Any]:
+    reply = probe.request(f"{topic}/control/{command}", json.dumps(body))
+    result: dict[str, Any] = json.loads(reply.payload)
+    return result
+
+
+def infer(probe: Probe, topic: str) -> dict[str, Any]:
+    payload = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+    reply = probe.request(f"{topic}/infer/lad", json.dumps(payload))
+    result: dict[str, Any] = json.loads(reply.payload)
+    return result
+
+
+def test_memory_pressure_steps_down_by_measured_memory_and_calm_climbs_back(
+    adapting: tuple[Agent, Board], probe: Probe, broker: MosquittoBroker
+) -> None:
+    """Headroom falls to 20 MB: the model steps down to the variant that frees enough
+    (event, status and control/adapt say why); back at 4 GB it climbs one rung at a time
+    to the richest, and requests are answered by whichever variant is active."""
+    agent, board = adapting
+    topic = agent.config.mqtt.device_topic
+    probe.subscribe(f"{topic}/events")
+    assert infer(probe, topic)["model_version"] == "big"
+
+    board.headroom = 20.0
+    down = wait_for_swap(probe)
+    assert down["from"] == "big" and down["to"] == "small" and down["reason"] == "memory"
+    assert "headroom" in down["figures"]["explanation"]
+    assert down["figures"]["memory_headroom_mb"] == 20.0
+    assert infer(probe, topic)["model_version"] == "small"
+
+    view = control(probe, topic, "adapt", {"model": "lad"})
+    assert view["board"]["memory_short"] is True
+    lad = view["models"]["lad"]
+    assert lad["active"] == "small" and lad["reason"] in ("memory", "hold")
+    assert [v["name"] for v in lad["variants"]] == ["big", "mid", "small"]
+
+    status = json.loads(retained_status(broker, topic))
+    assert status["models"]["lad"]["active"] == "small"
+    assert status["models"]["lad"]["reason"] == "memory"
+
+    board.headroom = 4000.0
+    ups = [wait_for_swap(probe), wait_for_swap(probe)]
+    assert [(u["from"], u["to"], u["reason"]) for u in ups] == [
+        ("small", "mid", "calm"),
+        ("mid", "big", "calm"),
+    ]
+    assert infer(probe, topic)["model_version"] == "big"
+    assert swaps(probe, time.monotonic() + 1.5) == [], "no further swap once calm at the top"
+
+
+def retained_status(broker: MosquittoBroker, topic: str) -> bytes:
+    """The retained status, read by a fresh subscription."""
+    reader = Probe(broker.port)
+    try:
+        reader.subscribe(f"{topic}/status")
+        return bytes(reader.expect(f"{topic}/status").payload)
+    finally:
+        reader.close()
+
+
+def test_a_pin_beats_the_policy_and_unpin_hands_back(
+    adapting: tuple[Agent, Board], probe: Probe
+) -> None:
+    """Pinned to big, the model stays there under memory pressure; after unpin the policy
+    steps it down."""
+    agent, board = adapting
+    topic = agent.config.mqtt.device_topic
+    probe.subscribe(f"{topic}/events")
+    assert control(probe, topic, "pin", {"model": "lad", "variant": "big"})["active"] == "big"
+    board.headroom = 20.0
+    assert swaps(probe, time.monotonic() + 1.5) == []
+    view = control(probe, topic, "adapt", {})
+    assert view["models"]["lad"]["reason"] == "pinned"
+    control(probe, topic, "unpin", {"model": "lad"})
+    assert wait_for_swap(probe)["reason"] == "memory"
+
+
+def test_with_adapt_disabled_nothing_moves(
+    broker: MosquittoBroker, tmp_path: Path, probe: Probe
+) -> None:
+    """adapt.enabled = false gives the agent of old: no policy, control/adapt says so."""
+    models = tmp_path / "models"
+    models.mkdir()
+    ladder(models)
+    board = Board()
+    board.headroom = 5.0
+    config = agent_config(broker.port, models, adapt={**FAST, "enabled": False})
+    agent = Agent(config, resources=FakeSource(board))
+    agent.start()
+    try:
+        assert agent.frontend is not None and agent.frontend.wait_connected(10)
+        topic = config.mqtt.device_topic
+        probe.subscribe(f"{topic}/events")
+        assert swaps(probe, time.monotonic() + 1.5) == []
+        assert control(probe, topic, "adapt", {}) == {"enabled": False, "models": {}}
+    finally:
+        agent.request_stop()
+        agent.stop(drain_timeout=10)
+
+
+def test_policy_swaps_are_not_the_next_boots_starting_variant(
+    broker: MosquittoBroker, tmp_path: Path, probe: Probe
+) -> None:
+    """A step down by the policy is not recorded as last known good: after a restart the
+    model starts on its richest variant again (a pin would be kept)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    ladder(models)
+    state = tmp_path / "state"
+    board = Board()
+    config = agent_config(broker.port, models, adapt=FAST, state={"dir": state})
+    agent = Agent(config, resources=FakeSource(board))
+    agent.start()
+    try:
+        assert agent.frontend is not None and agent.frontend.wait_connected(10)
+        probe.subscribe(f"{config.mqtt.device_topic}/events")
+        board.headroom = 20.0
+        assert wait_for_swap(probe)["to"] == "small"
+    finally:
+        agent.request_stop()
+        agent.stop(drain_timeout=10)
+    saved = json.loads((state / "state.json").read_text())
+    assert saved["models"]["lad"]["last_good"] == "big"
+    again = Agent(config, resources=FakeSource(Board()))
+    again.start()
+    try:
+        assert again.manager.get("lad").active_name == "big"
+    finally:
+        again.request_stop()
+        again.stop(drain_timeout=10)
+
+
+def test_metrics_carry_per_variant_figures(adapting: tuple[Agent, Board], probe: Probe) -> None:
+    """The metrics body lists, per model, each variant's recent p50/p95, queue wait and
+    request count, recorded before the reply (read right after it, no waiting)."""
+    agent, _board = adapting
+    topic = agent.config.mqtt.device_topic
+    for _ in range(5):
+        infer(probe, topic)
+    figures = agent.metrics()["models"]["lad"]
+    big = figures["variants"]["big"]
+    assert big["count"] - big["probes"] >= 5
+    assert big["p95_ms"] is not None and big["queue_p95_ms"] is not None
+    assert figures["requests"] >= 5
+    assert "memory_headroom_mb" in agent.metrics()["resources"]
+
+
+def test_a_fleet_member_leaves_the_shared_subscription_while_it_cannot_keep_up(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """When even the lightest variant misses the objective, the model's fleet subscription
+    is left (fleet requests go to the other agent of the group) and device requests are
+    still served; after calm it rejoins."""
+    models = tmp_path / "models"
+    models.mkdir()
+    ladder(models)
+    group = f"g{uuid.uuid4().hex[:6]}"
+
+    def figures(now: float) -> ResourceSnapshot:
+        return calm_snapshot(now)
+
+    adapt = {**FAST, "objectives": {"lad": {"slo_p95_ms": 0.000001}}}
+    config = agent_config(broker.port, models, adapt=adapt, mqtt={"fleet_group": group})
+    agent = Agent(config, resources=FakeSource(figures))
+    agent.start()
+    try:
+        assert agent.frontend is not None and agent.frontend.wait_connected(10)
+        probe = Probe(broker.port)
+        probe.subscribe(f"{config.mqtt.device_topic}/events")
+        deadline = time.monotonic() + 15
+        left = None
+        while time.monotonic() < deadline and left is None:
+            msg = probe.expect(timeout=deadline - time.monotonic())
+            event = json.loads(msg.payload)
+            if event["event"] == "fleet_left":
+                left = event
+        assert left is not None and left["model"] == "lad"
+        fleet_topic = f"$share/{group}/edge/fleet/infer/lad"
+        assert fleet_topic not in agent.frontend.subscriptions
+        assert infer(probe, config.mqtt.device_topic)["model_name"] == "lad"
+        probe.close()
+    finally:
+        agent.request_stop()
+        agent.stop(drain_timeout=10)

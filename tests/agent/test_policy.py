@@ -1,0 +1,312 @@
+"""The swap policy as a pure function, driven by synthetic histories and a simulated board:
+each test states one rule of DESIGN.md "Adapting to the device"."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from agent.adapt.policy import (
+    Decision,
+    ModelView,
+    PolicyState,
+    RungView,
+    decide,
+    objective,
+    predict,
+)
+from agent.adapt.snapshot import ResourceSnapshot
+from agent.config import AdaptConfig
+
+CFG = AdaptConfig(down_after_s=3.0, up_after_s=20.0, cooldown_s=10.0, interval_s=1.0)
+
+# A CNN-like ladder, quality order; fp16 is slower than fp32 (the committed demo's defect f).
+LADDER = (
+    RungView("fp32", 0.98, 4.0, 40.0),
+    RungView("fp16", 0.98, 4.6, 30.0),
+    RungView("int8", 0.97, 2.0, 20.0),
+    RungView("pruned-int8", 0.95, 1.0, 12.0),
+    RungView("tiny", 0.90, 0.5, 6.0),
+)
+
+
+def snap(
+    t: float, *, others_cpu: float = 5.0, headroom: float = 4000.0, **extra: float
+) -> ResourceSnapshot:
+    """A board at time t: CPU taken by others and memory headroom as given."""
+    return ResourceSnapshot(
+        monotonic=t,
+        system_cpu_percent=others_cpu,
+        process_cpu_percent=0.0,
+        cpu_count=2,
+        memory_available_mb=headroom,
+        memory_total_mb=8000.0,
+        process_rss_mb=100.0,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class Board:
+    """A simulated device: applies each decision and reports what the model would observe."""
+
+    slowdown: Callable[[float], float]  # time -> how much slower than measured
+    others_cpu: Callable[[float], float] = lambda _t: 5.0
+    headroom: Callable[[float], float] = lambda _t: 4000.0
+    ladder: tuple[RungView, ...] = LADDER
+    active: str = "fp32"
+    pinned: str | None = None
+    slo: float | None = 12.0
+    fleet: bool = False
+    last_swap: float | None = None
+    history: list[ResourceSnapshot] = field(default_factory=list)
+    state: PolicyState = field(default_factory=PolicyState)
+    swaps: list[tuple[float, str, str, str]] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+
+    def view(self, t: float) -> ModelView:
+        rung = next(r for r in self.ladder if r.name == self.active)
+        assert rung.latency_ms is not None
+        p95 = rung.latency_ms * self.slowdown(t)
+        return ModelView(
+            name="m",
+            rungs=self.ladder,
+            active=self.active,
+            slo_p95_ms=self.slo,
+            observed_p95_ms=p95,
+            observed_infer_p95_ms=p95,
+            observed_count=50,
+            pinned=self.pinned,
+            fleet=self.fleet,
+            last_swap_at=self.last_swap,
+        )
+
+    def run(self, start: float, end: float, cfg: AdaptConfig = CFG) -> None:
+        t = start
+        while t < end:
+            self.history.append(snap(t, others_cpu=self.others_cpu(t), headroom=self.headroom(t)))
+            decisions, self.state = decide(self.history[-300:], [self.view(t)], cfg, self.state, t)
+            decision = decisions["m"]
+            self.decisions.append(decision)
+            if decision.swap and decision.desired is not None:
+                self.swaps.append((t, self.active, decision.desired, decision.reason))
+                self.active, self.last_swap = decision.desired, t
+            t += cfg.interval_s
+
+
+def test_sustained_pressure_steps_down_soon_and_a_spike_does_not() -> None:
+    """p95 over the objective for a second does nothing; held for down_after_s, it steps
+    down within a few seconds."""
+    spike = Board(slowdown=lambda t: 5.0 if 30 <= t < 31 else 1.0)
+    spike.run(0, 60)
+    assert spike.swaps == []
+
+    held = Board(slowdown=lambda t: 4.0 if t >= 30 else 1.0)
+    held.run(0, 40)
+    assert held.swaps, "no step down under held pressure"
+    when, old, _new, _reason = held.swaps[0]
+    assert old == "fp32"
+    assert 30 + CFG.down_after_s <= when <= 30 + CFG.down_after_s + 2
+
+
+def test_a_step_down_skips_rungs_when_the_prediction_says_so() -> None:
+    """At 4x slowdown fp32 is 16 ms against 12: int8 (8 ms) meets 0.9 of it, so the policy
+    goes straight there instead of trying each rung."""
+    board = Board(slowdown=lambda t: 4.0 if t >= 10 else 1.0)
+    board.run(0, 30)
+    assert [s[2] for s in board.swaps] == ["int8"]
+    assert board.decisions[-1].reason in ("cpu", "latency", "hold", "calm")
+
+
+def test_the_slower_fp16_rung_is_never_chosen_for_cpu_relief() -> None:
+    """A 1.3x slowdown (fp32 5.2 ms) against a 5 ms objective: fp16 sits next in the ladder
+    but is slower, so the policy skips it for the faster int8."""
+    board = Board(slowdown=lambda t: 1.3 if t >= 5 else 1.0, slo=5.0)
+    board.run(0, 30)
+    chosen = [s[2] for s in board.swaps]
+    assert chosen and "fp16" not in chosen
+    assert chosen[0] == "int8"
+
+
+def test_calm_steps_back_up_one_rung_at_a_time_after_up_after_s() -> None:
+    """Once the pressure is gone, the policy waits up_after_s of calm, then climbs one rung
+    per step, never straight to the top."""
+    board = Board(slowdown=lambda t: 8.0 if 10 <= t < 40 else 1.0)
+    board.run(0, 200)
+    downs = [s for s in board.swaps if s[3] in ("cpu", "latency")]
+    ups = [s for s in board.swaps if s[3] == "calm"]
+    assert downs and ups
+    first_up = ups[0][0]
+    assert first_up >= 40 + CFG.up_after_s
+    ladder = [r.name for r in LADDER]
+    for _t, old, new, _r in ups:
+        assert ladder.index(new) == ladder.index(old) - 1, (old, new)
+    assert board.active == "fp32"
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(ups)]
+    assert all(g >= CFG.cooldown_s for g in gaps)
+
+
+def test_an_oscillating_signal_does_not_flap() -> None:
+    """Latency that crosses the objective every other second never holds: no swap at all;
+    one that swings over and back every 8 s makes at most one step down."""
+    fast = Board(slowdown=lambda t: 4.0 if int(t) % 2 else 1.0)
+    fast.run(0, 120)
+    assert fast.swaps == []
+
+    slow = Board(slowdown=lambda t: 4.0 if int(t) // 8 % 2 else 1.0)
+    slow.run(0, 120)
+    assert len(slow.swaps) <= 1
+
+
+def test_a_pin_always_wins() -> None:
+    """A pinned variant is desired whatever the pressure, with the reason 'pinned'."""
+    board = Board(slowdown=lambda _t: 10.0, pinned="fp32")
+    board.run(0, 30)
+    assert board.swaps == []
+    assert {d.reason for d in board.decisions} == {"pinned"}
+
+
+def test_a_variant_that_failed_to_load_waits_out_its_backoff() -> None:
+    """int8 failed to load a moment ago: under pressure the policy takes the next best
+    candidate instead of retrying it; after retry_after_s it is a candidate again."""
+    failed = replace(LADDER[2], failures=1, failed_at=0.0)
+    ladder = (*LADDER[:2], failed, *LADDER[3:])
+    cfg = replace_cfg(retry_after_s=60.0)
+    board = Board(slowdown=lambda _t: 4.0, ladder=ladder)
+    board.run(0, 10, cfg)
+    assert board.swaps and board.swaps[0][2] == "pruned-int8"
+
+    later = Board(slowdown=lambda _t: 4.0, ladder=ladder)
+    later.run(100, 110, cfg)
+    assert later.swaps and later.swaps[0][2] == "int8"
+
+
+def test_no_variant_meets_the_objective_lightest_only_if_it_helps_and_fleet_is_shed() -> None:
+    """A slowdown no variant survives: the policy takes the lightest when it cuts p95 and
+    leaves the fleet; when the time is not in the model, it holds and still sheds."""
+    board = Board(slowdown=lambda _t: 100.0, fleet=True)
+    board.run(0, 10)
+    assert board.swaps and board.swaps[0][2] == "tiny"
+    assert board.decisions[-1].shed_fleet
+
+    # All of the p95 is overhead (queueing), none compute: no lighter variant helps.
+    view = ModelView(
+        "m",
+        LADDER,
+        "fp32",
+        12.0,
+        observed_p95_ms=50.0,
+        observed_infer_p95_ms=0.1,
+        observed_count=50,
+        fleet=True,
+    )
+    history = [snap(t) for t in range(10)]
+    state = PolicyState()
+    for t in range(10):
+        decisions, state = decide(history[: t + 1], [view], CFG, state, float(t))
+    assert decisions["m"].desired == "fp32"
+    assert decisions["m"].shed_fleet
+
+
+def test_the_fleet_is_rejoined_after_calm() -> None:
+    """Once even the lightest was shed and the pressure goes, the fleet is rejoined after
+    up_after_s of calm."""
+    board = Board(slowdown=lambda t: 100.0 if t < 20 else 1.0, fleet=True)
+    board.run(0, 80)
+    shed = [d.shed_fleet for d in board.decisions]
+    assert any(shed[:20])
+    assert not shed[-1]
+
+
+def test_memory_pressure_takes_the_cheapest_accuracy_per_mb_first_across_two_models() -> None:
+    """Headroom 60 MB against a calm level of 128: model a loses 0.01 for 80 MB, model b
+    0.05 for 80 MB; a gives way first, and b only when a's move is not enough."""
+    a = ModelView(
+        "a",
+        (RungView("big", 0.96, 1.0, 100.0), RungView("small", 0.95, 0.9, 20.0)),
+        "big",
+        None,
+    )
+    b = ModelView(
+        "b",
+        (RungView("big", 0.96, 1.0, 100.0), RungView("small", 0.91, 0.9, 20.0)),
+        "big",
+        None,
+    )
+    history = [snap(t, headroom=60.0) for t in range(10)]  # needs 68 MB: a alone
+    state = PolicyState()
+    decisions: dict[str, Decision] = {}
+    for t in range(10):
+        decisions, state = decide(history[: t + 1], [a, b], CFG, state, float(t))
+    assert decisions["a"].desired == "small" and decisions["a"].reason == "memory"
+    assert decisions["b"].desired == "big"
+
+    tight = [snap(t, headroom=20.0) for t in range(10)]  # needs 108 MB: both
+    state = PolicyState()
+    for t in range(10):
+        decisions, state = decide(tight[: t + 1], [a, b], CFG, state, float(t))
+    assert decisions["a"].desired == "small" and decisions["b"].desired == "small"
+
+
+def test_memory_relief_never_picks_a_variant_that_is_not_lighter_in_memory() -> None:
+    """fp16 is lighter than fp32 here but int8 lighter still; under memory pressure with
+    fp32 active, no choice may be heavier than fp32, and a heavier richer rung is never
+    stepped up to while memory is short."""
+    board = Board(slowdown=lambda _t: 1.0, headroom=lambda _t: 10.0)
+    board.run(0, 30)
+    assert board.swaps
+    memory = {r.name: r.memory_mb for r in LADDER}
+    for _t, old, new, reason in board.swaps:
+        assert reason == "memory"
+        assert memory[new] is not None and memory[old] is not None
+        assert memory[new] < memory[old]
+
+
+def test_a_step_up_waits_for_memory_headroom() -> None:
+    """After a memory step down, the policy climbs back only when the richer variant would
+    still leave memory_calm_mb of headroom."""
+    board = Board(slowdown=lambda _t: 1.0, headroom=lambda t: 10.0 if t < 10 else 130.0)
+    board.run(0, 120)
+    assert board.swaps[0][3] == "memory"
+    assert board.swaps[0][2] == "tiny"
+    assert all(s[3] != "calm" for s in board.swaps), "130 MB cannot take 6 MB more at 128"
+
+    roomy = Board(slowdown=lambda _t: 1.0, headroom=lambda t: 10.0 if t < 10 else 400.0)
+    roomy.run(0, 200)
+    assert next(s[3] for s in roomy.swaps) == "memory"
+    assert roomy.active == "fp32", roomy.swaps
+
+
+def test_without_latency_figures_the_objective_is_derived_and_predictions_scale() -> None:
+    """The default objective is slo_factor x the richest measured latency (at least
+    slo_min_ms); predictions scale the observed compute by each rung's latency."""
+    assert objective(LADDER, None, CFG) == max(CFG.slo_min_ms, 3.0 * 4.0)
+    assert objective(LADDER, 7.0, CFG) == 7.0
+    view = ModelView(
+        "m",
+        LADDER,
+        "fp32",
+        12.0,
+        observed_p95_ms=10.0,
+        observed_infer_p95_ms=8.0,
+        observed_count=50,
+    )
+    predicted = predict(view)
+    assert predicted["int8"] == 2.0 + 8.0 * 2.0 / 4.0
+
+
+def test_thermal_pressure_steps_one_rung_cheaper_in_compute() -> None:
+    """A CPU over its trip point moves one step to a variant measured cheaper in latency."""
+    history = [snap(t, cpu_temperature_c=90.0, cpu_temperature_max_c=85.0) for t in range(10)]
+    view = ModelView("m", LADDER, "fp32", 12.0, observed_p95_ms=4.0, observed_count=50)
+    state = PolicyState()
+    decisions: dict[str, Decision] = {}
+    for t in range(10):
+        decisions, state = decide(history[: t + 1], [view], CFG, state, float(t))
+    assert decisions["m"].desired == "int8"
+    assert decisions["m"].reason == "thermal"
+
+
+def replace_cfg(**changes: float) -> AdaptConfig:
+    return CFG.model_copy(update=changes)
