@@ -376,3 +376,13 @@ def test_converter_made_models_pass_the_check_and_answer_as_the_interpreter(path
     for name, got in zip(variant.output_names, variant.run(feeds), strict=True):
         np.testing.assert_array_equal(got, expected[name])
     variant.close()
+
+
+def test_warm_up_runs_the_batch_size_it_is_asked(tmp_path: Path) -> None:
+    """warm_up(rows) runs a batch of that many rows, as the model manager asks of a runtime."""
+    path = tflite_models.scale_tflite(tmp_path / "scale.tflite", signature=False)
+    variant = load_variant("m", "v", path, SessionSettings(threads=1, warmup=False))
+    assert not variant.warmed_up
+    assert variant.warm_up(rows=8, timeout_s=5.0)
+    assert isinstance(variant, LiteRTVariant)
+    assert variant._pool.get()._shapes == {0: (8, 4)}  # the interpreter was resized to it

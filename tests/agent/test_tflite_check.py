@@ -4,6 +4,7 @@ and random files are refused with a reason and never take the test process down.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,11 @@ def test_written_manifest_leaves_unset_runtime_options_out(tmp_path: Path) -> No
     assert "runtime" not in data["variants"][0]
     assert data["variants"][1]["runtime"]["float_io"] is True
     assert read_manifest(tmp_path / "manifest.json") == parsed
+
+
+def test_a_fifo_in_place_of_a_tflite_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO named like a model is refused at once, never opened for a blocking read."""
+    fifo = tmp_path / "m.tflite"
+    os.mkfifo(fifo)
+    with pytest.raises(VariantRejected, match="FIFO"):
+        check_tflite_file(fifo, variant="v")
