@@ -29,7 +29,7 @@ from agent.datatypes import NUMPY_DTYPES, datatype_of
 from agent.errors import InferenceError, VariantRejected
 from agent.files import check_regular
 from agent.manifest import DelegateSpec, RuntimeOptions, TensorSpec
-from agent.session import SessionSettings
+from agent.session import RunControl, SessionSettings
 from agent.tflite_check import check_tflite_file
 
 log = structlog.get_logger(__name__)
@@ -278,11 +278,18 @@ class LiteRTVariant:
         return variant
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+        control: RunControl | None = None,
     ) -> list[np.ndarray]:
-        """Run on a free interpreter (waiting for one); any failure is an InferenceError."""
+        """Run on a free interpreter (waiting for one); any failure is an InferenceError.
+
+        LiteRT cannot stop a run once started: a cancelled `control` stops it before it
+        starts, or while it waits for an interpreter.
+        """
         names = tuple(output_names) if output_names else self.output_names
-        bound = self._take()
+        bound = self._take(control)
         try:
             return bound.run(feeds, names)
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError/KeyError freely
@@ -290,9 +297,12 @@ class LiteRTVariant:
         finally:
             self._pool.put(bound)
 
-    def _take(self) -> _Bound:
-        """A free interpreter, waiting while all are busy; InferenceError once closed."""
+    def _take(self, control: RunControl | None) -> _Bound:
+        """A free interpreter, waiting while all are busy; InferenceError once closed or
+        cancelled."""
         while not self._closed:
+            if control is not None and control.cancelled:
+                raise InferenceError(f"{self.model}/{self.name}: the run was cancelled")
             try:
                 return self._pool.get(timeout=_POOL_POLL_S)
             except queue.Empty:

@@ -14,7 +14,7 @@ import numpy as np
 from agent.errors import VariantRejected
 from agent.litert import LiteRTVariant
 from agent.manifest import RuntimeOptions, TensorSpec
-from agent.session import LoadedVariant, SessionSettings
+from agent.session import LoadedVariant, RunControl, SessionSettings
 
 
 @runtime_checkable
@@ -35,10 +35,14 @@ class Runtime(Protocol):
     warmed_up: bool
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+        control: RunControl | None = None,
     ) -> list[np.ndarray]:
         """Outputs in the order of `output_names` (all, in signature order, when None);
-        any failure of the runtime raises InferenceError."""
+        any failure of the runtime raises InferenceError, and so does a run whose `control`
+        was cancelled (onnxruntime stops between kernels; LiteRT before it starts)."""
         ...
 
     def warm_up(self, rows: int = 1, timeout_s: float | None = None) -> bool:

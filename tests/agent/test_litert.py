@@ -19,7 +19,7 @@ from agent.errors import InferenceError, VariantRejected
 from agent.litert import LiteRTVariant, probe_file
 from agent.manifest import DelegateSpec, RuntimeOptions, TensorSpec
 from agent.runtime import Runtime, load_variant
-from agent.session import SessionSettings
+from agent.session import RunControl, SessionSettings
 from tests import onnx_models, tflite_models
 
 SETTINGS = SessionSettings(threads=1)
@@ -292,7 +292,7 @@ if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
     sys.exit(77)
 from agent.manifest import RuntimeOptions
 from agent.runtime import load_variant
-from agent.session import SessionSettings
+from agent.session import RunControl, SessionSettings
 from pathlib import Path
 s, opts = SessionSettings(threads=2), RuntimeOptions(probe=False)
 for path, dtype in (({str(float_path)!r}, np.float32), ({str(int8_path)!r}, np.int8)):
@@ -386,3 +386,17 @@ def test_warm_up_runs_the_batch_size_it_is_asked(tmp_path: Path) -> None:
     assert variant.warm_up(rows=8, timeout_s=5.0)
     assert isinstance(variant, LiteRTVariant)
     assert variant._pool.get()._shapes == {0: (8, 4)}  # the interpreter was resized to it
+
+
+def test_a_cancelled_control_stops_a_run_before_it_starts(tmp_path: Path) -> None:
+    """A run whose RunControl was cancelled (a stop past its bound) raises InferenceError
+    instead of running, and the variant keeps serving other runs."""
+    path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
+    variant = load_variant("m", "v", path, SETTINGS, options=NO_PROBE)
+    control = RunControl()
+    x = {"x": np.ones((1, 4), np.float32)}
+    assert variant.run(x, None, control)[0].shape == (1, 4)
+    control.cancel()
+    with pytest.raises(InferenceError, match="cancelled"):
+        variant.run(x, None, control)
+    np.testing.assert_array_equal(variant.run(x)[0], np.full((1, 4), 3.0, np.float32))
