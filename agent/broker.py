@@ -115,10 +115,19 @@ class MosquittoBroker:
     protocol: Literal["5", "3.1.1"] = "5"
     kind = "mosquitto"
 
-    def __init__(self, port: int, host: str = "127.0.0.1", extra_config: str = "") -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        extra_config: str = "",
+        max_packet_size: int | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.extra_config = extra_config
+        # mosquitto's max_packet_size: larger packets from a client make it disconnect
+        # that client (MQTT 5 clients learn the limit from the CONNACK).
+        self.max_packet_size = max_packet_size
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -145,8 +154,9 @@ class MosquittoBroker:
             # Without it, small QoS 1 exchanges wait ~40 ms on Nagle + delayed ACK.
             "set_tcp_nodelay true\n"
             "max_queued_messages 10000\n"
-            f"log_dest file {self.config_dir / 'mosquitto.log'}\n"
-            f"{self.extra_config}\n"
+            + (f"max_packet_size {self.max_packet_size}\n" if self.max_packet_size else "")
+            + f"log_dest file {self.config_dir / 'mosquitto.log'}\n"
+            + f"{self.extra_config}\n"
         )
         self._process = subprocess.Popen(
             [binary, "-c", str(conf)],

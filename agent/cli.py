@@ -223,7 +223,9 @@ def _infer(args: argparse.Namespace, config: AgentConfig) -> int:
     try:
         with _connect(args, config) as requester:
             start = time.monotonic()
-            reply = requester.request(topic, payload, header_length, timeout=args.timeout)
+            reply = requester.request(
+                requester.request_topic(topic), payload, header_length, timeout=args.timeout
+            )
             elapsed_ms = (time.monotonic() - start) * 1000.0
     except RequesterError as exc:
         print(f"edge-agent infer: {exc}", file=sys.stderr)

@@ -89,6 +89,46 @@ class MqttConfig(_Section):
     max_payload_bytes: int = Field(
         64 * MIB, ge=1024, le=256 * MIB, description="Largest request accepted."
     )
+    max_packet_bytes: int = Field(
+        268_435_455,
+        ge=1024,
+        le=268_435_455,
+        description="Largest MQTT packet the broker accepts (mosquitto's max_packet_size); "
+        "a reply that would not fit becomes an error reply. With MQTT 5 the broker's own "
+        "Maximum Packet Size (CONNACK) applies when lower.",
+    )
+    reply_prefix: str | None = Field(
+        None,
+        pattern=r"^[^#+\s$/][^#+\s]*[^#+\s/]$",
+        max_length=256,
+        description="Reply only on topics under this prefix (e.g. 'edge/reply'); a request "
+        "sent on .../infer/<model>/<user> is answered only under <reply_prefix>/<user>/, "
+        "so with the shipped ACL no client can have replies delivered to another. Unset: "
+        "any valid topic except the agent's own.",
+    )
+    inline_decode_bytes: int = Field(
+        65536,
+        ge=0,
+        le=16 * MIB,
+        description="Requests up to this size are decoded on the MQTT thread (the fast "
+        "path); larger ones by the decode workers, so that they never hold up the loop.",
+    )
+    decode_workers: int = Field(
+        1, ge=1, le=16, description="Threads decoding large requests (JSON parsing, checks)."
+    )
+    decode_backlog_bytes: int = Field(
+        64 * MIB,
+        ge=1024,
+        le=1024 * MIB,
+        description="Bytes of large requests waiting for a decode worker; a request beyond "
+        "it is refused at once with 503 (the agent is behind), never left unanswered.",
+    )
+    max_pending_commands: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Control commands waiting to run; beyond it a command is refused with 503.",
+    )
     tcp_nodelay: bool = Field(True, description="Disable Nagle on the broker socket.")
     username: str | None = Field(None, max_length=256, description="Broker user name.")
     password_file: Path | None = Field(

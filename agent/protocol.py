@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -21,8 +22,32 @@ from agent.errors import InvalidRequest
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 
+# Limits checked before any arithmetic on client-supplied numbers (see README, "Requests
+# and replies"): a hostile shape or literal must cost no more than reading it.
+MAX_RANK = 32
+"""Dimensions a tensor may have (numpy 1.x's own limit; ONNX models stay far below)."""
+MAX_DIMENSION = 2**31 - 1
+"""Largest size of one dimension."""
+MAX_INT_DIGITS = 20
+"""Digits of a JSON integer literal: enough for any INT64 or UINT64."""
+MAX_JSON_DEPTH = 48
+"""Nesting of JSON arrays and objects: a rank-32 nested `data` inside the request header."""
+MAX_NAME_CHARS = 256
+"""Length of a tensor name."""
+MAX_ID_CHARS = 1024
+"""Length of a request id (it is echoed in the reply)."""
+MAX_ECHO_CHARS = 200
+"""How much of a client's value an error message quotes."""
+MAX_ERROR_CHARS = 1000
+"""Length of an error reply's message, whatever it quotes."""
+
+# Non-finite floats in JSON replies: strict JSON has no NaN or Infinity literal, so they
+# travel as these strings (the proto3 JSON mapping, which KServe's gRPC schema implies).
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
 # One encoder for every reply: json.dumps(..., separators=...) builds a new one each call.
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
+# allow_nan=False: a non-finite float that slipped past _to_json is a bug, not bare NaN.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
 
@@ -59,6 +84,73 @@ class RequestError(InvalidRequest):
         self.reply_to = reply_to
 
 
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """repr(value), cut to `limit` characters: error messages never echo input unbounded."""
+    if isinstance(value, str | bytes) and len(value) > limit * 4:
+        value = value[: limit * 4]  # repr of a huge string would cost its full size first
+    if isinstance(value, list | dict | tuple) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int over Python's digit limit, a deep list
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(f"an integer literal has more than {MAX_INT_DIGITS} digits")
+    return int(literal)
+
+
+_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_RUN = b"0" * (MAX_INT_DIGITS + 1)
+
+
+def _checked() -> json.JSONDecoder:
+    # One per call: a decoder (its C scanner's memo) is not meant to be shared between
+    # threads while a Python hook of it runs, and requests are decoded on several threads.
+    return json.JSONDecoder(parse_int=_bounded_int)
+
+
+def load_json(raw: bytes | bytearray) -> Any:
+    """Parse JSON text with the limits above; RequestError says what is wrong.
+
+    The checks cost two fast byte scans on ordinary payloads: the slow, exact paths (an
+    integer hook, a depth walk) run only when a long digit run or much nesting is present.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("request header is not UTF-8 text") from None
+    return _parse(text, raw)
+
+
+def _parse(text: str, raw: bytes | bytearray) -> Any:
+    long_digits = _LONG_RUN in raw.translate(_DIGITS)
+    try:
+        value = _checked().decode(text) if long_digits else json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(value):
+        raise RequestError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    """True when `value` nests containers deeper than MAX_JSON_DEPTH (iteratively)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if type(child) in (list, dict))
+    return False
+
+
 def split_payload(
     payload: bytes | bytearray, header_length: int | None
 ) -> tuple[dict[str, Any], memoryview]:
@@ -74,38 +166,34 @@ def split_payload(
                 f"binary header length {header_length} is beyond the payload of "
                 f"{len(payload)} bytes"
             )
-        header, tail = _loads(view[:header_length].tobytes()), view[header_length:]
+        header, tail = load_json(view[:header_length].tobytes()), view[header_length:]
     else:
         try:
-            header, tail = json.loads(payload), view[len(payload) :]
+            text = bytes(payload).decode("utf-8")
         except UnicodeDecodeError:
             header, tail = _leading_json(payload)
-        except json.JSONDecodeError as exc:
-            if not exc.msg.startswith("Extra data"):
-                raise RequestError(f"malformed JSON: {exc}") from None
-            header, tail = _leading_json(payload)
+        else:
+            try:
+                header, tail = _parse(text, payload), view[len(payload) :]
+            except RequestError as exc:
+                if "Extra data" not in str(exc):
+                    raise
+                header, tail = _leading_json(payload)
     if not isinstance(header, dict):
         raise RequestError("the request must be a JSON object")
     return header, tail
-
-
-def _loads(raw: bytes | bytearray) -> Any:
-    try:
-        return json.loads(raw)
-    except UnicodeDecodeError:
-        raise RequestError("request header is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"malformed JSON: {exc}") from None
 
 
 def _leading_json(payload: bytes | bytearray) -> tuple[Any, memoryview]:
     # latin-1 maps each byte to one character, so the decoder's end index is a byte offset;
     # multi-byte UTF-8 only occurs inside JSON strings and cannot end the value early.
     try:
-        _, end = json.JSONDecoder().raw_decode(payload.decode("latin-1"))
+        _, end = _checked().raw_decode(payload.decode("latin-1"))
     except json.JSONDecodeError:
         raise RequestError("payload is neither JSON nor a JSON header with binary data") from None
-    return _loads(payload[:end]), memoryview(payload)[end:]
+    except RecursionError:
+        raise RequestError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    return load_json(payload[:end]), memoryview(payload)[end:]
 
 
 def decode_request(
@@ -121,19 +209,25 @@ def decode_request(
         not isinstance(request_id, str | int) or isinstance(request_id, bool)
     ):
         raise RequestError("'id' must be a string", None, reply_to)
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+        raise RequestError(f"'id' is longer than {MAX_ID_CHARS} characters", None, reply_to)
     try:
-        return _decode(header, tail, request_id, reply_to)
+        return _decode(header, tail, request_id, reply_to, len(payload))
     except RequestError as exc:
         exc.request_id, exc.reply_to = request_id, reply_to
         raise
 
 
 def _decode(
-    header: Mapping[str, Any], tail: memoryview, request_id: str | int | None, reply_to: str | None
+    header: Mapping[str, Any],
+    tail: memoryview,
+    request_id: str | int | None,
+    reply_to: str | None,
+    payload_size: int,
 ) -> InferenceRequest:
     unknown = set(header) - {"id", "inputs", "outputs", "parameters", "reply_to"}
     if unknown:
-        raise RequestError(f"unknown request fields: {sorted(unknown)}")
+        raise RequestError(f"unknown request fields: {clip(sorted(unknown))}")
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError("'parameters' must be an object")
@@ -148,7 +242,7 @@ def _decode(
     datatypes: dict[str, str] = {}
     offset = 0
     for index, raw in enumerate(raw_inputs):
-        name, datatype, array, used = _decode_tensor(raw, index, tail, offset)
+        name, datatype, array, used = _decode_tensor(raw, index, tail, offset, payload_size)
         if name in inputs:
             raise RequestError(f"input {name!r} appears twice")
         inputs[name], datatypes[name] = array, datatype
@@ -169,26 +263,48 @@ def _decode(
     )
 
 
+def _is_count(value: object, limit: int) -> bool:
+    """A JSON integer in [0, limit] (bool is an int to Python, not to JSON)."""
+    return type(value) is int and 0 <= value <= limit
+
+
+def _shape(label: str, shape: Any, payload_size: int) -> tuple[tuple[int, ...], int]:
+    """The shape and its element count, checked before any arithmetic on it."""
+    if not isinstance(shape, list) or not all(_is_count(d, MAX_DIMENSION) for d in shape):
+        raise RequestError(f"{label}: shape must be a list of integers from 0 to {MAX_DIMENSION}")
+    if len(shape) > MAX_RANK:
+        raise RequestError(f"{label}: {len(shape)} dimensions, at most {MAX_RANK}")
+    count = math.prod(shape)  # at most 32 factors below 2**31: cheap
+    if count > payload_size:
+        # Every element takes at least one byte of the payload, as JSON or binary.
+        raise RequestError(
+            f"{label}: shape {shape} has {count} elements, more than the "
+            f"{payload_size} bytes of the payload can hold"
+        )
+    return tuple(shape), count
+
+
 def _decode_tensor(
-    raw: Any, index: int, tail: memoryview, offset: int, kind: str = "input"
+    raw: Any,
+    index: int,
+    tail: memoryview,
+    offset: int,
+    payload_size: int,
+    kind: str = "input",
 ) -> tuple[str, str, np.ndarray, int]:
     if not isinstance(raw, dict):
         raise RequestError(f"{kind}s[{index}] must be an object")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"{kind}s[{index}].name must be a non-empty string")
+    if len(name) > MAX_NAME_CHARS:
+        raise RequestError(f"{kind}s[{index}].name is longer than {MAX_NAME_CHARS} characters")
     datatype = raw.get("datatype")
-    if datatype not in NUMPY_DTYPES:
+    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
         raise RequestError(
-            f"{kind} {name!r}: datatype {datatype!r} is not one of {sorted(NUMPY_DTYPES)}"
+            f"{kind} {name!r}: datatype {clip(datatype)} is not one of {sorted(NUMPY_DTYPES)}"
         )
-    shape = raw.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise RequestError(f"{kind} {name!r}: shape must be a list of non-negative integers")
-    shape_t = tuple(shape)
-    count = math.prod(shape_t)
+    shape_t, count = _shape(f"{kind} {name!r}", raw.get("shape"), payload_size)
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise RequestError(f"{kind} {name!r}: parameters must be an object")
@@ -196,8 +312,10 @@ def _decode_tensor(
     if size is not None:
         if "data" in raw:
             raise RequestError(f"{kind} {name!r}: has both data and binary_data_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise RequestError(f"{kind} {name!r}: binary_data_size must be a non-negative integer")
+        if not _is_count(size, payload_size):
+            raise RequestError(
+                f"{kind} {name!r}: binary_data_size must be an integer from 0 to the payload's size"
+            )
         if offset + size > len(tail):
             raise RequestError(
                 f"{kind} {name!r}: binary_data_size {size} goes beyond the "
@@ -256,24 +374,90 @@ def _from_json(
         data = [data]
     try:
         if datatype == "BYTES":
-            array = np.array(data, dtype=object).reshape(-1)
-            array = np.array([s.encode() if isinstance(s, str) else s for s in array], dtype=object)
-            if not all(isinstance(s, bytes) for s in array):
-                raise ValueError("BYTES elements must be strings")
+            array = _json_strings(data)
         elif datatype == "BOOL":
             array = np.array(data, dtype=object).reshape(-1)
             if not all(isinstance(v, bool) for v in array):
                 raise ValueError("BOOL elements must be true or false")
             array = array.astype(np.bool_)
         else:
-            array = np.array(data, dtype=NUMPY_DTYPES[datatype]).reshape(-1)
+            array = _json_numbers(data, datatype)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise RequestError(f"{label}: data is not a list of {datatype}: {exc}") from None
+        reason = clip(str(exc)).strip("'\"")
+        raise RequestError(f"{label}: data is not a list of {datatype}: {reason}") from None
     if array.size != count:
         raise RequestError(
             f"{label}: {array.size} data elements, shape {list(shape)} needs {count}"
         )
     return array.reshape(shape)
+
+
+def _json_strings(data: list[Any]) -> np.ndarray:
+    array = np.array(data, dtype=object).reshape(-1)
+    if not all(isinstance(s, str) for s in array):
+        raise ValueError("BYTES elements must be strings")
+    encoded = np.empty(array.size, dtype=object)
+    encoded[:] = [s.encode("utf-8", "surrogatepass") for s in array]
+    return encoded
+
+
+def _json_numbers(data: list[Any], datatype: str) -> np.ndarray:
+    """Numbers of `datatype`, refusing what a cast would silently change.
+
+    numpy alone would parse "1.5" into 1.5, null into NaN and truncate 1.9 to 1 for an
+    integer type, or wrap 300 into an INT8; none of those is what the client meant.
+    """
+    dtype = NUMPY_DTYPES[datatype]
+    parsed = np.asarray(data)  # inferred: int64, uint64, float64, or str/object on junk
+    kind = parsed.dtype.kind
+    if dtype.kind == "f":
+        if kind in "iuf":
+            flat = parsed.reshape(-1)
+            with np.errstate(over="ignore"):
+                converted = flat.astype(dtype)
+            # 1e308 as FP32 would become inf: a value the client did not send.
+            if (
+                not np.isfinite(converted).all()
+                and (np.isfinite(flat) & ~np.isfinite(converted)).any()
+            ):
+                raise ValueError(f"an element is outside the range of {datatype}")
+            return converted
+        if kind in "OU":  # strings (maybe "NaN") mixed with numbers all became strings
+            return _non_finite(np.array(data, dtype=object).reshape(-1), dtype)
+        raise ValueError(f"elements must be numbers, not {_kind_name(kind)}")
+    if kind == "f":
+        flat = parsed.reshape(-1)
+        if not np.all(np.isfinite(flat)) or not np.all(flat == np.trunc(flat)):
+            raise ValueError("elements must be integers, a fraction would be truncated")
+        parsed = flat
+        kind = "i"
+    if kind not in "iu":
+        raise ValueError(f"elements must be integers, not {_kind_name(kind)}")
+    flat = parsed.reshape(-1)
+    info = np.iinfo(cast(Any, dtype))  # an integer dtype here; numpy types it loosely
+    if flat.size and (flat.min() < info.min or flat.max() > info.max):
+        raise ValueError(f"an element is outside [{info.min}, {info.max}]")
+    return flat.astype(dtype)
+
+
+def _kind_name(kind: str) -> str:
+    return {"U": "strings", "O": "null or mixed values", "b": "booleans"}.get(kind, "numbers")
+
+
+def _non_finite(flat: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """Floats where non-finite values come as the strings "NaN", "Infinity", "-Infinity"."""
+    values: list[float] = []
+    for item in flat.tolist():
+        if type(item) in (int, float):
+            values.append(item)
+        elif isinstance(item, str) and item in NON_FINITE:
+            values.append(NON_FINITE[item])
+        else:
+            raise ValueError(
+                'elements must be numbers (or "NaN", "Infinity", "-Infinity"), '
+                f"not {clip(item, 40)}"
+            )
+    return np.array(values, dtype=dtype)
 
 
 def _decode_outputs(raw: Any, binary_default: bool) -> tuple[RequestedOutput, ...] | None:
@@ -307,7 +491,7 @@ def decode_response(
     outputs: dict[str, np.ndarray] = {}
     offset = 0
     for index, raw in enumerate(header.get("outputs") or []):
-        name, _, array, used = _decode_tensor(raw, index, tail, offset, kind="output")
+        name, _, array, used = _decode_tensor(raw, index, tail, offset, len(payload), kind="output")
         outputs[name] = array
         offset += used
     return header, outputs
@@ -390,7 +574,12 @@ def _with_blobs(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int 
 def encode_error(
     message: str, code: int, request_id: str | int | None = None, model_name: str | None = None
 ) -> bytes:
-    """An error reply: `{"error", "code"}` plus the request id and model when known."""
+    """An error reply: `{"error", "code"}` plus the request id and model when known.
+
+    The message is cut to MAX_ERROR_CHARS: it may quote what the client sent.
+    """
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 1] + "…"
     reply: dict[str, Any] = {"error": message, "code": code}
     if request_id is not None:
         reply["id"] = request_id
@@ -417,4 +606,41 @@ def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
             for item in flat
         ]
     values: list[Any] = flat.tolist()
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        # Strict JSON: no bare NaN/Infinity (see NON_FINITE).
+        values = [v if math.isfinite(v) else _non_finite_text(v) for v in values]
     return values
+
+
+def _non_finite_text(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+_PEEK_BYTES = 65536
+_REPLY_TO = re.compile(rb'"reply_to"\s*:\s*("(?:[^"\\]|\\.){0,65535}")')
+_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,1024}"|-?[0-9]{1,20}[,}\s])')
+
+
+def peek_reply_fields(payload: bytes | bytearray) -> tuple[str | int | None, str | None]:
+    """A best guess at the `id` and `reply_to` of a request, without parsing it.
+
+    For answering an MQTT 3.1.1 request that is shed unparsed: only the first 64 KiB are
+    searched, so clients should put `id` and `reply_to` first (`edge-agent infer` does).
+    """
+    head = bytes(payload[:_PEEK_BYTES])
+    reply_to = request_id = None
+    if found := _REPLY_TO.search(head):
+        try:
+            value = json.loads(found.group(1))
+        except ValueError:
+            value = None
+        reply_to = value if isinstance(value, str) else None
+    if found := _ID.search(head):
+        try:
+            literal = json.loads(found.group(1).rstrip(b",} \t\r\n"))
+        except ValueError:
+            literal = None
+        request_id = literal if isinstance(literal, str | int) else None
+    return request_id, reply_to

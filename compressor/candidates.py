@@ -17,6 +17,7 @@ import onnx
 from compressor.data import Dataset
 from compressor.distill import DistillSettings, distill
 from compressor.errors import UnsupportedModelError
+from compressor.fp16 import convert_fp16_safe
 from compressor.graph import (
     GraphIndex,
     constants_to_initializers,
@@ -27,11 +28,11 @@ from compressor.graph import (
     weight_elements,
 )
 from compressor.model import OnnxModel, save_model
+from compressor.prune.groups import trace
 from compressor.prune.structured import prune_structured
 from compressor.prune.units import find_units
 from compressor.quantize import (
     Calibration,
-    convert_fp16,
     quantize_dynamic_int8,
     quantize_int4,
     quantize_static_int8,
@@ -109,13 +110,14 @@ def op_mix(model: OnnxModel) -> OpMix:
             f"nothing to compress: no MatMul, Gemm or Conv with constant weights (op mix: {ops})"
         )
     units, _ = find_units(proto)
+    groups = trace(proto).groups() if "Conv" in weighted else []
     spec = model.signature.inputs
     vector = len(spec) == 1 and spec[0].datatype == "FP32" and len(spec[0].shape) == 2
     return OpMix(
         # A conv net's small classifier head is no reason to run dense-only quantizers.
         dense=dense >= weighted.get("Conv", 0),
         conv="Conv" in weighted,
-        prunable=bool(units),
+        prunable=bool(units or groups),
         vector_input=vector,
         subnormals=count_subnormals(proto),
         ops=ops,
@@ -129,7 +131,7 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
     if mix.subnormals:
         found.append(Candidate("fp32-ftz", _flushed))
     if recipe.fp16:
-        found.append(Candidate("fp16", lambda m, out: Built(convert_fp16(m, out), "fp16")))
+        found.append(Candidate("fp16", _fp16(calibration)))
     if mix.dense:
         found.append(Candidate("int8-dynamic", _dynamic))
     for method in recipe.calibrations:
@@ -157,6 +159,14 @@ def _flushed(model: OnnxModel, out: Path) -> Built:
     proto.CopyFrom(model.proto)
     flush_subnormals(proto)
     return Built(save_model(proto, out), "fp32")
+
+
+def _fp16(calibration: Dataset) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        path, _ = convert_fp16_safe(model, out, calibration)
+        return Built(path, "fp16")
+
+    return build
 
 
 def _dynamic(model: OnnxModel, out: Path) -> Built:

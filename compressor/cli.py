@@ -21,6 +21,7 @@ from compressor.data import Dataset, load_dataset
 from compressor.distill import DistillSettings, distill
 from compressor.errors import CompressorError, DataError, OutputExistsError
 from compressor.evaluate import Budget, EvalSettings, Evaluation, evaluate, score
+from compressor.fp16 import convert_fp16_safe
 from compressor.ladder import LadderSettings, build_ladder
 from compressor.logs import configure
 from compressor.mixed import quantize_mixed
@@ -29,14 +30,13 @@ from compressor.prune.structured import prune_structured
 from compressor.prune.unstructured import prune_magnitude
 from compressor.quantize import (
     Calibration,
-    convert_fp16,
     quantize_dynamic_int8,
     quantize_int4,
     quantize_static_int8,
 )
 from compressor.report import table
-from compressor.selection import Decision
-from compressor.session import agent_threads
+from compressor.selection import DEFAULT_MAX_RUNGS, DEFAULT_MIN_STEP, Decision, Rules
+from compressor.session import agent_batch_size, agent_threads
 from compressor.torch_import import examples_from_npz, export_to_onnx, is_torch_model
 
 log = structlog.get_logger(__name__)
@@ -104,6 +104,25 @@ def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         type=_ratios,
         default=Recipe().prune_ratios,
         help="comma-separated fractions of neurons/channels to try removing",
+    )
+    p.add_argument(
+        "--calibrations",
+        type=_calibrations,
+        default=Recipe().calibrations,
+        help="comma-separated static int8 calibrators to try: minmax, percentile, entropy",
+    )
+    p.add_argument(
+        "--min-step",
+        type=float,
+        default=DEFAULT_MIN_STEP,
+        help="how much cheaper (fraction) a rung must be than every richer rung in the cost "
+        "it relieves: batch-1 latency, batch latency or peak memory (default 0.15)",
+    )
+    p.add_argument(
+        "--max-rungs",
+        type=int,
+        default=DEFAULT_MAX_RUNGS,
+        help="most variants in the ladder, the original included (default 6)",
     )
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision search")
     p.add_argument("--no-plot", action="store_true", help="skip report.png")
@@ -199,7 +218,13 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (default: as the agent)"
     )
-    p.add_argument("--batch", type=int, default=64, help="the larger batch size timed")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=agent_batch_size(),
+        help="the agent's batch size: timed, and the batch peak memory is measured at "
+        "(default: the agent's models.max_batch_size default)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probe")
 
@@ -207,9 +232,12 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
 def _run_ladder(args: argparse.Namespace) -> int:
     settings = LadderSettings(
         budget=Budget(args.budget),
-        recipe=Recipe(prune_ratios=args.prune_ratios, seed=args.seed),
+        recipe=Recipe(
+            prune_ratios=args.prune_ratios, calibrations=args.calibrations, seed=args.seed
+        ),
         threads=args.threads or agent_threads(),
         batch_size=args.batch,
+        rules=_rules(args.min_step, args.max_rungs),
         rounds=args.rounds,
         measure_memory=not args.no_memory,
         mixed=not args.no_mixed,
@@ -245,7 +273,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     elif args.mode == "int4":
         out = quantize_int4(model, args.out, block_size=args.block_size)
     elif args.mode == "fp16":
-        out = convert_fp16(model, args.out)
+        calib = load_dataset(args.calib, model.signature) if args.calib else None
+        out, plan = convert_fp16_safe(model, args.out, calib)
+        for node, reason in plan.blocked.items():
+            print(f"kept in float32: {node}: {reason}")
     elif args.mode == "static":
         out = quantize_static_int8(model, args.out, _calibration(args, model), method)
     else:
@@ -347,6 +378,13 @@ def _refuse_existing(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
 
 
+def _rules(min_step: float, max_rungs: int) -> Rules:
+    try:
+        return Rules(min_step=min_step, max_rungs=max_rungs)
+    except ValueError as exc:
+        raise DataError(f"ladder rules: {exc}") from None
+
+
 def _ops(text: str) -> tuple[str, ...]:
     return tuple(op.strip() for op in text.split(",") if op.strip())
 
@@ -359,6 +397,14 @@ def _ratios(text: str) -> tuple[float, ...]:
     if not values or any(not 0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError("ratios are fractions between 0 and 1")
     return values
+
+
+def _calibrations(text: str) -> tuple[Calibration, ...]:
+    try:
+        return tuple(Calibration(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        names = ", ".join(c.value for c in Calibration)
+        raise argparse.ArgumentTypeError(f"calibrators are {names}; got {text!r}") from None
 
 
 def _widths(text: str) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ outputs; `Budget` turns either into the single keep-or-drop question the ladder 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from compressor.errors import UnsupportedModelError
 from compressor.latency import Latency, LatencySettings, measure_latencies
 from compressor.memprobe import probe_peak_rss_mb
 from compressor.metrics import Fidelity, accuracy, fidelity
-from compressor.session import open_session, run_dataset
+from compressor.session import agent_batch_size, open_session, run_dataset
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,7 @@ class EvalSettings:
     """How variants are measured; the defaults are what the ladder uses."""
 
     threads: int
-    batch_size: int = 64
+    batch_size: int = field(default_factory=agent_batch_size)
     rounds: int = 5
     seconds_per_round: float = 0.15
     measure_memory: bool = True
@@ -123,7 +123,7 @@ def evaluate(
     results: dict[str, Evaluation] = {}
     for (name, path), latency in zip(variants.items(), latencies, strict=True):
         rss = (
-            probe_peak_rss_mb(path, data.head(1).inputs, settings.threads)
+            probe_peak_rss_mb(path, _memory_feed(data, latency), settings.threads)
             if settings.measure_memory
             else None
         )
@@ -147,6 +147,14 @@ def evaluate(
             peak_rss_mb=None if rss is None else round(rss, 2),
         )
     return results
+
+
+def _memory_feed(data: Dataset, latency: Latency) -> dict[str, np.ndarray]:
+    """A batch of the size the agent serves (one row for a model that takes no batch)."""
+    if latency.batch_ms is None:
+        return data.head(1).inputs
+    index = np.arange(latency.batch_size) % data.size
+    return data.rows(index).inputs
 
 
 def _check_same_outputs(

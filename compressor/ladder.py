@@ -25,8 +25,8 @@ from compressor.mixed import quantize_mixed
 from compressor.model import OnnxModel, load_model
 from compressor.quantize import Calibration
 from compressor.report import plot, table
-from compressor.selection import Decision, over_budget_reason, select_ladder
-from compressor.session import agent_threads
+from compressor.selection import Decision, Rules, over_budget_reason, select_ladder
+from compressor.session import agent_batch_size, agent_threads
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +43,8 @@ class LadderSettings:
     budget: Budget = field(default_factory=Budget)
     recipe: Recipe = field(default_factory=Recipe)
     threads: int = field(default_factory=agent_threads)
-    batch_size: int = 64
+    batch_size: int = field(default_factory=agent_batch_size)
+    rules: Rules = field(default_factory=Rules)
     rounds: int = 5
     seconds_per_round: float = 0.15
     measure_memory: bool = True
@@ -85,7 +86,7 @@ def build_ladder(
         paths = {REFERENCE: model.path} | {n: b.path for n, b in built.items()}
         scores = score(model.path, paths, eval_set, settings.threads)
         if settings.mixed and _needs_mixed(scores, settings.budget):
-            mixed = _mixed(model, calib_set, eval_set, settings, work)
+            mixed = _mixed(model, calib_set, eval_set, settings, work, _best_calibrator(scores))
             if isinstance(mixed, Decision):
                 failures.append(mixed)
             else:
@@ -104,7 +105,7 @@ def build_ladder(
             for n in paths
             if n not in survivors
         ]
-        kept, decisions = select_ladder(REFERENCE, measured, settings.budget)
+        kept, decisions = select_ladder(REFERENCE, measured, settings.budget, settings.rules)
         decisions += over_budget + failures
         original = Built(model.path, "fp32")
         rungs = [
@@ -197,20 +198,35 @@ def _build_all(
 
 
 def _mixed(
-    model: OnnxModel, calib: Dataset, evaluation: Dataset, settings: LadderSettings, work: Path
+    model: OnnxModel,
+    calib: Dataset,
+    evaluation: Dataset,
+    settings: LadderSettings,
+    work: Path,
+    method: Calibration,
 ) -> Built | Decision:
     """The mixed-precision candidate, searched against the budget on the evaluation set."""
-    log.info("ladder_phase", phase="mixed_precision")
+    log.info("ladder_phase", phase="mixed_precision", calibration=str(method))
 
     def meets(path: Path) -> bool:
         quality = score(model.path, {MIXED: path}, evaluation, settings.threads)[MIXED]
         return quality.within(settings.budget)
 
     try:
-        result = quantize_mixed(model, work / f"{MIXED}.onnx", calib, meets)
+        result = quantize_mixed(model, work / f"{MIXED}.onnx", calib, meets, method=method)
     except CompressorError as exc:
         return Decision(MIXED, False, f"failed: {exc}")
+    for layer, why in result.reasons.items():
+        log.info("mixed_float_layer", layer=layer, why=why)
     return Built(result.path, "mixed")
+
+
+def _best_calibrator(scores: dict[str, Quality]) -> Calibration:
+    """The static int8 calibrator that scored best: the mixed search starts from its ranges."""
+    static = {c: scores[f"int8-{c}"] for c in Calibration if f"int8-{c}" in scores}
+    if not static:
+        return Calibration.MINMAX
+    return max(static, key=lambda c: (static[c].quality, static[c].fidelity.cosine))
 
 
 def _needs_mixed(scores: dict[str, Quality], budget: Budget) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import onnxruntime as ort
 import structlog
 
 from compressor.data import Dataset
-from compressor.session import open_session
+from compressor.session import agent_batch_size, open_session
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +27,7 @@ class LatencySettings:
     """How to time: thread count, the larger batch, rounds and time per measurement."""
 
     threads: int
-    batch_size: int = 64
+    batch_size: int = field(default_factory=agent_batch_size)
     rounds: int = 5
     seconds_per_round: float = 0.15
     min_runs: int = 5

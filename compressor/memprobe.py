@@ -1,8 +1,10 @@
 """Peak memory of loading a model and running it once, measured in a fresh child process.
 
 Run as `python -m compressor.memprobe MODEL FEED.npz THREADS`; prints one JSON line. The
-child imports only numpy and onnxruntime, so its baseline is what the agent's process
-already pays, and the difference is what the variant adds.
+child imports numpy, onnxruntime and the agent's session module (whose option builder it
+uses, as the agent does) before its baseline, so the baseline is what the agent's process
+already pays and the difference is what the variant adds. The feed is a batch of the size
+the agent serves: activations at that batch are part of what the variant costs.
 """
 
 from __future__ import annotations
@@ -63,16 +65,17 @@ def _peak_kib() -> int:
 
 
 def _main(argv: list[str]) -> int:
-    import onnxruntime as ort  # noqa: PLC0415 -- imported before the baseline on purpose
+    # Imported before the baseline on purpose: the agent's process has them loaded already.
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from agent.session import PROVIDERS, SessionSettings, session_options  # noqa: PLC0415
 
     model, feed_path, threads = argv
     with np.load(feed_path, allow_pickle=False) as npz:
         feed = {name: npz[name] for name in npz.files}
     baseline = _reset_peak_kib()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    options = session_options(SessionSettings(threads=int(threads), warmup=False))
+    session = ort.InferenceSession(model, options, providers=PROVIDERS)
     session.run(None, feed)
     peak = _peak_kib()
     print(json.dumps({"baseline_kib": baseline, "peak_kib": peak}))

@@ -1,14 +1,17 @@
-"""Accuracy-aware mixed precision: keep the layers int8 hurts most in float, and no more.
+"""Accuracy-aware mixed precision: quantize everything, then return layers to float one by one.
 
-Some models lose their output when every layer is int8. Each quantizable layer is
-quantized alone and its output error on calibration data measured; the most sensitive are
-then kept in float, a few more at a time, until the variant meets the budget. Calibration
-runs once: its ranges are cached and reused by every trial.
+As NNCF's accuracy-aware quantization does: start from the all-int8 model; while it misses
+the budget, try returning each of the most promising quantized layers to float, keep the
+reversal that recovers the most (output error on calibration data, re-measured on the
+current mix, not on each layer alone: errors interact), and check the budget again. There
+is no cap on how many layers return; a result that is no faster than float is left out by
+the ladder's selection, not here. Calibration runs once: its ranges are cached and reused.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +29,29 @@ from compressor.session import open_session, run_dataset
 
 log = structlog.get_logger(__name__)
 
-# Beyond this share of layers in float the rung is unlikely to be faster than fp32.
-MAX_FLOAT_SHARE = 0.5
+# Reversals tried per step: the layers whose reversal recovered the most on the previous
+# measurement. Trying every layer at every step costs layers^2 quantizations.
+CANDIDATES_PER_STEP = 4
 
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """How much quantizing one layer alone moves the outputs (1 - cosine on calibration)."""
+    """How much returning one layer to float lowers the output error (1 - cosine)."""
 
     node: str
     op_type: str
-    error: float
+    error: float  # of the mix with this layer (and those before it) in float
 
 
 @dataclass(frozen=True)
 class MixedResult:
-    """The mixed-precision variant and the layers it keeps in float."""
+    """The mixed-precision variant, the layers it keeps in float and why each."""
 
     path: Path
     float_layers: tuple[str, ...]
     quantized_layers: int
-    ranking: tuple[Sensitivity, ...]
+    ranking: tuple[Sensitivity, ...]  # the reversals in the order they were made
+    reasons: dict[str, str]
 
 
 def quantizable_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -61,38 +66,6 @@ def quantizable_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     ]
 
 
-def rank_layers(
-    prepared: Path,
-    model: OnnxModel,
-    calibration: Dataset,
-    *,
-    method: Calibration,
-    cache: Path,
-    workdir: Path,
-) -> list[Sensitivity]:
-    """Quantize each layer alone and measure its output error; most sensitive first."""
-    proto = onnx.load_model(prepared)
-    nodes = quantizable_nodes(proto)
-    names = [n.name for n in nodes]
-    reference = run_dataset(open_session(prepared), calibration)
-    ranking: list[Sensitivity] = []
-    for step, node in enumerate(nodes, start=1):
-        trial = quantize_static_prepared(
-            prepared,
-            model,
-            workdir / "single.onnx",
-            calibration,
-            method,
-            exclude=[n for n in names if n != node.name],
-            cache=cache,
-        )
-        outputs = run_dataset(open_session(trial), calibration)
-        error = 1.0 - fidelity(reference, outputs).cosine
-        ranking.append(Sensitivity(node.name, node.op_type, error))
-        log.info("layer_sensitivity", step=step, steps=len(nodes), layer=node.name, error=error)
-    return sorted(ranking, key=lambda s: (-s.error, s.node))
-
-
 def quantize_mixed(
     model: OnnxModel,
     out: Path,
@@ -100,68 +73,77 @@ def quantize_mixed(
     meets_budget: Callable[[Path], bool],
     *,
     method: Calibration = Calibration.MINMAX,
-    max_float_share: float = MAX_FLOAT_SHARE,
+    candidates_per_step: int = CANDIDATES_PER_STEP,
 ) -> MixedResult:
-    """Static int8 with the fewest, most sensitive layers in float that meets the budget."""
+    """Static int8 with layers returned to float, most recovering first, until the budget."""
     with tempfile.TemporaryDirectory(prefix="edge-compress-mixed-") as tmp:
         work = Path(tmp)
         prepared = save_model(prepare(model, work), work / "prepared.onnx")
         cache = work / "calibration.json"
-        ranking = rank_layers(
-            prepared, model, calibration, method=method, cache=cache, workdir=work
-        )
-        limit = max(1, int(len(ranking) * max_float_share))
+        nodes = quantizable_nodes(onnx.load_model(prepared))
+        kinds = {n.name: n.op_type for n in nodes}
+        reference = run_dataset(open_session(prepared), calibration)
+        trials = 0
 
-        def attempt(count: int) -> Path | None:
-            kept = [s.node for s in ranking[:count]]
+        def build(floats: list[str], tag: str) -> tuple[Path, float]:
+            nonlocal trials
+            trials += 1
             path = quantize_static_prepared(
                 prepared,
                 model,
-                work / f"mixed{count}.onnx",
+                work / f"{tag}.onnx",
                 calibration,
                 method,
-                exclude=kept,
+                exclude=floats,
                 cache=cache,
             )
-            ok = meets_budget(path)
-            log.info("mixed_attempt", float_layers=count, of=len(ranking), meets_budget=ok)
-            return path if ok else None
+            outputs = run_dataset(open_session(path), calibration)
+            return path, 1.0 - fidelity(reference, outputs).cosine
 
-        count, found = _smallest_passing(attempt, limit)
-        if found is None:
-            raise UnsupportedModelError(
-                f"mixed precision: the budget is not met even with {limit} of "
-                f"{len(ranking)} layers kept in float"
+        floats: list[str] = []
+        current, error = build(floats, "all-int8")
+        reversals: list[Sensitivity] = []
+        reasons: dict[str, str] = {}
+        # Order of promise: every layer's recovery measured once from all-int8.
+        promise = {name: error for name in kinds}
+        started = time.monotonic()
+        while not meets_budget(current):
+            left = [n for n in kinds if n not in floats]
+            if not left:
+                raise UnsupportedModelError(
+                    f"mixed precision: the budget is not met even with all {len(kinds)} "
+                    "layers in float (the loss is outside the quantized layers)"
+                )
+            if not reversals:
+                tried = left  # the first step measures every layer, to rank them
+            else:
+                tried = sorted(left, key=lambda n: (promise[n], n))[:candidates_per_step]
+            best: tuple[float, str, Path] | None = None
+            for name in tried:
+                path, err = build([*floats, name], f"try-{len(floats)}-{name}")
+                promise[name] = err
+                if best is None or err < best[0]:
+                    best = (err, name, path)
+            assert best is not None
+            err, name, current = best
+            floats.append(name)
+            reasons[name] = (
+                f"returning it to float took the output error from {error:.2e} to {err:.2e}"
             )
-        result = save_model(onnx.load_model(found), out)
+            error = err
+            reversals.append(Sensitivity(name, kinds[name], err))
+            elapsed = time.monotonic() - started
+            log.info(
+                "mixed_layer_reverted",
+                layer=name,
+                float_layers=len(floats),
+                of=len(kinds),
+                error=err,
+                trials=trials,
+                seconds=round(elapsed, 1),
+            )
+        result = save_model(onnx.load_model(current), out)
+        log.info("mixed_found", float_layers=floats, quantized=len(kinds) - len(floats))
         return MixedResult(
-            result, tuple(s.node for s in ranking[:count]), len(ranking) - count, tuple(ranking)
+            result, tuple(floats), len(kinds) - len(floats), tuple(reversals), reasons
         )
-
-
-def _smallest_passing(attempt: Callable[[int], Path | None], limit: int) -> tuple[int, Path | None]:
-    """The smallest count in 1..limit that passes, assuming more float layers never hurt.
-
-    Doubling finds a passing bound in log steps, bisection then narrows it down.
-    """
-    low, high, best = 0, 1, None
-    while high <= limit:
-        best = attempt(high)
-        if best is not None:
-            break
-        low, high = high, high * 2
-    else:
-        if low >= limit:
-            return limit, None
-        high = limit
-        best = attempt(high)
-        if best is None:
-            return limit, None
-    while high - low > 1:
-        middle = (low + high) // 2
-        found = attempt(middle)
-        if found is not None:
-            high, best = middle, found
-        else:
-            low = middle
-    return high, best

@@ -96,7 +96,7 @@ def prepare(model: OnnxModel, workdir: Path, min_opset: int = MIN_STATIC_OPSET) 
     upgraded = save_model(proto, workdir / "upgraded.onnx")
     processed = workdir / "preprocessed.onnx"
     try:
-        _quiet(quant_pre_process, upgraded, processed, skip_symbolic_shape=True)
+        quiet(quant_pre_process, upgraded, processed, skip_symbolic_shape=True)
         proto = onnx.load_model(processed)
     # The pre-processor raises whatever its optimisers and shape inference raise.
     except Exception as exc:
@@ -119,7 +119,7 @@ def quantize_dynamic_int8(
         _check_weights(proto, ops, "dynamic int8")
         source = save_model(proto, Path(tmp) / "input.onnx")
         target = Path(tmp) / "dynamic.onnx"
-        _quiet(
+        quiet(
             quantize_dynamic,
             source,
             target,
@@ -129,7 +129,7 @@ def quantize_dynamic_int8(
             extra_options={"MatMulConstBOnly": True},
         )
         log.info("quantized", kind="dynamic_int8", gemm_rewritten=rewritten, ops=sorted(ops))
-        return _finish(onnx.load_model(target), model, out)
+        return finish_transform(onnx.load_model(target), model, out)
 
 
 def quantize_static_int8(
@@ -180,7 +180,7 @@ def quantize_static_prepared(
         # Histogram calibrators stack every batch into one array: ragged batches break them.
         even = method is Calibration.MINMAX and model.signature.batchable
         batch = CALIBRATION_BATCH if even else 1
-        _quiet(
+        quiet(
             quantize_static,
             prepared,
             target,
@@ -197,7 +197,7 @@ def quantize_static_prepared(
             calibration_cache_path=cache,
         )
         log.info("quantized", kind="static_int8", method=str(method), excluded=len(list(exclude)))
-        return _finish(onnx.load_model(target), model, out)
+        return finish_transform(onnx.load_model(target), model, out)
 
 
 def quantize_int4(model: OnnxModel, out: Path, block_size: int = 32) -> Path:
@@ -215,12 +215,12 @@ def quantize_int4(model: OnnxModel, out: Path, block_size: int = 32) -> Path:
         quantizer = MatMulNBitsQuantizer(
             proto, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
         )
-        _quiet(quantizer.process)
+        quiet(quantizer.process)
         result: onnx.ModelProto = quantizer.model.model
         if "MatMulNBits" not in op_counts(result.graph):
             raise UnsupportedModelError("int4: onnxruntime quantized no MatMul weight to 4 bits")
         log.info("quantized", kind="int4", block_size=block_size)
-        return _finish(result, model, out)
+        return finish_transform(result, model, out)
 
 
 def convert_fp16(model: OnnxModel, out: Path) -> Path:
@@ -231,9 +231,9 @@ def convert_fp16(model: OnnxModel, out: Path) -> Path:
 
     # Measured: the converter leaves If/Loop bodies in float32 too (the file grew).
     _check_no_subgraph_only(model.proto, "fp16")
-    proto = _quiet(convert_float_to_float16, _copy(model.proto), keep_io_types=True)
+    proto = quiet(convert_float_to_float16, _copy(model.proto), keep_io_types=True)
     log.info("quantized", kind="fp16")
-    return _finish(proto, model, out)
+    return finish_transform(proto, model, out)
 
 
 def _check_weights(proto: onnx.ModelProto, op_types: set[str], what: str) -> None:
@@ -277,7 +277,7 @@ def _check_no_subgraph_only(
     )
 
 
-def _finish(proto: onnx.ModelProto, model: OnnxModel, out: Path) -> Path:
+def finish_transform(proto: onnx.ModelProto, model: OnnxModel, out: Path) -> Path:
     """Check that onnxruntime loads the result with the original's signature, then write it."""
     signature = signature_of_bytes(proto.SerializeToString(), str(out))
     if [(t.name, t.datatype) for t in signature.inputs] != [
@@ -293,7 +293,7 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     return clone
 
 
-def _quiet(func: Callable[..., T], *args: object, **kwargs: object) -> T:
+def quiet(func: Callable[..., T], *args: object, **kwargs: object) -> T:
     """Call an onnxruntime tool with its root-logger chatter turned down to errors."""
     root = logging.getLogger()
     level = root.level

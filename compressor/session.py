@@ -1,7 +1,9 @@
 """onnxruntime sessions configured as the agent configures them, and running a whole set.
 
-Latency measured with other settings would not predict what the board sees: the agent runs
-one session per variant with intra-op threads = the CPUs it may use and no spinning.
+Latency measured with other settings would not predict what the board sees, so the options
+come from the agent's own builder (`agent.session.session_options`): intra-op threads = the
+CPUs it may use, no spinning, full graph optimisation. The batch size the agent serves
+comes from its configuration's default.
 """
 
 from __future__ import annotations
@@ -12,11 +14,25 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from agent.config import ModelsConfig
+from agent.session import PROVIDERS, SessionSettings, session_options
 from compressor.data import Dataset
 from compressor.errors import ModelLoadError
 
 # Rows per run when a whole set is pushed through a model that takes any batch size.
 RUN_CHUNK = 256
+
+
+def agent_batch_size() -> int:
+    """The largest batch the agent stacks requests into by default (`models.max_batch_size`)."""
+    default = ModelsConfig.model_fields["max_batch_size"].default
+    assert isinstance(default, int)
+    return default
+
+
+def agent_options(threads: int | None = None) -> ort.SessionOptions:
+    """The agent's session options, with its default thread count unless told otherwise."""
+    return session_options(SessionSettings(threads=threads or agent_threads(), warmup=False))
 
 
 def agent_threads() -> int:
@@ -26,14 +42,9 @@ def agent_threads() -> int:
 
 def open_session(model: Path | bytes, threads: int | None = None) -> ort.InferenceSession:
     """A CPU session with the agent's threading; ModelLoadError if onnxruntime refuses it."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or agent_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # onnxruntime's warnings about our own rewrites are noise
     source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, agent_options(threads), providers=PROVIDERS)
     # onnxruntime raises its own exception classes, none shared with the standard ones.
     except Exception as exc:
         where = "model" if isinstance(model, bytes) else str(model)

@@ -192,3 +192,81 @@ def pooling_model(path: Path) -> Path:
         [numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
     )
     return _save(graph, path)
+
+
+def cnn_model(
+    path: Path,
+    channels: tuple[int, ...] = (32, 64, 128, 256, 512),
+    classes: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """A small image classifier on FP32 [-1, 3, 64, 64]: 3x3 stride-2 Conv+Relu layers of
+    `channels`, global average pooling and a dense head to `classes` scores.
+
+    The default holds about 8 MB of fp32 weights (a CNN-sized variant); narrower
+    `channels` make a lighter rung of the same signature."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, previous, width = [], [], "x", 3
+    for layer, out in enumerate(channels):
+        weight = (rng.standard_normal((out, width, 3, 3)) / np.sqrt(width * 9)).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"w{layer}"),
+            numpy_helper.from_array(np.zeros(out, dtype=np.float32), f"b{layer}"),
+        ]
+        nodes += [
+            helper.make_node(
+                "Conv",
+                [previous, f"w{layer}", f"b{layer}"],
+                [f"c{layer}"],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+            ),
+            helper.make_node("Relu", [f"c{layer}"], [f"r{layer}"]),
+        ]
+        previous, width = f"r{layer}", out
+    head = (rng.standard_normal((width, classes)) / np.sqrt(width)).astype(np.float32)
+    initializers += [
+        numpy_helper.from_array(head, "head"),
+        numpy_helper.from_array(np.zeros(classes, dtype=np.float32), "head_bias"),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [previous], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "head", "head_bias"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 64, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", classes])],
+        initializers,
+    )
+    return _save(graph, path)
+
+
+CNN_SIGNATURE: dict[str, Any] = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 64, 64]}],
+    "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, 1000]}],
+}
+
+
+def wide_model(path: Path, hidden: int, width: int = 256, seed: int = 0) -> Path:
+    """x FP32 [-1, width] -> MatMul to `hidden` -> Relu -> MatMul back: 8 * width * hidden
+    bytes of fp32 weights, so that `hidden` sets how much memory the variant holds."""
+    rng = np.random.default_rng(seed)
+    # Uniform float32 draws: a hundred MB of weights is built in a fraction of a second.
+    down = (rng.random((width, hidden), dtype=np.float32) - 0.5) / np.float32(np.sqrt(width))
+    up = (rng.random((hidden, width), dtype=np.float32) - 0.5) / np.float32(np.sqrt(hidden))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "down"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "up"], ["y"]),
+        ],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(down, "down"), numpy_helper.from_array(up, "up")],
+    )
+    return _save(graph, path)

@@ -259,6 +259,186 @@ def outlier_mlp_model(seed: int = 0) -> onnx.ModelProto:
     return _finish(graph)
 
 
+def map_model(size: int = 32, width: int = 16, seed: int = 0, hot: float = 3e6) -> onnx.ModelProto:
+    """A segmentation-style net: conv stages, a skip Concat, a one-channel sigmoid map.
+
+    One channel of the middle activation runs about `hot` times wider than the rest (as
+    text detectors' unnormalised features do) and the next conv scales it back down: the
+    function is ordinary, but float16 overflows on that tensor where it enters the Concat
+    (which onnxruntime runs in float16 on a CPU), and an int8 per-tensor range sized for it
+    crushes every other channel.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = {"stem": (width, 3), "wide": (width, width), "mix": (width, 2 * width)}
+    shapes["head"] = (1, width)
+    weights = {
+        name: rng.normal(0, np.sqrt(2.0 / (cin * 9)), (cout, cin, 3, 3)).astype(np.float32)
+        for name, (cout, cin) in shapes.items()
+    }
+    weights["wide"][0] = np.abs(weights["wide"][0]) * hot  # channel 0: positive and huge
+    weights["mix"][:, 0] /= hot
+    weights["head"] *= 4.0  # a confident map: most pixels near 0 or 1, as a trained one is
+    inits: list[TensorProto] = []
+    for name, w in weights.items():
+        bias = rng.normal(0, 0.1, w.shape[0]).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"{name}.w"),
+            numpy_helper.from_array(bias, f"{name}.b"),
+        ]
+
+    def conv(name: str, source: str, out: str) -> onnx.NodeProto:
+        return helper.make_node(
+            "Conv", [source, f"{name}.w", f"{name}.b"], [out], name=name, pads=[1, 1, 1, 1]
+        )
+
+    nodes = [
+        conv("stem", "input", "stem"),
+        helper.make_node("Relu", ["stem"], ["stem.r"], name="stem.relu"),
+        conv("wide", "stem.r", "wide"),
+        helper.make_node("Relu", ["wide"], ["wide.r"], name="wide.relu"),
+        helper.make_node("Concat", ["wide.r", "stem.r"], ["skip"], name="skip", axis=1),
+        conv("mix", "skip", "mix"),
+        helper.make_node("Relu", ["mix"], ["mix.r"], name="mix.relu"),
+        conv("head", "mix.r", "logits"),
+        helper.make_node("Sigmoid", ["logits"], ["map"], name="sigmoid"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "map",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 3, size, size])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, [-1, 1, size, size])],
+        inits,
+    )
+    return _finish(graph)
+
+
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of [N, 8, 8] images to [N, 1, size, size] (align-corners grid)."""
+    side = images.shape[-1]
+    grid = np.linspace(0.0, side - 1.0, size)
+    low = np.clip(np.floor(grid).astype(int), 0, side - 2)
+    frac = grid - low
+    matrix = np.zeros((size, side))
+    matrix[np.arange(size), low] = 1.0 - frac
+    matrix[np.arange(size), low + 1] += frac
+    scaled = np.einsum("ij,njk,lk->nil", matrix, images.astype(np.float64), matrix)
+    return scaled[:, None].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ImageDigits:
+    """The digits upsampled to images [N, 1, S, S] in [0, 1], split as `digits_data`."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_calib: np.ndarray
+    x_eval: np.ndarray
+    y_eval: np.ndarray
+
+
+def image_digits(size: int = 16, seed: int = 0) -> ImageDigits:
+    """`digits_data` as upsampled images, for the conv test models."""
+    data = digits_data(seed)
+
+    def image(x: np.ndarray) -> np.ndarray:
+        return upsample(x.reshape(-1, 8, 8), size)
+
+    return ImageDigits(
+        image(data.x_train), data.y_train, image(data.x_calib), image(data.x_eval), data.y_eval
+    )
+
+
+def residual_cnn_model(data: ImageDigits, width: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """A small CNN with the blocks real detectors are made of, its head trained on digits.
+
+    stem conv; a residual block (two convs and an Add back onto the stem); a C2f-style
+    block (a conv whose output is Split in two, one half through another conv, the three
+    Concatenated and mixed by a conv); global pool and a Gemm head. The convs keep their
+    random He-scaled weights and the head is fitted by logistic regression on their
+    features: trained a little, so that removing channels really costs accuracy.
+    """
+    rng = np.random.default_rng(seed)
+    inits: list[TensorProto] = []
+
+    def conv(name: str, source: str, cin: int, cout: int, out: str) -> list[onnx.NodeProto]:
+        w = rng.normal(0, np.sqrt(2.0 / (cin * 9)), (cout, cin, 3, 3)).astype(np.float32)
+        inits.extend(
+            [
+                numpy_helper.from_array(w, f"{name}.w"),
+                numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.b"),
+            ]
+        )
+        return [
+            helper.make_node(
+                "Conv",
+                [source, f"{name}.w", f"{name}.b"],
+                [f"{name}.c"],
+                name=name,
+                pads=[1, 1, 1, 1],
+            ),
+            helper.make_node("Relu", [f"{name}.c"], [out], name=f"{name}.relu"),
+        ]
+
+    half = width
+    inits.append(numpy_helper.from_array(np.array([half, half], np.int64), "split.sizes"))
+    nodes = [
+        *conv("stem", "input", 1, width, "t0"),
+        *conv("res1", "t0", width, width, "r1"),
+        helper.make_node(
+            "Conv", ["r1", "res2.w", "res2.b"], ["r2"], name="res2", pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("Add", ["r2", "t0"], ["sum"], name="residual"),
+        helper.make_node("Relu", ["sum"], ["t1"], name="residual.relu"),
+        helper.make_node(
+            "MaxPool", ["t1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]
+        ),
+        *conv("c2f", "p1", width, 2 * half, "c"),
+        helper.make_node("Split", ["c", "split.sizes"], ["a", "b"], name="split", axis=1),
+        *conv("inner", "b", half, half, "m"),
+        helper.make_node("Concat", ["a", "b", "m"], ["cat"], name="concat", axis=1),
+        *conv("mix", "cat", 3 * half, 2 * width, "t2"),
+        helper.make_node("GlobalAveragePool", ["t2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["features"], name="flatten"),
+    ]
+    w2 = rng.normal(0, np.sqrt(1.0 / (width * 9)), (width, width, 3, 3)).astype(np.float32)
+    inits += [
+        numpy_helper.from_array(w2, "res2.w"),
+        numpy_helper.from_array(np.zeros(width, np.float32), "res2.b"),
+    ]
+    size = data.x_train.shape[-1]
+    features = helper.make_graph(
+        nodes,
+        "residual-features",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 1, size, size])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [-1, 2 * width])],
+        inits,
+    )
+    import onnxruntime as ort  # noqa: PLC0415 -- only to fit the head on the conv features
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+
+    session = ort.InferenceSession(
+        _finish(features).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    train = session.run(None, {"input": data.x_train})[0]
+    head = LogisticRegression(max_iter=2000, random_state=seed).fit(train, data.y_train)
+    inits += [
+        numpy_helper.from_array(head.coef_.T.astype(np.float32).copy(), "fc.w"),
+        numpy_helper.from_array(head.intercept_.astype(np.float32), "fc.b"),
+    ]
+    nodes += [
+        helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["logits"], name="fc"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 1, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [-1, 10])],
+        inits,
+    )
+    return _finish(graph)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Check and write a model; returns the path for chaining in fixtures."""
     onnx.checker.check_model(model, full_check=True)

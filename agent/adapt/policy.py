@@ -238,7 +238,9 @@ def _cpu_contended(s: ResourceSnapshot, cfg: AdaptConfig) -> bool:
         return True
     if s.psi_cpu_some_avg10 is not None and s.psi_cpu_some_avg10 >= cfg.psi_cpu_some:
         return True
-    return _others_cpu(s) >= cfg.cpu_busy_percent
+    # Above the figure, as configured: 100 then turns this signal off, where at or above it
+    # would still fire on a board that others keep saturated whenever the agent was idle.
+    return _others_cpu(s) > cfg.cpu_busy_percent
 
 
 def _memory_short(s: ResourceSnapshot, cfg: AdaptConfig) -> bool:

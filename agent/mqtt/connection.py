@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 import struct
@@ -110,3 +111,40 @@ def _set_nodelay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
     # Not a TCP socket (a unix or websocket transport): nothing to tune.
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+MQTT_MAX_PACKET = 268_435_455
+"""The largest packet MQTT can express (a 4-byte remaining length)."""
+
+# What MQTT forbids in a topic name, or mosquitto refuses: U+0000, the C0 and C1 control
+# characters, lone surrogates (they cannot be UTF-8 encoded) and the non-characters
+# U+FDD0..U+FDEF and U+xxFFFE/U+xxFFFF of every plane (MQTT 5 1.5.4, 3.1.1 1.5.3).
+_FORBIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]"
+)
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to, or None when the broker will take it."""
+    if not topic:
+        return "empty"
+    if _FORBIDDEN.search(topic):
+        return "a control character, non-character or lone surrogate"
+    if "+" in topic or "#" in topic:
+        return "a wildcard"
+    if topic.startswith("$"):
+        return "a $ topic"
+    if len(topic.encode("utf-8")) > 65535:
+        return "longer than 65535 bytes"
+    return None
+
+
+def publish_overhead(topic: str, correlation: bytes | None, v5: bool) -> int:
+    """Bytes a PUBLISH adds around its payload (a safe upper bound, for size checks)."""
+    overhead = 1 + 4 + 2 + len(topic.encode("utf-8")) + 2  # header, length, topic, packet id
+    if v5:
+        # property length, correlation data, the header-length user property
+        overhead += 4 + (3 + len(correlation) if correlation else 0) + 64
+    return overhead

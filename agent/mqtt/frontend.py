@@ -27,37 +27,39 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.batching import Completed, Outcome
 from agent.config import MqttConfig
 from agent.control import ControlCommands
-from agent.errors import (
-    EdgeAgentError,
-    InferenceError,
-    InvalidRequest,
-    PayloadTooLarge,
-    RequestExpired,
-)
+from agent.dataplane import DataPlane, DecodeBacklog, Response, error_response, overloaded
+from agent.errors import EdgeAgentError, InvalidRequest, PayloadTooLarge
 from agent.events import Events
 from agent.models import ModelManager
 from agent.mqtt import rtt
 from agent.mqtt.connection import (
+    MQTT_MAX_PACKET,
     ReplyProperties,
     build_client,
     connect_properties,
     is_v5,
+    publish_overhead,
+    topic_problem,
 )
 from agent.protocol import (
     HEADER_LENGTH_PROPERTY,
-    InferenceRequest,
     RequestError,
-    decode_request,
-    encode_error,
-    encode_response,
+    load_json,
+    peek_reply_fields,
 )
 
 log = structlog.get_logger(__name__)
 
 StatusSource = Callable[[], dict[str, Any]]
+
+MAX_COMMAND_BYTES = 65536
+"""Largest control request: they are parsed on the network thread, and all are small."""
+
+POISON_RECONNECTS = 3
+"""Connections in a row that the broker closed within 3 s before pending publications are
+dropped (see MqttFrontend._guard_against_poison)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +101,22 @@ class MqttFrontend:
         self._fleet_lock = threading.Lock()
         self._fleet_shed: set[str] = set()
         self._fleet_subscribed: set[str] = set()
+        self._pending_commands = 0  # queued or running; bounded by max_pending_commands
+        self._pending_lock = threading.Lock()
+        self._plane = DataPlane(manager, config.max_payload_bytes)
+        self._decoder = DecodeBacklog(config.decode_workers, config.decode_backlog_bytes)
+        # The broker's Maximum Packet Size (MQTT 5 CONNACK), else the configured one.
+        self._max_packet = min(config.max_packet_bytes, MQTT_MAX_PACKET)
+        # Connections the broker dropped within seconds: a reply paho resends on every
+        # reconnect may be what it refuses (see _on_connect).
+        self._connected_at = 0.0
+        self._short_sessions = 0
         self._subscribe_mid: int | None = None
         self._session_present = False
         self._accepting = True
         self._stopping = False
         self._last_loop = time.monotonic()
+        self._disconnected_at = 0.0
         self._client = build_client(config, config.effective_client_id, password)
         self._v5 = is_v5(self._client)
         self._client.will_set(self.status_topic, self._state_payload("offline"), qos=1, retain=True)
@@ -119,18 +132,31 @@ class MqttFrontend:
         self._client.on_connect_fail = self._on_connect_fail
 
     @property
+    def plane(self) -> DataPlane:
+        return self._plane
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     @property
     def subscriptions(self) -> list[str]:
-        topics = [f"{self._infer_prefix}+", f"{self._control_prefix}+"]
-        return topics + [self._fleet_topic(name) for name in sorted(self._fleet_wanted())]
+        # The second level, when present, is the requester's user name (see _address).
+        topics = [
+            f"{self._infer_prefix}+",
+            f"{self._infer_prefix}+/+",
+            f"{self._control_prefix}+",
+            f"{self._control_prefix}+/+",
+        ]
+        for name in sorted(self._fleet_wanted()):
+            topics += self._fleet_topics(name)
+        return topics
 
-    # --- The fleet: one shared subscription per model, so that one can be given away ---
+    # --- The fleet: shared subscriptions per model, so that one can be given away ---
 
-    def _fleet_topic(self, model: str) -> str:
-        return f"$share/{self._config.fleet_group}/{self._fleet_prefix}{model}"
+    def _fleet_topics(self, model: str) -> list[str]:
+        shared = f"$share/{self._config.fleet_group}/{self._fleet_prefix}{model}"
+        return [shared, f"{shared}/+"]
 
     def _fleet_wanted(self) -> set[str]:
         if not self._config.fleet_group:
@@ -161,12 +187,13 @@ class MqttFrontend:
         qos = self._config.qos
         if added:
             topics: list[tuple[str, Any]] = [
-                (self._fleet_topic(n), SubscribeOptions(qos=qos) if self._v5 else qos)
+                (topic, SubscribeOptions(qos=qos) if self._v5 else qos)
                 for n in added
+                for topic in self._fleet_topics(n)
             ]
             self._client.subscribe(topics)
         if removed:
-            self._client.unsubscribe([self._fleet_topic(n) for n in removed])
+            self._client.unsubscribe([t for n in removed for t in self._fleet_topics(n)])
 
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
@@ -207,6 +234,7 @@ class MqttFrontend:
         self._stopping = True
         # A command under way (a pin loading a model) finishes and answers first.
         self._commands.shutdown(wait=True, cancel_futures=True)
+        self._decoder.close(timeout)
         if self.connected:
             info = self._client.publish(
                 self.status_topic, self._state_payload("stopped"), qos=1, retain=True
@@ -264,6 +292,13 @@ class MqttFrontend:
             return
         self._refusals = 0
         self.broker_state = "connected"
+        self._max_packet = min(self._config.max_packet_bytes, MQTT_MAX_PACKET)
+        if _properties is not None:
+            announced = vars(_properties).get("MaximumPacketSize")
+            if isinstance(announced, int) and announced > 0:
+                self._max_packet = min(self._max_packet, announced)
+        self._guard_against_poison(client)
+        self._connected_at = time.monotonic()
         qos = self._config.qos
         with self._fleet_lock:
             self._fleet_subscribed = self._fleet_wanted()
@@ -277,6 +312,28 @@ class MqttFrontend:
         # Ready only once the broker has acknowledged the subscriptions: a request sent
         # before that would find nobody subscribed.
         _, self._subscribe_mid = client.subscribe(topics)
+
+    def _guard_against_poison(self, client: mqtt.Client) -> None:
+        """Drop unacknowledged publications after repeated short-lived connections.
+
+        paho resends every unacknowledged QoS 1 publication on reconnect; one the broker
+        refuses (it disconnects the client) would take the agent offline forever. Replies
+        are checked before they are published, so this is the last line of defence.
+        """
+        if not self._connected_at:
+            return
+        lasted = self._disconnected_at - self._connected_at
+        self._short_sessions = self._short_sessions + 1 if 0 <= lasted < 3.0 else 0
+        if self._short_sessions >= POISON_RECONNECTS:
+            dropped = client.drop_out_messages()
+            self._short_sessions = 0
+            if dropped:
+                log.warning(
+                    "unsent_publications_dropped",
+                    count=len(dropped),
+                    topics=sorted({m.topic for m in dropped})[:5],
+                    reason="the broker closed the connection soon after connecting, repeatedly",
+                )
 
     def _on_subscribe(
         self,
@@ -315,6 +372,7 @@ class MqttFrontend:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._disconnected_at = time.monotonic()
         if was_connected and not self._stopping:
             self.broker_state = f"disconnected: {reason}; reconnecting"
         self._events.attach(None)
@@ -335,154 +393,224 @@ class MqttFrontend:
             elif topic.startswith(self._control_prefix):
                 self._command(topic[len(self._control_prefix) :], msg)
             else:
-                log.warning("unexpected_topic", topic=topic)
+                log.warning("unexpected_topic", topic=topic[:200])
         except Exception:  # one bad message must never stop the network loop
-            log.exception("message_handler_failed", topic=topic)
+            log.exception("message_handler_failed", topic=topic[:200])
 
-    def _infer(self, model: str, msg: mqtt.MQTTMessage, received: float) -> None:
+    # --- Inference: decoded here when small, by the decode workers when large ---
+
+    def _infer(self, rest: str, msg: mqtt.MQTTMessage, received: float) -> None:
+        model, _, user = rest.partition("/")
         props = _properties(msg)
-        response_topic: str | None = props.get("ResponseTopic")
-        correlation: bytes | None = props.get("CorrelationData")
-        expiry: int | None = props.get("MessageExpiryInterval")
-        qos = msg.qos
         payload = msg.payload
-        if len(payload) > self._config.max_payload_bytes:
-            self._fail(
-                self._address(response_topic, correlation, qos),
-                model,
-                None,
-                PayloadTooLarge(
-                    f"payload of {len(payload)} bytes exceeds the limit of "
-                    f"{self._config.max_payload_bytes}"
-                ),
+        if len(payload) <= self._config.inline_decode_bytes:
+            self._serve(model, user or None, payload, props, msg.qos, received)
+            return
+        if not self._decoder.offer(
+            len(payload),
+            lambda: self._serve(model, user or None, payload, props, msg.qos, received),
+        ):
+            # Behind: answer now, from what can be read without parsing the request.
+            request_id, reply_to = (None, None)
+            if props.get("ResponseTopic") is None:
+                request_id, reply_to = peek_reply_fields(payload)
+            address = self._address(
+                props.get("ResponseTopic") or reply_to,
+                props.get("CorrelationData"),
+                msg.qos,
+                user or None,
             )
-            return
-        try:
-            request = decode_request(payload, _header_length(props.get("UserProperty", ())))
-        except RequestError as exc:
-            address = self._address(response_topic or exc.reply_to, correlation, qos)
-            self._fail(address, model, exc.request_id, exc)
-            return
-        address = self._address(response_topic or request.reply_to, correlation, qos)
-        if address is None:
-            log.warning("request_without_reply_address", model=model, id=request.id)
-            return
-        deadline = received + expiry if expiry is not None else None
-        try:
-            self._manager.submit(
-                model, request, self._replier(address, model, request, received), deadline
-            )
-        except EdgeAgentError as exc:
-            self._fail(address, model, request.id, exc)
+            self._fail(address, model, request_id, overloaded("decoding requests"))
 
-    def _replier(
-        self, address: ReplyAddress, model: str, request: InferenceRequest, received: float
-    ) -> Callable[[Outcome], None]:
-        binary = {o.name: o.binary for o in request.outputs or ()}
-        default_binary = request.binary_output
-
-        def reply(outcome: Outcome) -> None:
-            if isinstance(outcome, RequestExpired):
-                log.info("request_expired", model=model, id=request.id, topic=address.topic)
-                return
-            if not isinstance(outcome, Completed):
-                self._fail(address, model, request.id, outcome)
-                return
-            parameters = {
-                "queue_ms": round(outcome.queue_ms, 3),
-                "inference_ms": round(outcome.infer_ms, 3),
-                "total_ms": round((time.monotonic() - received) * 1000.0, 3),
-                "batch_size": outcome.batch_size,
-            }
-            tensors = [
-                (name, array, binary.get(name, default_binary))
-                for name, array in outcome.outputs.items()
-            ]
+    def _serve(
+        self,
+        model: str,
+        user: str | None,
+        payload: bytes | bytearray,
+        props: dict[str, Any],
+        qos: int,
+        received: float,
+    ) -> None:
+        """Decode, check and submit one request; every failure is answered if it can be."""
+        response_topic: str | None = props.get("ResponseTopic")
+        correlation: bytes | None = props.get("CorrelationData")
+        address = self._address(response_topic, correlation, qos, user) if response_topic else None
+        request_id: str | int | None = None
+        try:
             try:
-                payload, header_length = encode_response(
-                    model, outcome.variant, request.id, tensors, parameters
-                )
-            except (ValueError, TypeError) as exc:
-                error = InferenceError(f"cannot encode the outputs: {exc}")
-                self._fail(address, model, request.id, error)
+                header_length = _header_length(props.get("UserProperty", ()))
+                request = self._plane.decode(payload, header_length)
+            except RequestError as exc:
+                if address is None and exc.reply_to:
+                    address = self._address(exc.reply_to, correlation, qos, user)
+                self._fail(address, model, exc.request_id, exc)
                 return
-            self._send(address, payload, header_length)
+            request_id = request.id
+            if address is None and request.reply_to:
+                address = self._address(request.reply_to, correlation, qos, user)
+            if address is None:
+                log.warning("request_without_reply_address", model=model, id=request.id)
+                return
+            expiry: int | None = props.get("MessageExpiryInterval")
+            self._plane.infer(
+                model,
+                request,
+                self._responder(address, model),
+                deadline=received + expiry if expiry is not None else None,
+                reply_limit=self._payload_limit(address),
+                received=received,
+            )
+        except Exception as exc:  # whatever failed, a known address gets an answer
+            if not isinstance(exc, EdgeAgentError):
+                log.exception("request_handler_failed", model=model[:200])
+            self._fail(address, model, request_id, exc)
 
-        return reply
+    def _responder(self, address: ReplyAddress, model: str) -> Callable[[Response], None]:
+        def respond(response: Response) -> None:
+            if response.code != 200:
+                log.warning(
+                    "request_failed", model=model, code=response.code, reply_topic=address.topic
+                )
+            self._send(address, response.payload, response.header_length)
 
-    def _command(self, command: str, msg: mqtt.MQTTMessage) -> None:
+        return respond
+
+    # --- Control commands: their own thread, a bounded backlog ---
+
+    def _command(self, rest: str, msg: mqtt.MQTTMessage) -> None:
+        command, _, user = rest.partition("/")
         props = _properties(msg)
         response_topic: str | None = props.get("ResponseTopic")
         correlation: bytes | None = props.get("CorrelationData")
-        reply_to: str | None = None
+        label = f"control/{command[:200]}"
+        address = (
+            self._address(response_topic, correlation, msg.qos, user or None)
+            if response_topic
+            else None
+        )
         try:
-            body = json.loads(msg.payload) if msg.payload.strip() else {}
+            if len(msg.payload) > MAX_COMMAND_BYTES:
+                raise PayloadTooLarge(
+                    f"a control request of {len(msg.payload)} bytes exceeds the limit of "
+                    f"{MAX_COMMAND_BYTES}"
+                )
+            body = load_json(msg.payload) if msg.payload.strip() else {}
             if not isinstance(body, dict):
                 raise InvalidRequest("a control request body must be a JSON object")
-        except (ValueError, EdgeAgentError) as exc:
-            error = (
-                exc if isinstance(exc, EdgeAgentError) else InvalidRequest(f"malformed JSON: {exc}")
-            )
-            address = self._address(response_topic, correlation, msg.qos)
-            self._fail(address, f"control/{command}", None, error)
+        except Exception as exc:  # malformed, too deep, not UTF-8: all answered
+            self._fail(address, label, None, exc)
             return
-        if isinstance(body.get("reply_to"), str):
-            reply_to = body.pop("reply_to")
-        address = self._address(response_topic or reply_to, correlation, msg.qos)
+        reply_to = body.pop("reply_to", None)
+        if address is None and isinstance(reply_to, str):
+            address = self._address(reply_to, correlation, msg.qos, user or None)
+        with self._pending_lock:
+            full = self._pending_commands >= self._config.max_pending_commands
+            if not full:
+                self._pending_commands += 1
+        if full:
+            self._fail(address, label, None, overloaded("control commands"))
+            return
         # A command may load a model (a pin): that must not stall the network loop. One
         # thread runs them in the order they came.
-        self._commands.submit(self._run_command, command, body, address)
+        try:
+            self._commands.submit(self._run_command, command, body, address)
+        except RuntimeError:  # stopping: the executor takes no more work
+            with self._pending_lock:
+                self._pending_commands -= 1
+            self._fail(address, label, None, overloaded("control commands (stopping)"))
 
     def _run_command(
         self, command: str, body: dict[str, Any], address: ReplyAddress | None
     ) -> None:
+        label = f"control/{command[:200]}"
         try:
             result = self._control.handle(command, body)
-        except EdgeAgentError as exc:
-            self._fail(address, f"control/{command}", None, exc)
-            return
+            payload = _json(result)
         except Exception as exc:  # a bug in a command still gets its caller an answer
-            log.exception("control_command_failed", command=command)
-            self._fail(address, f"control/{command}", None, EdgeAgentError(repr(exc)))
+            if not isinstance(exc, EdgeAgentError):
+                log.exception("control_command_failed", command=command[:200])
+            self._fail(address, label, None, exc)
             return
+        finally:
+            with self._pending_lock:
+                self._pending_commands -= 1
         log.info("control_command", command=command)
         if address is not None:
-            self._send(address, _json(result), None)
+            self._send(address, payload, None)
+
+    # --- Replies ---
 
     def _address(
-        self, topic: str | None, correlation: bytes | None, qos: int
+        self, topic: str | None, correlation: bytes | None, qos: int, user: str | None = None
     ) -> ReplyAddress | None:
+        """Where to reply, or None when `topic` is not one the agent may publish to.
+
+        Never the agent's own topics (a client could make it publish on its status), and
+        with mqtt.reply_prefix only that namespace: under <prefix>/<user>/ when the
+        request came on a topic ending in the user name the broker's ACL enforces.
+        """
         if not topic:
             return None
-        if "+" in topic or "#" in topic or topic.startswith("$"):
-            log.warning("reply_topic_refused", topic=topic, reason="wildcard or $ topic")
+        problem = topic_problem(topic) or self._namespace_problem(topic, user)
+        if problem is not None:
+            log.warning("reply_topic_refused", topic=ascii(topic[:200]), reason=problem)
             return None
         return ReplyAddress(topic, correlation, qos)
+
+    def _namespace_problem(self, topic: str, user: str | None) -> str | None:
+        root = self._config.device_topic
+        if topic == root or topic.startswith(f"{root}/") or topic.startswith(self._fleet_prefix):
+            return "one of the agent's own topics"
+        prefix = self._config.reply_prefix
+        if prefix is None:
+            return None
+        required = f"{prefix}/{user}/" if user else f"{prefix}/"
+        if not topic.startswith(required):
+            return f"not under {required}"
+        return None
+
+    def _payload_limit(self, address: ReplyAddress) -> int:
+        """The largest reply payload the broker accepts on `address`."""
+        return self._max_packet - publish_overhead(address.topic, address.correlation, self._v5)
 
     def _fail(
         self,
         address: ReplyAddress | None,
         model: str,
         request_id: str | int | None,
-        error: EdgeAgentError,
+        error: BaseException,
     ) -> None:
+        response = error_response(error, request_id, model)
         log.warning(
             "request_failed",
-            model=model,
-            id=request_id,
-            code=error.code,
-            error=str(error),
+            model=model[:200],
+            id=request_id if not isinstance(request_id, str) else request_id[:200],
+            code=response.code,
+            error=str(error)[:1000],
             reply_topic=address.topic if address else None,
         )
         if address is not None:
-            self._send(address, encode_error(str(error), error.code, request_id, model), None)
+            self._send(address, response.payload, None)
 
     def _send(self, address: ReplyAddress, payload: bytes, header_length: int | None) -> None:
+        if len(payload) > self._payload_limit(address):
+            # Even an error reply can be too large for a tiny broker limit: never publish
+            # what the broker would answer by disconnecting us.
+            log.warning(
+                "reply_dropped",
+                topic=address.topic,
+                bytes=len(payload),
+                max_packet=self._max_packet,
+            )
+            return
         properties = None
         if self._v5 and (address.correlation is not None or header_length is not None):
             user = None if header_length is None else [(HEADER_LENGTH_PROPERTY, str(header_length))]
             properties = ReplyProperties(address.correlation, user)
-        self._client.publish(address.topic, payload, qos=address.qos, properties=properties)
+        try:
+            self._client.publish(address.topic, payload, qos=address.qos, properties=properties)
+        except (ValueError, TypeError) as exc:  # paho's own checks: never let one escape
+            log.warning("reply_not_published", topic=address.topic, error=str(exc)[:200])
 
     # --- Health: is the network loop turning? (for the systemd watchdog) ---
 

@@ -52,7 +52,14 @@ class Requester:
         self._protocol_choice = protocol
         self._password = password
         self.client_id = client_id or f"edge-client-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-        self.reply_topic = f"{config.prefix}/reply/{self.client_id}"
+        # Under the user name when there is one: the shipped ACL lets a user read only
+        # edge/reply/<user>/#, and an agent with mqtt.reply_prefix answers only there.
+        user = config.username
+        self.reply_topic = (
+            f"{config.prefix}/reply/{user}/{self.client_id}"
+            if user
+            else f"{config.prefix}/reply/{self.client_id}"
+        )
         self.protocol = ""
         self._client: mqtt.Client | None = None
         self._pending: dict[bytes, Future[Reply]] = {}
@@ -62,6 +69,12 @@ class Requester:
         self._refused: str | None = None
         self._retained: dict[str, bytes | bytearray] = {}
         self._retained_event = threading.Condition()
+
+    def request_topic(self, topic: str) -> str:
+        """`topic` with the user name as its last level when there is one: the ACL lets a
+        user publish requests only there, which is how the agent knows who asks."""
+        user = self._config.username
+        return f"{topic}/{user}" if user else topic
 
     def connect(self, timeout: float = 5.0) -> str:
         """Connect (MQTT 5 first when `auto`); returns the protocol that worked."""
@@ -210,10 +223,11 @@ def _with_reply_fields(
     """Put `reply_to` (and an id, when the request has none) into the JSON header."""
     end = header_length if header_length is not None else len(payload)
     header = json.loads(payload[:end])
-    header.setdefault("id", token)
-    header["reply_to"] = reply_to
-    key = str(header["id"]).encode()
-    return key, json.dumps(header, separators=(",", ":")).encode() + payload[end:]
+    # id and reply_to first: an agent that sheds a request unparsed reads only its head.
+    first = {"id": header.pop("id", token), "reply_to": reply_to}
+    header.pop("reply_to", None)
+    key = str(first["id"]).encode()
+    return key, json.dumps({**first, **header}, separators=(",", ":")).encode() + payload[end:]
 
 
 def _reply_id(payload: bytes | bytearray) -> bytes | None:

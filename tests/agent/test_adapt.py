@@ -38,6 +38,9 @@ FAST = {
     "memory_low_mb": 64.0,
     "memory_calm_mb": 128.0,
     "probe_interval_s": 0.2,
+    # Memory is what these tests drive: a loaded test machine must not look like latency
+    # pressure (the fleet test sets its own, impossible, objective).
+    "objectives": {"lad": {"slo_p95_ms": 10_000.0}},
 }
 
 
@@ -143,7 +146,12 @@ def test_memory_pressure_steps_down_by_measured_memory_and_calm_climbs_back(
     assert lad["active"] == "small" and lad["reason"] in ("memory", "hold")
     assert [v["name"] for v in lad["variants"]] == ["big", "mid", "small"]
 
+    # Status publications are coalesced: the one after the swap follows within moments.
+    deadline = time.monotonic() + 10
     status = json.loads(retained_status(broker, topic))
+    while status["models"]["lad"]["active"] != "small" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = json.loads(retained_status(broker, topic))
     assert status["models"]["lad"]["active"] == "small"
     assert status["models"]["lad"]["reason"] == "memory"
 

@@ -310,3 +310,18 @@ def test_thermal_pressure_steps_one_rung_cheaper_in_compute() -> None:
 
 def replace_cfg(**changes: float) -> AdaptConfig:
     return CFG.model_copy(update=changes)
+
+
+def test_cpu_taken_by_others_counts_only_above_cpu_busy_percent() -> None:
+    """Others taking all the CPU is contention under the default threshold, but not with
+    cpu_busy_percent at 100 (the signal turned off): the model then steps back up by its
+    latency alone, even on a board that other work keeps saturated."""
+    saturated = Board(slowdown=lambda _t: 1.0, others_cpu=lambda _t: 100.0, active="int8")
+    saturated.run(0, 60)
+    assert saturated.swaps == [], "others' CPU at 100% is contention by default"
+    assert saturated.decisions[-1].explanation == "the board is not calm yet"
+
+    off = CFG.model_copy(update={"cpu_busy_percent": 100.0})
+    ignored = Board(slowdown=lambda _t: 1.0, others_cpu=lambda _t: 100.0, active="int8")
+    ignored.run(0, 60, off)
+    assert ignored.swaps and ignored.swaps[0][1:] == ("int8", "fp16", "calm")

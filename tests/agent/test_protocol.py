@@ -44,7 +44,7 @@ def test_json_request_becomes_typed_arrays() -> None:
         (b'{"inputs": []}', "'inputs' must be a non-empty list"),
         (b'{"inputs": [{"name": "x"}], "bogus": 1}', "unknown request fields"),
         (request(datatype="FLOAT"), "datatype 'FLOAT' is not one of"),
-        (request(shape=[1, -2]), "shape must be a list of non-negative integers"),
+        (request(shape=[1, -2]), "shape must be a list of integers from 0 to"),
         (request(data=[1, 2, 3]), "3 data elements, shape [1, 2] needs 2"),
         (request(data=["a", "b"]), "data is not a list of FP32"),
         (request(datatype="INT8", data=[1, 300]), "data is not a list of INT8"),
@@ -231,3 +231,81 @@ def test_bytes_length_prefix_is_little_endian() -> None:
     payload, header_length = encode_request({"s": np.array([b"abc"], dtype=object)})
     assert header_length is not None
     assert payload[header_length:] == struct.pack("<I", 3) + b"abc"
+
+
+def _raw_tensor(**fields: object) -> bytes:
+    tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2], **fields}
+    return json.dumps({"id": "h", "inputs": [tensor]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (_raw_tensor(datatype=["FP32"]), "datatype ['FP32'] is not one of"),
+        (_raw_tensor(datatype={"a": 1}), "datatype {'a': 1} is not one of"),
+        (_raw_tensor(shape=[1] * 33, data=[1]), "33 dimensions, at most 32"),
+        (_raw_tensor(shape=[2**62] * 100_000), "shape must be a list of integers from 0 to"),
+        (_raw_tensor(shape=[0, 2**70], data=[]), "more than 20 digits"),
+        (_raw_tensor(shape=[0, 2**63], data=[]), "shape must be a list of integers from 0 to"),
+        (_raw_tensor(shape=[65536, 65536], data=[]), "more than the"),
+        (
+            b'{"id": ' + b"7" * 5000 + b', "inputs": []}',
+            "an integer literal has more than 20 digits",
+        ),
+        (
+            _raw_tensor().replace(b"[1, 2]", b"[1, " + b"9" * 4299 + b"]", 1),
+            "an integer literal has more than 20 digits",
+        ),
+        (b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}", "nested deeper than 48"),
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper than 48"),
+        (_raw_tensor(data=["1.5", 2]), "elements must be numbers"),
+        (_raw_tensor(data=[None, 2]), "elements must be numbers"),
+        (_raw_tensor(datatype="INT64", data=[1.9, 2]), "a fraction would be truncated"),
+        (_raw_tensor(datatype="INT64", data=["1", 2]), "elements must be integers"),
+        (_raw_tensor(datatype="UINT8", data=[-1, 2]), "outside [0, 255]"),
+        (_raw_tensor(datatype="FP32", data=[True, False]), "elements must be numbers"),
+        (_raw_tensor(datatype="FP32", data=[1e308, 1]), "outside the range of FP32"),
+        (_raw_tensor(datatype="FP16", data=[70000, 1]), "outside the range of FP16"),
+        (_raw_tensor(name="n" * 300), "name is longer than 256"),
+        (json.dumps({"id": "i" * 2000, "inputs": []}).encode(), "'id' is longer than 1024"),
+    ],
+)
+def test_hostile_requests_are_refused_cheaply_with_a_reason(payload: bytes, message: str) -> None:
+    """Wrong types, huge ranks, dimensions, literals and nesting, and values a cast would
+    change are refused with a 400 before any arithmetic on them."""
+    with pytest.raises(RequestError) as info:
+        decode_request(payload)
+    assert message in str(info.value)
+    assert info.value.code == 400
+    assert len(str(info.value)) < 1000
+
+
+def test_error_messages_quote_client_values_within_a_limit() -> None:
+    """A 10 MB datatype is quoted in 200 characters, and every error reply is bounded."""
+    with pytest.raises(RequestError) as info:
+        decode_request(_raw_tensor(datatype="F" * 10_000_000))
+    assert len(str(info.value)) < 400
+    assert len(encode_error("x" * 10_000_000, 400)) < 1100
+
+
+def test_integral_floats_and_non_finite_strings_are_read_exactly() -> None:
+    """2.0 is a valid INT64 and "NaN"/"Infinity" are FP32 values, as the agent writes them."""
+    assert decode_request(_raw_tensor(datatype="INT64", data=[2.0, -3])).inputs["x"].tolist() == [
+        [2, -3]
+    ]
+    decoded = decode_request(_raw_tensor(data=["NaN", "-Infinity"])).inputs["x"]
+    assert np.isnan(decoded[0, 0]) and decoded[0, 1] == -np.inf
+
+
+def test_replies_are_strict_json_with_non_finite_floats_as_strings() -> None:
+    """NaN and infinities in a JSON output become "NaN", "Infinity", "-Infinity"."""
+    values = np.array([[np.nan, np.inf, -np.inf, 1.5]], dtype=np.float32)
+    payload, _ = encode_response("m", "v", None, [("y", values, False)])
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"bare {constant} in the reply")
+
+    reply = json.loads(payload, parse_constant=refuse)
+    assert reply["outputs"][0]["data"] == ["NaN", "Infinity", "-Infinity", 1.5]
+    _, outputs = decode_response(payload)
+    assert np.isnan(outputs["y"][0, 0]) and outputs["y"][0, 1:].tolist() == [np.inf, -np.inf, 1.5]

@@ -121,3 +121,47 @@ def vector16(models_dir: Path) -> Path:
 def outlier_mlp(models_dir: Path) -> Path:
     """A 4-layer MLP with one 1000x hotter hidden channel that int8 activations crush."""
     return cm.save(cm.outlier_mlp_model(), models_dir / "outlier.onnx")
+
+
+@pytest.fixture(scope="session")
+def map_net(models_dir: Path) -> Path:
+    """A segmentation-style net with a sigmoid map and one channel far beyond fp16's range."""
+    return cm.save(cm.map_model(), models_dir / "map.onnx")
+
+
+@pytest.fixture(scope="session")
+def map_calib(models_dir: Path) -> Path:
+    """Calibration images for the map net."""
+    return Dataset({"input": cm.image_batch(24, size=32, seed=1)}).save(models_dir / "map_cal.npz")
+
+
+@pytest.fixture(scope="session")
+def map_eval(models_dir: Path) -> Path:
+    """Evaluation images for the map net (no labels: fidelity only)."""
+    return Dataset({"input": cm.image_batch(32, size=32, seed=2)}).save(models_dir / "map_ev.npz")
+
+
+@pytest.fixture(scope="session")
+def image_digits() -> cm.ImageDigits:
+    """The digits as 16x16 images, split for training, calibration and evaluation."""
+    return cm.image_digits(size=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def residual_cnn(models_dir: Path, image_digits: cm.ImageDigits) -> Path:
+    """A CNN with a residual Add, a Split and a Concat, its head trained on the digits."""
+    return cm.save(cm.residual_cnn_model(image_digits), models_dir / "residual.onnx")
+
+
+@pytest.fixture(scope="session")
+def residual_calib(models_dir: Path, image_digits: cm.ImageDigits) -> Path:
+    """Calibration images for the residual CNN."""
+    return Dataset({"input": image_digits.x_calib}).save(models_dir / "residual_cal.npz")
+
+
+@pytest.fixture(scope="session")
+def residual_eval(models_dir: Path, image_digits: cm.ImageDigits) -> Path:
+    """Labelled evaluation images for the residual CNN."""
+    return Dataset({"input": image_digits.x_eval}, image_digits.y_eval).save(
+        models_dir / "residual_ev.npz"
+    )

@@ -241,8 +241,7 @@ def test_mixed_precision_rescues_int8(tmp_path: Path, outlier_mlp: Path, vector1
     assert "int8-mixed" in reasons
     assert "int8-mixed" in result.evaluations
     assert result.evaluations["int8-mixed"].fidelity.cosine >= 0.99
-    # Two of four layers in int8 make the file 14% smaller: a rung on size alone.
-    assert [(v.name, v.precision) for v in result.manifest.variants] == [
-        ("fp32", "fp32"),
-        ("int8-mixed", "mixed"),
-    ]
+    # Smaller on disk is no rung any more: it stays only if it is a step cheaper to run.
+    kept = [v.name for v in result.manifest.variants]
+    assert kept[0] == "fp32"
+    assert "int8-mixed" in kept or reasons["int8-mixed"].startswith("no step")

@@ -32,7 +32,7 @@ def test_full_int8_loses_the_outlier_model(
 
 
 def test_sensitive_layers_kept_in_float(tmp_path: Path, outlier_mlp: Path, vector16: Path) -> None:
-    """The two layers around the hot tensor rank first and stay float; the rest are int8."""
+    """The two layers around the hot tensor are returned to float first; the rest stay int8."""
     model = load_model(outlier_mlp)
     data = load_dataset(vector16, model.signature)
 
@@ -54,9 +54,9 @@ def test_sensitive_layers_kept_in_float(tmp_path: Path, outlier_mlp: Path, vecto
 
 
 def test_unreachable_budget_is_refused(tmp_path: Path, outlier_mlp: Path, vector16: Path) -> None:
-    """A budget no mix within the float-layer limit can meet is refused with the count."""
+    """A budget that even an all-float mix cannot meet is refused, naming the layer count."""
     model = load_model(outlier_mlp)
     data = load_dataset(vector16, model.signature)
-    with pytest.raises(UnsupportedModelError, match="even with 2 of 4 layers"):
+    with pytest.raises(UnsupportedModelError, match="even with all 4 layers"):
         quantize_mixed(model, tmp_path / "mixed.onnx", data, lambda _: False)
     assert not (tmp_path / "mixed.onnx").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -30,7 +31,12 @@ from tests.service.pki import Pki, make_pki
 REPO = Path(__file__).resolve().parents[2]
 ACL_EXAMPLE = REPO / "systemd" / "mosquitto-acl.example"
 DEVICE = "edge-device-1"  # the device user of the ACL example
-PASSWORDS = {DEVICE: "device-secret-7f3a", "operator": "operator-pw", "app1": "app1-pw"}
+PASSWORDS = {
+    DEVICE: "device-secret-7f3a",
+    "operator": "operator-pw",
+    "app1": "app1-pw",
+    "app2": "app2-pw",  # no block of its own in the ACL: it may only read its replies
+}
 LADDER_SPEC = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
     "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
@@ -101,15 +107,15 @@ class SecureClient:
         self.client.subscribe(self.reply_topic, qos=1)
         assert subscribed.wait(5)
 
-    def send(self, topic: str, body: dict[str, Any]) -> str:
+    def send(self, topic: str, body: dict[str, Any], reply_topic: str | None = None) -> str:
         """Publish at QoS 1 with a reply address; the PUBACK's reason (MQTT 5) or 'Success'."""
         props = None
         if self.client.protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = self.reply_topic
+            props.ResponseTopic = reply_topic or self.reply_topic
             props.CorrelationData = b"c"
         else:
-            body = {**body, "reply_to": self.reply_topic}
+            body = {**body, "reply_to": reply_topic or self.reply_topic}
         info = self.client.publish(topic, json.dumps(body), qos=1, properties=props)
         info.wait_for_publish(5)
         mid, reason = self.acks.get(timeout=5)
@@ -171,6 +177,7 @@ def secure_agent(
         "password_credential": password_credential,
         "reconnect_min_s": 1,
         "reconnect_max_s": 4,
+        "reply_prefix": "edge/reply",  # what the shipped ACL asks of the agent
         "tls": {
             "enabled": True,
             "ca_file": pki.ca_cert,
@@ -222,7 +229,7 @@ def test_the_agent_serves_over_tls_with_its_password_from_a_systemd_credential(
     clients.append(app)
     wait_online(app)
     request = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
-    assert app.send(f"edge/{DEVICE}/infer/lad", request) == "Success"
+    assert app.send(f"edge/{DEVICE}/infer/lad/app1", request) == "Success"
     reply = app.reply()
     assert reply["model_version"] == "big"
     assert reply["outputs"][0]["data"] == [3.0] * 4
@@ -326,13 +333,98 @@ def test_a_client_without_rights_cannot_pin_a_variant(
 
     pin = {"model": "lad", "variant": "small"}
     denied_before = secure_broker.log.read_text().count("Denied PUBLISH")
-    reason = app.send(f"edge/{DEVICE}/control/pin", pin)
+    reason = app.send(f"edge/{DEVICE}/control/pin/app1", pin)
     assert reason == ("Not authorized" if protocol == mqtt.MQTTv5 else "Success")
     assert app.no_reply(within=1.0)
     assert agent.manager.get("lad").active.name == "big"
     assert agent.state.pinned("lad") is None
     assert secure_broker.log.read_text().count("Denied PUBLISH") == denied_before + 1
 
-    assert operator.send(f"edge/{DEVICE}/control/pin", pin) == "Success"
+    assert operator.send(f"edge/{DEVICE}/control/pin/operator", pin) == "Success"
     assert operator.reply() == {"model": "lad", "pinned": "small", "active": "small"}
     assert agent.state.pinned("lad") == "small"
+
+
+REQUEST = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+
+
+@pytest.fixture
+def serving_device(
+    secure_broker: SecureBroker, credentials: Path, tmp_path: Path, agents: list[Agent]
+) -> Agent:
+    """The device agent, configured as the README says, serving the ladder model."""
+    (credentials / "mqtt-password").write_text(PASSWORDS[DEVICE])
+    agent = secure_agent(secure_broker, ladder_models(tmp_path), "mqtt-password")
+    agents.append(agent)
+    agent.start()
+    assert agent.frontend is not None and agent.frontend.wait_connected(10)
+    return agent
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt311"])
+def test_a_client_cannot_have_replies_delivered_to_another(
+    secure_broker: SecureBroker,
+    serving_device: Agent,
+    clients: list[SecureClient],
+    protocol: int,
+) -> None:
+    """app1 naming app2's reply topic, or the device's own status and events topics, gets
+    nothing published there; its own reply topic works."""
+    app2 = SecureClient(secure_broker, "app2")
+    clients.append(app2)
+    app1 = SecureClient(secure_broker, "app1", protocol)
+    clients.append(app1)
+    wait_online(app1)
+    app1.client.subscribe(f"edge/{DEVICE}/#", qos=1)  # the ACL lets it read the status
+    time.sleep(0.3)
+    while not app1.messages.empty():  # the retained status
+        app1.messages.get()
+    topic = f"edge/{DEVICE}/infer/lad/app1"
+    for target in (app2.reply_topic, f"edge/{DEVICE}/status", f"edge/{DEVICE}/events"):
+        assert app1.send(topic, REQUEST, reply_topic=target) == "Success"
+    assert app2.no_reply(within=1.0)
+    assert app1.no_reply(within=0.5)
+    assert app1.send(topic, REQUEST) == "Success"
+    assert app1.reply()["outputs"][0]["data"] == [3.0] * 4
+
+
+def test_requests_must_name_their_sender(
+    secure_broker: SecureBroker, serving_device: Agent, clients: list[SecureClient]
+) -> None:
+    """The broker refuses a request without the sender's user name as the last level, or
+    with another user's name there: the agent can trust that level."""
+    app1 = SecureClient(secure_broker, "app1")
+    clients.append(app1)
+    wait_online(app1)
+    assert app1.send(f"edge/{DEVICE}/infer/lad", REQUEST) == "Not authorized"
+    assert app1.send(f"edge/{DEVICE}/infer/lad/app2", REQUEST) == "Not authorized"
+    assert app1.no_reply(within=0.5)
+
+
+def test_edge_agent_infer_works_with_the_shipped_acl(
+    secure_broker: SecureBroker, serving_device: Agent, tmp_path: Path
+) -> None:
+    """`edge-agent infer` as app1 sends on .../<model>/app1 and listens under
+    edge/reply/app1/, so it gets its reply through the README's ACL."""
+    pki = secure_broker.pki
+    (tmp_path / "app1-password").write_text(PASSWORDS["app1"])
+    config = tmp_path / "client.toml"
+    config.write_text(
+        "[mqtt]\n"
+        f'host = "localhost"\nport = {secure_broker.port}\ndevice_id = "{DEVICE}"\n'
+        f'username = "app1"\npassword_file = "{tmp_path / "app1-password"}"\n'
+        "[mqtt.tls]\nenabled = true\n"
+        f'ca_file = "{pki.ca_cert}"\ncert_file = "{pki.client_cert}"\n'
+        f'key_file = "{pki.client_key}"\n'
+    )
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(REQUEST))
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "infer", "lad", str(request), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "answered by variant big" in result.stdout

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Build the adapting demo's model: a small CNN trained on scikit-learn's digits, upsampled.
+
+The 8x8 digits are scaled up (bilinear) to 64x64 images so that the convolutions cost real
+time: the fp32 model runs in a few milliseconds at batch 1 on two threads, enough for two
+busy loops to push it over a latency objective and for a lighter rung to bring it back.
+Writes `--out/fp32.onnx` (+ a one-variant manifest), the request files
+`tools/requests/digits-cnn.{json,npz}` and the compressor's data, `digits-cnn-calib.npz`
+(training images) and `digits-cnn-eval.npz` (held-out images with labels);
+`tools/build_demo_ladder.sh` then builds the committed ladder `models/digits-cnn/`.
+Trains with PyTorch: needs the `train` extra (`pip install -e '.[compress,train]'`); the
+agent and the test suite only read the committed result. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compress_models import upsample  # noqa: E402 -- tools/ is on the path as the script's home
+
+from agent.manifest import Manifest, TensorSpec, Variant, VariantMetrics, write_manifest  # noqa: E402
+from agent.repository import sha256_of  # noqa: E402
+
+SIZE = 64
+# Output channels of the 3x3 convolutions, and which of them a 2x2 max-pool follows: three
+# stages of two, so that the last layer sees most of the image before the global pool.
+CHANNELS = (48, 48, 96, 96, 160, 160)
+POOLED = (False, True, False, True, False, True)
+BATCH = 64
+CLASSES = 10
+
+
+def split(seed: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """80/20 stratified split of the digits, upsampled; pixel values stay 0..16."""
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
+    return upsample(x_train, size), upsample(x_test, size), y_train, y_test
+
+
+def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int) -> dict[str, np.ndarray]:
+    """Train the CNN with Adam on randomly shifted images; returns its weights by name.
+
+    Trained with BatchNormalization after each convolution (it trains in a few epochs
+    where the plain net stalls), folded into the convolutions for export.
+    """
+    import torch  # noqa: PLC0415 -- only the builder needs it (the `train` extra)
+    from torch import nn  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    inputs = 1
+    for width, pooled in zip(CHANNELS, POOLED, strict=True):
+        layers += [nn.Conv2d(inputs, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        if pooled:
+            layers.append(nn.MaxPool2d(2))
+        inputs = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, CLASSES)]
+    net = nn.Sequential(*layers)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    steps = epochs * -(-len(x) // BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    images = torch.from_numpy(x / 16.0)
+    labels = torch.from_numpy(y.astype(np.int64))
+    rng = np.random.default_rng(seed)
+    shift = x.shape[-1] // 16  # +-4 px at 64: half an original pixel
+    net.train()
+    for epoch in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(images)))
+        total = 0.0
+        for start in range(0, len(order), BATCH):
+            index = order[start : start + BATCH]
+            dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+            batch = torch.roll(images[index], shifts=(dy, dx), dims=(2, 3))
+            loss = nn.functional.cross_entropy(net(batch), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(index)
+        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(images):.4f}", file=sys.stderr)
+    net.eval()
+    weights: dict[str, np.ndarray] = {}
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    norms = [m for m in net if isinstance(m, nn.BatchNorm2d)]
+    for i, (conv, norm) in enumerate(zip(convs, norms, strict=True)):
+        assert conv.bias is not None and norm.running_var is not None
+        assert norm.running_mean is not None
+        scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().numpy()
+        weight = conv.weight.detach().numpy() * scale[:, None, None, None]
+        bias = (conv.bias.detach().numpy() - norm.running_mean.numpy()) * scale
+        bias = bias + norm.bias.detach().numpy()
+        if i == 0:
+            weight = weight / 16.0  # the model takes raw 0..16 pixels: fold the scaling in
+        weights[f"conv{i}.weight"] = weight
+        weights[f"conv{i}.bias"] = bias
+    head = next(m for m in net if isinstance(m, nn.Linear))
+    weights["fc.weight"] = head.weight.detach().numpy().T.copy()
+    weights["fc.bias"] = head.bias.detach().numpy()
+    return {k: _flush_subnormals(v) for k, v in weights.items()}
+
+
+def _flush_subnormals(array: np.ndarray) -> np.ndarray:
+    # Subnormal weights run in microcode on x86 (see build_demo_model.py): never ship any.
+    out = array.astype(np.float32)
+    out[np.abs(out) < np.finfo(np.float32).tiny] = 0.0
+    return out
+
+
+def to_onnx(weights: dict[str, np.ndarray], size: int) -> onnx.ModelProto:
+    """Conv/Relu/MaxPool blocks, global average pool, Gemm, Softmax: plain opset-17 ONNX."""
+    nodes: list[onnx.NodeProto] = []
+    tensor = "input"
+    for i, pooled in enumerate(POOLED):
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [tensor, f"conv{i}.weight", f"conv{i}.bias"],
+                [f"conv{i}"],
+                name=f"conv{i}",
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"], name=f"relu{i}"))
+        tensor = f"relu{i}"
+        if pooled:
+            nodes.append(
+                helper.make_node(
+                    "MaxPool",
+                    [tensor],
+                    [f"pool{i}"],
+                    name=f"pool{i}",
+                    kernel_shape=[2, 2],
+                    strides=[2, 2],
+                )
+            )
+            tensor = f"pool{i}"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [tensor], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["features"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits-cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edge-agent-demo"
+    )
+    model.ir_version = 8  # readable by every onnxruntime since 1.10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort  # noqa: PLC0415 -- a check of the export, not the agent's path
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {"input": x})[0]
+    return float(np.mean(np.argmax(probabilities, axis=1) == y))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for fp32.onnx")
+    parser.add_argument("--requests", type=Path, default=ROOT / "tools" / "requests")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=SIZE, help="image side after upsampling")
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args(argv)
+
+    x_train, x_test, y_train, y_test = split(args.seed, args.size)
+    model = to_onnx(train(x_train, y_train, args.seed, args.epochs), args.size)
+    accuracy = _accuracy(model, x_test, y_test)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_path = args.out / "fp32.onnx"
+    onnx.save(model, model_path)
+    shape = (-1, 1, args.size, args.size)
+    manifest = Manifest(
+        name=args.out.name,
+        description=f"digit classifier CNN; input: a {args.size}x{args.size} image, 0..16.",
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=shape)],
+        outputs=[TensorSpec(name="probabilities", datatype="FP32", shape=(-1, CLASSES))],
+        variants=[
+            Variant(
+                name="fp32",
+                file=model_path.name,
+                sha256=sha256_of(model_path),
+                precision="fp32",
+                size_bytes=model_path.stat().st_size,
+                metrics=VariantMetrics(accuracy=round(accuracy, 4), fidelity=1.0),
+            )
+        ],
+    )
+    write_manifest(manifest, args.out / "manifest.json")
+
+    args.requests.mkdir(parents=True, exist_ok=True)
+    one = x_test[:1]
+    request = {
+        "id": "digit-cnn-1",
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(one.shape),
+                "datatype": "FP32",
+                "data": [round(float(v), 3) for v in one.reshape(-1)],
+            }
+        ],
+    }
+    text = json.dumps(request, separators=(",", ":")) + "\n"
+    (args.requests / "digits-cnn.json").write_text(text)
+    # Rounded like the JSON request so that both ask the same question; compressed because
+    # upsampled images repeat themselves.
+    np.savez_compressed(args.requests / "digits-cnn.npz", input=x_test[:8], labels=y_test[:8])
+    np.savez_compressed(args.requests / "digits-cnn-eval.npz", input=x_test, labels=y_test)
+    np.savez_compressed(args.requests / "digits-cnn-calib.npz", input=x_train[:256])
+    print(f"wrote {model_path} (test accuracy {accuracy:.4f}); first sample is a {y_test[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
