@@ -63,6 +63,6 @@ class RequestExpired(EdgeAgentError):
 
 
 class InferenceError(EdgeAgentError):
-    """onnxruntime raised while running the model."""
+    """The runtime (onnxruntime or LiteRT) raised while running the model."""
 
     code = 500

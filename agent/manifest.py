@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
@@ -54,13 +55,116 @@ class VariantMetrics(BaseModel):
     peak_rss_mb: float | None = Field(None, ge=0.0, description="Peak RSS of load + one run.")
 
 
+# A variant file is served by the runtime its suffix names.
+MODEL_SUFFIXES = (".onnx", ".tflite")
+# A delegate named without a path is found by the dynamic loader in the system's library
+# directories; a model folder cannot ship one (that would be native code pushed with a model).
+_DELEGATE_NAME = r"^lib[A-Za-z0-9_.+-]+\.so(\.[0-9]+)*$"
+
+
+# What the Edge TPU compiler puts in a model for the part the accelerator runs.
+EDGETPU_OPS = frozenset({"edgetpu-custom-op"})
+
+
+class DelegateSpec(BaseModel):
+    """An external LiteRT delegate (an accelerator's runtime) and its options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    library: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A library name the loader finds (libedgetpu.so.1) or an absolute path.",
+    )
+    options: dict[str, str] = Field(
+        default_factory=dict, description="Passed to the delegate as key=value strings."
+    )
+    custom_ops: tuple[str, ...] | None = Field(
+        None,
+        description="Custom operators the delegate implements, which a model for it may use "
+        "(default: edgetpu-custom-op for libedgetpu, none otherwise).",
+    )
+
+    @property
+    def provided_ops(self) -> frozenset[str]:
+        """The custom operators a model run with this delegate may contain."""
+        if self.custom_ops is not None:
+            return frozenset(self.custom_ops)
+        if PurePosixPath(self.library).name.startswith("libedgetpu."):
+            return EDGETPU_OPS
+        return frozenset()
+
+    @field_validator("library")
+    @classmethod
+    def _library_installed(cls, library: str) -> str:
+        if "/" in library:
+            if not PurePosixPath(library).is_absolute() or ".." in PurePosixPath(library).parts:
+                raise ValueError(f"{library!r} must be a bare library name or an absolute path")
+        elif not re.match(_DELEGATE_NAME, library):
+            raise ValueError(f"{library!r} is not a shared library name (lib*.so[.N])")
+        return library
+
+
+class RuntimeOptions(BaseModel):
+    """How a `.tflite` variant runs; every field is optional (None keeps the default).
+
+    Set per model (the manifest's `runtime`) or per variant (a variant's `runtime`, which
+    overrides the model's field by field). ONNX variants take none of these.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    float_io: bool | None = Field(
+        None,
+        description="Serve quantized int8/uint8 inputs and outputs as FP32, converting with "
+        "each tensor's scale and zero point (default: served as the model declares them).",
+    )
+    threads: int | None = Field(
+        None, ge=1, le=64, description="XNNPACK/interpreter threads (default: models.threads)."
+    )
+    xnnpack: bool | None = Field(
+        None, description="Apply the XNNPACK CPU delegate (default: true)."
+    )
+    delegate: DelegateSpec | None = Field(
+        None, description="An external delegate, e.g. the Edge TPU's libedgetpu.so.1."
+    )
+    interpreters: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="Interpreters per variant, for concurrent runs (default 1: runs take turns).",
+    )
+    probe: bool | None = Field(
+        None,
+        description="Open the file in a short-lived child process before the agent does, so "
+        "that a file that crashes the interpreter kills only the child (default: true).",
+    )
+
+    @property
+    def custom_ops(self) -> frozenset[str]:
+        """Custom operators the configured delegate provides (none without a delegate)."""
+        return self.delegate.provided_ops if self.delegate is not None else frozenset()
+
+    def over(self, base: RuntimeOptions | None) -> RuntimeOptions:
+        """These options with `base`'s filling every field left unset here."""
+        if base is None:
+            return self
+        merged = base.model_dump(exclude_unset=True)
+        merged.update(self.model_dump(exclude_unset=True))
+        return RuntimeOptions.model_validate(merged)
+
+
 class Variant(BaseModel):
     """One rung of the ladder: a file and what it costs."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    file: str = Field(min_length=1, description="Path of the .onnx file, relative to the folder.")
+    file: str = Field(
+        min_length=1,
+        description="Path of the .onnx or .tflite file, relative to the folder; the suffix "
+        "picks the runtime (onnxruntime or LiteRT).",
+    )
     sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="Hex digest the file must have."
     )
@@ -68,6 +172,9 @@ class Variant(BaseModel):
     sparsity: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of weights removed.")
     size_bytes: int = Field(0, ge=0, description="File size in bytes.")
     metrics: VariantMetrics = Field(default_factory=VariantMetrics)
+    runtime: RuntimeOptions | None = Field(
+        None, description="LiteRT options for a .tflite variant (over the model's)."
+    )
 
     @field_validator("file")
     @classmethod
@@ -75,9 +182,20 @@ class Variant(BaseModel):
         path = PurePosixPath(file)
         if path.is_absolute() or "\\" in file or any(part == ".." for part in path.parts):
             raise ValueError(f"{file!r} must be a plain path inside the model folder")
-        if path.suffix != ".onnx":
-            raise ValueError(f"{file!r} is not an .onnx file")
+        if path.suffix not in MODEL_SUFFIXES:
+            raise ValueError(f"{file!r} is not an .onnx or .tflite file")
         return file
+
+    @model_validator(mode="after")
+    def _options_fit_runtime(self) -> Variant:
+        if self.runtime is not None and PurePosixPath(self.file).suffix != ".tflite":
+            raise ValueError(f"runtime options apply to .tflite variants, not {self.file!r}")
+        return self
+
+    def runtime_options(self, manifest: Manifest | None) -> RuntimeOptions:
+        """The options this variant runs with: its own over its model's, then defaults."""
+        base = manifest.runtime if manifest is not None else None
+        return (self.runtime or RuntimeOptions()).over(base)
 
 
 class Manifest(BaseModel):
@@ -101,6 +219,9 @@ class Manifest(BaseModel):
         None,
         description="Whether requests may be stacked along dimension 0; None decides from "
         "the signature (every input and output has a free leading dimension).",
+    )
+    runtime: RuntimeOptions | None = Field(
+        None, description="LiteRT options for every .tflite variant of the model."
     )
 
     @model_validator(mode="after")
@@ -140,6 +261,11 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
     """Write a manifest atomically, so a watcher never sees half of it."""
+    data = manifest.model_dump(mode="json")
+    # Unset runtime options are left out, so that agents older than them read the file.
+    for holder in (data, *data["variants"]):
+        if holder.get("runtime") is None:
+            holder.pop("runtime", None)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """The model directory: which models it holds and which files may be served.
 
-A folder with manifest.json is a model with a ladder of variants; a bare `.onnx` file is a
-model with one variant. Nothing here loads onnxruntime: it reads, validates and checks
+A folder with manifest.json is a model with a ladder of variants; a bare `.onnx` or `.tflite`
+file is a model with one variant. Nothing here loads onnxruntime: it reads, validates and checks
 hashes, so that the session layer only ever sees files that are safe to open.
 """
 
@@ -16,9 +16,17 @@ from pathlib import Path
 from agent.config import SecurityConfig
 from agent.errors import ManifestError, VariantRejected
 from agent.files import RefusedFile, check_regular, open_regular, read_regular
-from agent.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, Variant, parse_manifest
+from agent.manifest import (
+    MANIFEST_FILE,
+    MODEL_SUFFIXES,
+    NAME_PATTERN,
+    Manifest,
+    Variant,
+    parse_manifest,
+)
 from agent.onnx_check import check_model_file
 from agent.signing import SIGNATURE_FILE, ManifestVerifier
+from agent.tflite_check import check_tflite_file
 
 BARE_VARIANT = "default"
 _NAME = re.compile(NAME_PATTERN)
@@ -91,7 +99,7 @@ def scan(
     for entry in sorted(models_dir.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() or entry.suffix == ".onnx":
+        if entry.is_dir() or entry.suffix in MODEL_SUFFIXES:
             try:
                 models.append(read_model(entry, models_dir, policy))
             except ManifestError as exc:
@@ -103,7 +111,7 @@ def scan(
 
 
 def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLICY) -> ModelSource:
-    """Describe the model at `path` (a folder with a manifest, or a bare .onnx file)."""
+    """Describe the model at `path` (a folder with a manifest, or a bare model file)."""
     _check_inside(path, models_dir)
     if path.is_dir():
         manifest_path = path / MANIFEST_FILE
@@ -131,7 +139,7 @@ def read_model(path: Path, models_dir: Path, policy: SupplyPolicy = DEFAULT_POLI
         return ModelSource(manifest.name, path, tuple(manifest.variants), manifest, _stamp(files))
     if policy.verifier is not None:
         raise ManifestError(
-            f"{path}: a bare .onnx file has no signed manifest "
+            f"{path}: a bare {path.suffix} file has no signed manifest "
             "(security.manifest_public_key is set)"
         )
     name = path.stem
@@ -204,7 +212,11 @@ def verify_variant(
                 f"variant {variant.name}: sha256 of {variant.file} is {digest}, "
                 f"the manifest says {variant.sha256}"
             )
-    check_model_file(path, source.folder, variant=variant.name, allow_external_data=not signed)
+    if path.suffix == ".tflite":
+        options = variant.runtime_options(source.manifest)
+        check_tflite_file(path, variant=variant.name, custom_ops=options.custom_ops)
+    else:
+        check_model_file(path, source.folder, variant=variant.name, allow_external_data=not signed)
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from compressor.quantize import (
 from compressor.report import table
 from compressor.selection import DEFAULT_MAX_RUNGS, DEFAULT_MIN_STEP, Decision, Rules
 from compressor.session import agent_batch_size, agent_threads
+from compressor.torch_import import examples_from_npz, export_to_onnx, is_torch_model
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +78,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("ladder", help="build, measure and write a variant ladder folder")
-    p.add_argument("model", type=Path, help="the original .onnx model")
+    p.add_argument(
+        "model",
+        type=Path,
+        help="the original .onnx model, or a PyTorch one (.pt2 torch.export program, "
+        ".pt/.pth/.ts TorchScript; needs --calib or --eval for its inputs and the train extra)",
+    )
     p.add_argument("--out", "-o", type=Path, required=True, help="the model folder to write")
+    p.add_argument(
+        "--output-names",
+        type=lambda text: [n for n in text.split(",") if n],
+        help="comma-separated ONNX output names for a PyTorch model (default: output)",
+    )
     _data_args(p, calib_required=False)
     _budget_arg(p)
     _timing_args(p)
@@ -248,15 +260,22 @@ def _run_ladder(args: argparse.Namespace) -> int:
         mixed=not args.no_mixed,
         plot=not args.no_plot,
     )
-    result = build_ladder(
-        args.model,
-        args.out,
-        calib=args.calib,
-        evaluation=args.eval,
-        settings=settings,
-        name=args.name,
-        force=args.force,
-    )
+    with tempfile.TemporaryDirectory(prefix="edge-compress-torch-") as tmp:
+        model = args.model
+        if is_torch_model(model):  # exported to ONNX first (compressor/torch_import.py)
+            data = args.calib or args.eval
+            examples = examples_from_npz(data) if data else {}
+            model = export_to_onnx(model, Path(tmp) / f"{model.stem}.onnx", examples,
+                                   args.output_names)  # fmt: skip
+        result = build_ladder(
+            model,
+            args.out,
+            calib=args.calib,
+            evaluation=args.eval,
+            settings=settings,
+            name=args.name,
+            force=args.force,
+        )
     print(result.report, end="")
     print(f"wrote {result.out} ({len(result.manifest.variants)} variants)")
     return 0

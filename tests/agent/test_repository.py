@@ -40,7 +40,7 @@ def manifest_dict(**changes: object) -> dict[str, object]:
     [
         ({"variants": [{"name": "a", "file": "../x.onnx"}]}, "plain path inside"),
         ({"variants": [{"name": "a", "file": "/etc/x.onnx"}]}, "plain path inside"),
-        ({"variants": [{"name": "a", "file": "a.txt"}]}, "not an .onnx file"),
+        ({"variants": [{"name": "a", "file": "a.txt"}]}, "not an .onnx or .tflite file"),
         (
             {"variants": [{"name": "a", "file": "a.onnx"}, {"name": "a", "file": "b.onnx"}]},
             "duplicate variant names",
