@@ -38,7 +38,8 @@ from agent.manifest import TensorSpec, Variant
 from agent.metrics import ModelStats
 from agent.protocol import InferenceRequest
 from agent.repository import DEFAULT_POLICY, ModelSource, SupplyPolicy, verify_variant
-from agent.session import LoadedVariant, SessionSettings
+from agent.runtime import load_variant
+from agent.session import SessionSettings
 from agent.variant import VariantHandle
 
 log = structlog.get_logger(__name__)
@@ -666,13 +667,14 @@ class ModelManager:
         path = verify_variant(source, variant, self._config.dir, self.supply_policy)
         manifest = source.manifest
         before = process_rss_mb()
-        runtime = LoadedVariant.load(
+        runtime = load_variant(
             source.name,
             variant.name,
             path,
             self._settings,
             expected_inputs=manifest.inputs if manifest else None,
             expected_outputs=manifest.outputs if manifest else None,
+            options=variant.runtime_options(manifest) if path.suffix == ".tflite" else None,
         )
         if self._settings.warmup and rows > 1:
             # Warm at the batch size it will serve: the first big batch is not slow either.

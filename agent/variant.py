@@ -15,7 +15,7 @@ import time
 import structlog
 
 from agent.manifest import Variant
-from agent.session import LoadedVariant
+from agent.runtime import Runtime
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +24,7 @@ class VariantHandle:
     """One loaded variant of a model, shared by the batches that hold a lease on it."""
 
     def __init__(
-        self, runtime: LoadedVariant, variant: Variant, rss_added_mb: float | None
+        self, runtime: Runtime, variant: Variant, rss_added_mb: float | None
     ) -> None:
         self.runtime = runtime
         self.variant = variant
