@@ -146,7 +146,8 @@ def test_sigterm_waits_no_longer_than_the_stop_timeout(
     probe: Probe,
 ) -> None:
     """With service.stop_timeout_s = 1 and ten seconds of queued work, the agent exits
-    about a second after SIGTERM, having answered what it could."""
+    about a second after SIGTERM, having answered what it could and told every other
+    request it is stopping (503): none goes unanswered."""
     agent = run_agent(EDGE_AGENT_SERVICE__STOP_TIMEOUT_S="1")
     notify_socket.wait_for("READY", "1", timeout=30)
     wait_subscribed(probe, agent.device_topic)
@@ -158,7 +159,9 @@ def test_sigterm_waits_no_longer_than_the_stop_timeout(
     took = time.monotonic() - signalled
     assert took < 5.0, took
     answered = replies(probe, within=1)
-    assert len(answered) < 20
+    assert len(answered) == 20
+    stopping = [r for r in answered if r.get("code") == 503 and "stopping" in r["error"]]
+    assert 0 < len(stopping) < 20
 
 
 PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
