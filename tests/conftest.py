@@ -28,6 +28,18 @@ from tests import onnx_models
 
 HEADER = "Inference-Header-Content-Length"
 
+# Hermetic even under a bare `pytest`: nothing of an installed service's environment
+# (its state directory, notify socket, credentials, configuration) reaches the agents the
+# tests start. tools/test.sh clears these too.
+for _name in [n for n in os.environ if n.startswith("EDGE_AGENT_")] + [
+    "STATE_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "CREDENTIALS_DIRECTORY",
+]:
+    os.environ.pop(_name, None)
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[MosquittoBroker]:
