@@ -205,6 +205,7 @@ def test_bad_hidden_widths_are_a_usage_error(digits_gemm: Path, tmp_path: Path) 
     assert exit_info.value.code == 2
 
 
+@pytest.mark.timeout(300)  # a whole ladder in a child process: minutes on a busy machine
 def test_console_script_ladder(
     tmp_path: Path, digits_gemm: Path, digits_calib: Path, digits_eval: Path
 ) -> None:
@@ -225,6 +226,7 @@ def test_console_script_ladder(
             "--prune-ratios",
             "0.5",
             "--no-plot",
+            "--no-mixed",  # searched in tests/compressor/test_mixed.py; here the script
             *FAST_TIMING,
         ],
         capture_output=True,
