@@ -41,6 +41,7 @@ FleetHook = Callable[[str, bool], None]
 
 PROBES_PER_TICK = 4
 CALM_PROBE_FACTOR = 5.0
+BASELINE_WINDOW_S = 60.0
 
 
 def _hot(snapshot: ResourceSnapshot, cfg: AdaptConfig) -> bool:
@@ -142,15 +143,13 @@ class Adapter:
             if active is not None
             else None
         )
-        richest = model.ladder[0].name
-        if (
-            active == richest
-            and figures is not None
-            and figures.count >= cfg.min_samples
-            and figures.infer_p50_ms is not None
-        ):
-            best = self._fastest.get(model.name)
-            self._fastest[model.name] = min(figures.infer_p50_ms, best or math.inf)
+        if active is not None and active == model.ladder[0].name:
+            # The richest rung's speed on this device, from a longer window than the
+            # policy's: on a calm board it is probed only every few seconds.
+            base = model.stats.variant_figures(active, BASELINE_WINDOW_S)
+            if base.count >= cfg.min_samples and base.infer_p50_ms is not None:
+                best = self._fastest.get(model.name, math.inf)
+                self._fastest[model.name] = min(base.infer_p50_ms, best)
         slo = objective(
             rungs,
             declared.slo_p95_ms
