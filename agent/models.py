@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from agent.adapt.procstat import process_rss_mb
+from agent.adapt.procstat import process_rss_mb, return_free_memory
 from agent.batching import BatchingQueue, Job, Outcome
 from agent.config import ModelsConfig
 from agent.errors import (
@@ -679,6 +679,7 @@ class ModelManager:
         if self._settings.warmup and rows > 1:
             # Warm at the batch size it will serve: the first big batch is not slow either.
             runtime.warm_up(rows, timeout_s=self._settings.warmup_timeout_s)
+        return_free_memory()  # the load's temporaries are not what the variant keeps
         after = process_rss_mb()
         added = max(0.0, after - before) if before is not None and after is not None else None
         if added is not None:
