@@ -38,6 +38,7 @@ from agent.watcher import ModelWatcher
 log = structlog.get_logger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
+SIGNAL_POLL_S = 0.25
 # The retained status is republished at most this often (loads of many models at once).
 STATUS_INTERVAL_S = 0.5
 
@@ -198,9 +199,21 @@ class Agent:
     def run_until_stopped(self) -> None:
         """Publish metrics every interval until `request_stop()` (or a signal)."""
         interval = self.config.metrics.interval_s
-        while not self._stop.wait(interval if interval > 0 else None):
-            if self.frontend is not None:
-                self.frontend.publish_metrics(self.metrics())
+        due = time.monotonic() + interval
+        # Never one long wait: a signal that the kernel delivers to another thread only
+        # flags Python's handler, which runs when the main thread next wakes. A wait
+        # without a timeout here was the rare "no exit within 30 s of SIGTERM".
+        while not self._stop.wait(self._next_wait(interval, due)):
+            if interval > 0 and time.monotonic() >= due:
+                due += interval
+                if self.frontend is not None:
+                    self.frontend.publish_metrics(self.metrics())
+
+    @staticmethod
+    def _next_wait(interval: float, due: float) -> float:
+        if interval <= 0:
+            return SIGNAL_POLL_S
+        return min(SIGNAL_POLL_S, max(0.0, due - time.monotonic()))
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self._stop.is_set():
