@@ -166,6 +166,7 @@ class Adapter:
             slo_p95_ms=slo,
             observed_p95_ms=figures.p95_ms if figures is not None else None,
             observed_infer_p95_ms=figures.infer_p95_ms if figures is not None else None,
+            observed_queue_p95_ms=figures.queue_p95_ms if figures is not None else None,
             observed_count=figures.count if figures is not None else 0,
             pinned=self._pinned(model.name),
             fleet=self._fleet is not None,

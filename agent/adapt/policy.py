@@ -58,6 +58,7 @@ class ModelView:
     observed_p95_ms: float | None = None
     """The active variant's p95 in the agent over the latency window."""
     observed_infer_p95_ms: float | None = None
+    observed_queue_p95_ms: float | None = None
     observed_count: int = 0
     pinned: str | None = None
     fleet: bool = False
@@ -268,9 +269,10 @@ def in_backoff(rung: RungView, cfg: AdaptConfig, now: float) -> bool:
 
 
 def predict(view: ModelView) -> dict[str, float | None]:
-    """Each rung's p95 under today's conditions: the part of the active variant's observed
-    p95 spent computing, scaled by the rung's measured latency, plus the part that is not
-    (queueing, scheduling) as it is. None where a figure is missing."""
+    """Each rung's p95 under today's conditions, from the active variant's observed p95:
+    the time spent computing and waiting in the queue scales with the rung's measured
+    latency (a faster variant drains the queue faster too); the rest (scheduling, the
+    agent's own work) stays as it is. None where a figure is missing."""
     active = view.rung(view.active)
     out: dict[str, float | None] = {r.name: None for r in view.rungs}
     if (
@@ -280,13 +282,15 @@ def predict(view: ModelView) -> dict[str, float | None]:
         or view.observed_p95_ms is None
     ):
         return out
+    total = view.observed_p95_ms
     compute = view.observed_infer_p95_ms
-    if compute is None or compute > view.observed_p95_ms:
-        compute = view.observed_p95_ms
-    overhead = view.observed_p95_ms - compute
+    if compute is None or compute > total:
+        compute = total
+    queued = min(view.observed_queue_p95_ms or 0.0, total - compute)
+    fixed = total - compute - queued
     for rung in view.rungs:
         if rung.latency_ms is not None:
-            out[rung.name] = overhead + compute * rung.latency_ms / active.latency_ms
+            out[rung.name] = fixed + (compute + queued) * rung.latency_ms / active.latency_ms
     return out
 
 
@@ -452,28 +456,42 @@ def _cool_down(ctx: _Context) -> Decision:
     return ctx.decision(ctx.view.active, "thermal", "hot; nothing cheaper to step to yet")
 
 
+def _richer(view: ModelView, active: RungView) -> list[RungView]:
+    """Rungs more accurate than the active one by their measured quality (on a tie, those
+    before it in the ladder), nearest first: what one step up may take."""
+    order = {r.name: i for i, r in enumerate(view.rungs)}
+    here = order[active.name]
+    richer = [
+        r
+        for r in view.rungs
+        if r.quality > active.quality or (r.quality == active.quality and order[r.name] < here)
+    ]
+    return sorted(richer, key=lambda r: (r.quality, -order[r.name]))
+
+
 def _step_up(ctx: _Context, state: ModelState) -> tuple[Decision, ModelState]:
-    """Calm long enough, cooled down: one rung richer, if predicted to fit."""
+    """Calm long enough, cooled down: one rung richer, if predicted to fit.
+
+    The CPU need not be idle: a board that others keep busy still takes a richer variant
+    when this model's own figures predict it within `up_margin` of its objective."""
     view, cfg, board, now = ctx.view, ctx.cfg, ctx.board, ctx.now
     calm_for = now - state.calm_since if state.calm_since is not None else 0.0
-    board_calm = board.cpu_calm and board.thermal_calm and not board.memory_short
+    quiet = board.thermal_calm and not board.memory_short
     shedding = state.shedding
-    if shedding and calm_for >= cfg.up_after_s and board_calm:
+    if shedding and calm_for >= cfg.up_after_s and quiet:
         shedding = False
         state = replace(state, shedding=False)
-    richer = view.rungs[: view.rungs.index(ctx.active)]
-    candidate = next((r for r in reversed(richer) if not in_backoff(r, cfg, now)), None)
+    candidate = next((r for r in _richer(view, ctx.active) if not in_backoff(r, cfg, now)), None)
     if candidate is None:
         why = "serving the richest usable variant"
         return ctx.decision(view.active, "calm", why, shedding), state
     since = 0.0 if math.isinf(ctx.since_swap) else ctx.since_swap
-    if not board_calm:
+    p = ctx.predicted.get(candidate.name)
+    if not quiet or (p is None and not board.cpu_calm):
         why = "the board is not calm yet"
     elif calm_for < cfg.up_after_s or ctx.since_swap < cfg.cooldown_s:
         why = f"calm for {calm_for:.0f} s of {cfg.up_after_s:g}; {since:.0f} s since the last swap"
-    elif (p := ctx.predicted.get(candidate.name)) is not None and (
-        view.slo_p95_ms is not None and p > view.slo_p95_ms * cfg.up_margin
-    ):
+    elif p is not None and view.slo_p95_ms is not None and p > view.slo_p95_ms * cfg.up_margin:
         why = (
             f"{candidate.name} is predicted at {p:.2f} ms, over {cfg.up_margin:g} of the objective"
         )

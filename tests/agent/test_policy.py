@@ -12,6 +12,7 @@ from agent.adapt.policy import (
     ModelView,
     PolicyState,
     RungView,
+    board_signals,
     decide,
     objective,
     predict,
@@ -322,14 +323,49 @@ def replace_cfg(**changes: float) -> AdaptConfig:
 
 def test_cpu_taken_by_others_counts_only_above_cpu_busy_percent() -> None:
     """Others taking all the CPU is contention under the default threshold, but not with
-    cpu_busy_percent at 100 (the signal turned off): the model then steps back up by its
-    latency alone, even on a board that other work keeps saturated."""
+    cpu_busy_percent at 100 (the signal turned off)."""
+    history = [snap(float(t), others_cpu=100.0) for t in range(30)]
+    assert board_signals(history, CFG, 29.0).cpu_contended
+    off = CFG.model_copy(update={"cpu_busy_percent": 100.0})
+    assert not board_signals(history, off, 29.0).cpu_contended
+
+
+def test_a_busy_board_does_not_keep_a_model_down_when_its_own_figures_say_it_fits() -> None:
+    """Others keep the CPU saturated, but this model's observed latency predicts the richer
+    rung well within its objective: it steps back up, one rung at a time, by its figures."""
     saturated = Board(slowdown=lambda _t: 1.0, others_cpu=lambda _t: 100.0, active="int8")
     saturated.run(0, 60)
-    assert saturated.swaps == [], "others' CPU at 100% is contention by default"
-    assert saturated.decisions[-1].explanation == "the board is not calm yet"
+    assert saturated.swaps and saturated.swaps[0][1:] == ("int8", "fp16", "calm")
 
-    off = CFG.model_copy(update={"cpu_busy_percent": 100.0})
-    ignored = Board(slowdown=lambda _t: 1.0, others_cpu=lambda _t: 100.0, active="int8")
-    ignored.run(0, 60, off)
-    assert ignored.swaps and ignored.swaps[0][1:] == ("int8", "fp16", "calm")
+
+def test_a_step_up_follows_measured_quality_not_ladder_position() -> None:
+    """A rung later in the ladder but measured more accurate than the active one is a step
+    up: the policy climbs to it by its quality, nearest first."""
+    ladder = (
+        RungView("fp32", 0.983, 4.0, 40.0),
+        RungView("int8", 0.986, 1.5, 20.0),
+        RungView("pruned-int8", 0.989, 0.5, 10.0),
+        RungView("tiny", 0.90, 0.3, 6.0),
+    )
+    board = Board(slowdown=lambda _t: 1.0, ladder=ladder)
+    board.run(0, 100)
+    assert [s[2] for s in board.swaps] == ["int8", "pruned-int8"]
+    assert board.decisions[-1].explanation == "serving the richest usable variant"
+
+
+def test_a_queue_that_dominates_the_p95_is_predicted_to_drain_on_a_faster_rung() -> None:
+    """Most of the p95 is queue wait: a rung four times faster is predicted to cut the
+    queueing as well, so the policy steps down instead of finding no variant that helps."""
+    view = ModelView(
+        "m",
+        LADDER,
+        "fp32",
+        12.0,
+        observed_p95_ms=40.0,
+        observed_infer_p95_ms=4.0,
+        observed_queue_p95_ms=35.0,
+        observed_count=50,
+    )
+    predicted = predict(view)
+    assert predicted["pruned-int8"] == 1.0 + (4.0 + 35.0) * 1.0 / 4.0
+    assert predicted["tiny"] is not None and predicted["tiny"] < 12.0 * CFG.down_margin
