@@ -666,6 +666,9 @@ class ModelManager:
     def _load_handle(self, source: ModelSource, variant: Variant, rows: int = 1) -> VariantHandle:
         path = verify_variant(source, variant, self._config.dir, self.supply_policy)
         manifest = source.manifest
+        # Trimmed on both sides: free heap reused by the load, or given back after it, must
+        # not pass for what the variant itself keeps.
+        return_free_memory()
         before = process_rss_mb()
         runtime = load_variant(
             source.name,
@@ -679,7 +682,7 @@ class ModelManager:
         if self._settings.warmup and rows > 1:
             # Warm at the batch size it will serve: the first big batch is not slow either.
             runtime.warm_up(rows, timeout_s=self._settings.warmup_timeout_s)
-        return_free_memory()  # the load's temporaries are not what the variant keeps
+        return_free_memory()
         after = process_rss_mb()
         added = max(0.0, after - before) if before is not None and after is not None else None
         if added is not None:
