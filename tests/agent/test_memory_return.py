@@ -106,5 +106,6 @@ def test_two_hundred_swaps_of_a_cnn_variant_leave_the_rss_where_warm_up_left_it(
     assert len(swaps) == SWAPS
     assert {fields["mode"] for fields in swaps} == {"make-before-break"}
     measured = manager.measured_mb("cnn", "a")
-    assert measured is not None and measured > 8  # each load really took memory
+    # Each load really took memory: about the 8 MB of weights (the heap is trimmed around it).
+    assert measured is not None and measured > 6
     assert grown < 10.0, f"RSS grew {grown:.1f} MB over {SWAPS - WARM_UP_SWAPS} swaps"
