@@ -25,14 +25,17 @@ import numpy as np
 import structlog
 
 from agent.adapt.procstat import process_rss_mb
-from agent.datatypes import NUMPY_DTYPES, datatype_of
+from agent.datatypes import datatype_of
 from agent.errors import InferenceError, VariantRejected
 from agent.files import check_regular
 from agent.manifest import DelegateSpec, RuntimeOptions, TensorSpec
 from agent.session import RunControl, SessionSettings
+from agent.signature import conform, zeros
 from agent.tflite_check import check_tflite_file
 
 log = structlog.get_logger(__name__)
+
+FLOAT_IO_HINT = " (float_io serves quantized tensors as FP32)"
 
 INSTALL_HINT = "install the litert extra: pip install 'edge-agent[litert]'"
 DEFAULT_SIGNATURE = "serving_default"
@@ -253,9 +256,9 @@ class LiteRTVariant:
         inputs = [_spec(t) for t in ins]
         outputs = [_spec(t) for t in outs]
         if expected_inputs is not None:
-            inputs = _conform(name, "input", inputs, expected_inputs)
+            inputs = conform(name, "input", inputs, expected_inputs, FLOAT_IO_HINT)
         if expected_outputs is not None:
-            outputs = _conform(name, "output", outputs, expected_outputs)
+            outputs = conform(name, "output", outputs, expected_outputs, FLOAT_IO_HINT)
         variant = cls(model, name, path, bound, inputs, outputs, signature)
         if settings.warmup:
             # Every interpreter once: each allocates its arena on its first run.
@@ -318,7 +321,7 @@ class LiteRTVariant:
         without the probe a warm-up is not bounded.
         """
         del timeout_s  # kept by the probe (see above)
-        feeds = {spec.name: _zeros(spec, rows) for spec in self.inputs}
+        feeds = {spec.name: zeros(spec, rows) for spec in self.inputs}
         try:
             self.run(feeds)
         except InferenceError:
@@ -524,41 +527,7 @@ def _spec(tensor: _Tensor) -> TensorSpec:
     return TensorSpec.model_validate({"name": tensor.name, "datatype": datatype, "shape": shape})
 
 
-def _conform(
-    variant: str, kind: str, actual: Sequence[TensorSpec], expected: Sequence[TensorSpec]
-) -> list[TensorSpec]:
-    """The manifest's signature, once it is known to agree with what the model declares."""
-    by_name = {spec.name: spec for spec in actual}
-    if set(by_name) != {spec.name for spec in expected}:
-        raise VariantRejected(
-            f"variant {variant}: {kind}s are {sorted(by_name)}, "
-            f"the manifest says {sorted(spec.name for spec in expected)}"
-        )
-    for want in expected:
-        have = by_name[want.name]
-        if have.datatype != want.datatype:
-            hint = " (float_io serves quantized tensors as FP32)" if want.datatype == "FP32" else ""
-            raise VariantRejected(
-                f"variant {variant}: {kind} {want.name} is {have.datatype}, "
-                f"the manifest says {want.datatype}{hint}"
-            )
-        if len(have.shape) != len(want.shape) or any(
-            -1 not in (h, w) and h != w for h, w in zip(have.shape, want.shape, strict=True)
-        ):
-            raise VariantRejected(
-                f"variant {variant}: {kind} {want.name} has shape {list(have.shape)}, "
-                f"the manifest says {list(want.shape)}"
-            )
-    return list(expected)
-
-
-def _zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
-    shape = tuple(
-        (rows if i == 0 else 1) if dim == -1 else dim for i, dim in enumerate(spec.shape)
-    )
-    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
-
-
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:1000] if text else type(exc).__name__
+

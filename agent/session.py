@@ -18,9 +18,10 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.adapt.procstat import return_free_memory
-from agent.datatypes import NUMPY_DTYPES, ORT_TYPES, Datatype
+from agent.datatypes import ORT_TYPES, Datatype
 from agent.errors import InferenceError, VariantRejected
 from agent.manifest import TensorSpec
+from agent.signature import conform, zeros
 
 # onnxruntime prints its own errors to stderr, bypassing structlog; every failure it reports
 # reaches us as an exception that we log (or answer) ourselves.
@@ -129,9 +130,9 @@ class LoadedVariant:
         inputs = [_spec(arg) for arg in session.get_inputs()]
         outputs = [_spec(arg) for arg in session.get_outputs()]
         if expected_inputs is not None:
-            inputs = _conform(name, "input", inputs, expected_inputs)
+            inputs = conform(name, "input", inputs, expected_inputs)
         if expected_outputs is not None:
-            outputs = _conform(name, "output", outputs, expected_outputs)
+            outputs = conform(name, "output", outputs, expected_outputs)
         variant = cls(model, name, path, session, inputs, outputs, 0.0)
         if settings.warmup:
             variant.warmed_up = variant.warm_up(timeout_s=settings.warmup_timeout_s)
@@ -180,7 +181,7 @@ class LoadedVariant:
         `RunOptions.terminate` between kernels) and rejects the variant: a model that does
         not finish on zeros cannot be trusted to finish on requests.
         """
-        feeds = {spec.name: _zeros(spec, rows) for spec in self.inputs}
+        feeds = {spec.name: zeros(spec, rows) for spec in self.inputs}
         control = RunControl()
         timer = None
         if timeout_s is not None:
@@ -208,42 +209,6 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
         raise VariantRejected(f"tensor {arg.name} has type {arg.type}, which is not served")
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or ()))
     return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
-
-
-def _conform(
-    variant: str, kind: str, actual: Sequence[TensorSpec], expected: Sequence[TensorSpec]
-) -> list[TensorSpec]:
-    """The manifest's signature, once it is known to agree with what the graph declares."""
-    by_name = {spec.name: spec for spec in actual}
-    if set(by_name) != {spec.name for spec in expected}:
-        raise VariantRejected(
-            f"variant {variant}: {kind}s are {sorted(by_name)}, "
-            f"the manifest says {sorted(spec.name for spec in expected)}"
-        )
-    for want in expected:
-        have = by_name[want.name]
-        if have.datatype != want.datatype:
-            raise VariantRejected(
-                f"variant {variant}: {kind} {want.name} is {have.datatype}, "
-                f"the manifest says {want.datatype}"
-            )
-        if len(have.shape) != len(want.shape) or any(
-            -1 not in (h, w) and h != w for h, w in zip(have.shape, want.shape, strict=True)
-        ):
-            raise VariantRejected(
-                f"variant {variant}: {kind} {want.name} has shape {list(have.shape)}, "
-                f"the manifest says {list(want.shape)}"
-            )
-    return list(expected)
-
-
-def _zeros(spec: TensorSpec, rows: int = 1) -> np.ndarray:
-    shape = tuple(1 if dim == -1 else dim for dim in spec.shape)
-    if spec.shape and spec.shape[0] == -1:
-        shape = (rows, *shape[1:])
-    if spec.datatype == "BYTES":
-        return np.full(shape, "", dtype=object)
-    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
 
 
 def _describe(exc: BaseException) -> str:
