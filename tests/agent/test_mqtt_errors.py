@@ -211,6 +211,12 @@ def test_expired_requests_are_not_answered(
     small, small_length = encode_request({"x": np.ones((1, 512), np.float32)})
     topic = f"{agent.topic}/infer/slow"
     probe.publish(topic, payload, _props(probe, b"long", header_length))
+    # The long request is decoded off the network thread (it is large): wait until it runs,
+    # so that the small one queues behind it rather than overtaking it.
+    queue = agent.agent.manager.get("slow").queue
+    deadline = time.monotonic() + 30
+    while not queue.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
     probe.publish(topic, small, _props(probe, b"expires", small_length, expiry=1))
     first = probe.expect(probe.reply_topic, timeout=60)
     assert first.properties.CorrelationData == b"long"
