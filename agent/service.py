@@ -115,6 +115,7 @@ class Agent:
         self.sampler.start()
         self.manager.headroom_mb = self._headroom_mb
         self.manager.drain_timeout_s = adapt.drain_timeout_s
+        self.manager.quality_first = adapt.enabled
         self._status_updates.start()
         self.loader.start()
         # Each load is bounded: a model stuck loading is abandoned, and start-up goes on.
@@ -359,7 +360,7 @@ class Agent:
         self.events.emit(event, **fields)
         if event == "model_loaded" or (event == "variant_swapped" and fields["reason"] == "pinned"):
             # What the policy chose is not remembered: the next boot starts from the pin
-            # or the richest variant that loads, and the policy decides again from there.
+            # or the most accurate variant that loads, and the policy decides from there.
             self.state.record_good(fields["model"], fields.get("variant") or fields["to"])
         if event in ("model_loaded", "variant_swapped", "variant_restored", "model_unloaded"):
             self._status_updates.request()  # coalesced: one publication for many loads
