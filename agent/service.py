@@ -270,8 +270,7 @@ class Agent:
             self.supervisor.request_reload()
 
     def health_problems(self, loop_stale_after: float) -> list[str]:
-        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker, a
-        model load stuck past models.load_timeout_s."""
+        """Why the agent cannot serve: a dead or stuck MQTT loop, a hung model worker."""
         problems: list[str] = []
         if self.frontend is not None:
             self.frontend.probe_loop(idle_after=loop_stale_after / 6)
@@ -281,12 +280,17 @@ class Agent:
         stall = self.config.service.worker_stall_s
         for model in self.manager.served():
             problems += [f"model {model.name}: {p}" for p in model.queue.stalled(stall)]
-        problems += [
+        return problems
+
+    def degradations(self) -> list[str]:
+        """Model loads stuck past models.load_timeout_s. The agent serves everything else,
+        and a restart would load the same files and stick again (a restart loop, the
+        whole device down for one model): the watchdog keeps being fed, STATUS says it."""
+        return [
             f"model {name}: load stuck for {seconds:.0f} s "
             f"(models.load_timeout_s = {self.loader.timeout_s:g})"
             for name, seconds in self.loader.stuck()
         ]
-        return problems
 
     def status_line(self) -> str:
         """What `systemctl status` shows: models with their active variant, broker state."""
