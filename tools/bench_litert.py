@@ -245,6 +245,8 @@ def report(batch: int, wall: Samples, cpu: Samples) -> None:
         ("serving over onnxruntime run", "agent ONNX serving", "onnxruntime run"),
         ("LiteRT's own Python layer", "litert invoke()", "litert native calls"),
         ("onnxruntime's Python checks", "onnxruntime run", "onnxruntime C++ run"),
+        ("run over LiteRT native calls", "agent LiteRT run", "litert native calls"),
+        ("run over onnxruntime C++ run", "agent ONNX run", "onnxruntime C++ run"),
     ]
     for label, over, under in pairs:
         cells = []

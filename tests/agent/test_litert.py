@@ -138,6 +138,21 @@ def test_signature_differing_from_the_manifest_is_refused(tmp_path: Path) -> Non
         load_variant("m", "v", path, SETTINGS, [wide], [Y4], NO_PROBE)
 
 
+def test_a_signature_on_another_subgraph_is_served_through_its_runner(tmp_path: Path) -> None:
+    """A model whose serving_default signature is its second subgraph answers as LiteRT's
+    signature runner for it does (not as its first subgraph), at changing batch sizes."""
+    path = tflite_models.two_signature_tflite(tmp_path / "two.tflite", factors=(2.0, 5.0))
+    variant = load_variant("m", "v", path, SETTINGS, [X4], [Y4])
+    assert isinstance(variant, LiteRTVariant) and variant.signature == "serving_default"
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    rng = np.random.default_rng(3)
+    for rows in (1, 3, 1):
+        x = rng.standard_normal((rows, 4)).astype(np.float32)
+        (y,) = variant.run({"x": x})
+        np.testing.assert_array_equal(y, runner(x=x)["y"])
+        np.testing.assert_allclose(y, x * 5.0 + 1.0, rtol=1e-6)
+
+
 def test_bad_request_is_an_inference_error_and_the_next_run_works(tmp_path: Path) -> None:
     """A feed the interpreter refuses raises InferenceError; the variant keeps serving."""
     path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
