@@ -157,7 +157,8 @@ class _Bound:
         if len(feeds) != self._count:
             raise ValueError(self._mismatch(feeds))
         if self._runner is not None:
-            return self._dequantized(self._signed(feeds, names), names)
+            raw = self._signed(feeds, names)
+            return self._dequantized(raw, names) if self._float_outputs else raw
         inputs, set_tensor = self._inputs, self._set_tensor
         for name, given in feeds.items():
             try:
@@ -188,14 +189,14 @@ class _Bound:
         return f"missing inputs {missing}, unknown inputs {unknown}"
 
     def _dequantized(self, raw: list[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
-        if not self._float_outputs:
-            return raw
         return [
             spec.affine.dequantize(array) if (spec := self._outputs[name]).affine else array
             for name, array in zip(names, raw, strict=True)
         ]
 
     def _signed(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        if feeds.keys() != self._inputs.keys():
+            raise ValueError(self._mismatch(feeds))
         arrays = {}
         for name, value in feeds.items():
             affine = self._inputs[name][1]

@@ -4,18 +4,25 @@ own invoke() and beside the same network in ONNX on onnxruntime, same threads, i
 Usage: .venv/bin/python tools/bench_litert.py [--threads N] [--rounds R] [--calls C]
 
 The network is an FP32 MLP 64-256-256-10, at batch 1 and 8 (8 is the most rows the agent
-runs on the caller's thread). Every contender gets the same prebuilt inputs. What each timed
-span covers:
+runs on the caller's thread). Every contender gets the same prebuilt inputs. The agent's
+spans and their floors run on the very interpreter or session the model manager loaded (two
+instances of one model can differ by more than what is measured here). What each covers:
 
-  litert invoke()         set_tensor, invoke, get_tensor: LiteRT's public Python API
-  litert native calls     the same three calls on the interpreter's native wrapper (what
-                          the agent calls; invoke() minus this is LiteRT's Python layer)
+  litert invoke()         set_tensor, invoke, get_tensor: LiteRT's public Python API, on
+                          an interpreter of its own
+  litert native calls     the same three calls on that interpreter's native wrapper
+                          (invoke() minus this is LiteRT's Python layer)
+  litert native, agent's interpreter
+                          the three native calls on the agent's interpreter (whose public
+                          invoke() refuses to run once the agent holds its wrapper); plus
+                          LiteRT's Python layer, the floor "LiteRT invoke()" of the agent
   litert signature runner runner(x=x), LiteRT's other public way (not the agent's)
   agent LiteRT run        LiteRTVariant.run: the pool, the input check, the three calls
   agent LiteRT serving    ModelManager.submit of a decoded request, run on the caller's
                           thread: the check against the manifest, the lease, the run, the
                           reply's outputs, the stats
-  onnxruntime run         session.run(None, feeds): onnxruntime's public Python API
+  onnxruntime run         session.run(None, feeds) on the agent's session: onnxruntime's
+                          public Python API
   onnxruntime C++ run     session._sess.run: the same without onnxruntime's Python checks
   agent ONNX run          LoadedVariant.run
   agent ONNX serving      as agent LiteRT serving, on the ONNX model
@@ -47,10 +54,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import structlog
 from ai_edge_litert.interpreter import Interpreter
 from onnx import TensorProto, helper, numpy_helper
@@ -62,7 +69,7 @@ from agent.models import ModelManager
 from agent.protocol import InferenceRequest
 from agent.repository import scan
 from agent.runtime import Runtime, load_variant
-from agent.session import PROVIDERS, SessionSettings, session_options
+from agent.session import SessionSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.tflite_models import mlp_tflite
@@ -70,6 +77,7 @@ from tests.tflite_models import mlp_tflite
 WIDTHS = (64, 256, 256, 10)
 BATCHES = (1, 8)
 PAUSE_US = 25.0  # about what the agent's serving path spends around a run
+AGENTS_NATIVE = "litert native, agent's interpreter"
 Samples = dict[str, list[float]]
 
 
@@ -142,12 +150,6 @@ def median_ci(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), ordered[k], ordered[n - 1 - k]
 
 
-def adds(samples: Samples, over: str, *under: str) -> list[float]:
-    """Per-round differences `over` minus each of `under` (same round, so the same load)."""
-    rows = zip(samples[over], *(samples[name] for name in under), strict=True)
-    return [row[0] - sum(row[1:]) for row in rows]
-
-
 def pause(us: float = PAUSE_US) -> None:
     """Busy for `us` microseconds, as the agent is between runs (decoding, checking)."""
     end = time.perf_counter() + us * 1e-6
@@ -190,52 +192,57 @@ def served_call(manager: ModelManager, model: str, x: np.ndarray) -> Callable[[]
 
 
 def contenders_at(
-    batch: int,
-    tfl: Path,
-    threads: int,
-    agent_tfl: Runtime,
-    agent_onnx: Runtime,
-    session: ort.InferenceSession,
-    manager: ModelManager,
+    batch: int, tfl: Path, threads: int, manager: ModelManager
 ) -> dict[str, Callable[[], object]]:
     """Every contender on the same input of `batch` rows (answers checked against each
-    other first)."""
+    other first). The agent's spans and their floors run on the same interpreter or session,
+    the one the model manager loaded: two instances of one model can differ by more than
+    what is measured here."""
     x = np.random.default_rng(batch).standard_normal((batch, WIDTHS[0])).astype(np.float32)
     feeds = {"x": x}
-    interp, native = (Interpreter(model_path=str(tfl), num_threads=threads) for _ in range(2))
-    for each in (interp, native):
-        each.resize_tensor_input(0, list(x.shape))
-        each.allocate_tensors()
-    i_in, i_out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
-    wrapper = native._interpreter  # private: the floor under LiteRT's Python layer
-    set_tensor, invoke, get_tensor = wrapper.SetTensor, wrapper.Invoke, wrapper.GetTensor
+    lite, onnx_variant = (runtime_of(manager, name) for name in ("lite", "onnx"))
+    agent = lite._pool.get()  # private: the interpreter the agent runs
+    lite._pool.put(agent)
+    out = agent._out_index["y"]
+    own_set, own_invoke, own_get = agent._set_tensor, agent._invoke, agent._get_tensor
+    session = onnx_variant._session  # private: the session the agent runs
+    cxx = session._sess  # private: under onnxruntime's Python checks
+    interp = Interpreter(model_path=str(tfl), num_threads=threads)
+    interp.resize_tensor_input(0, list(x.shape))
+    interp.allocate_tensors()
     # A signature runner holds the interpreter's wrapper, after which LiteRT refuses a
     # resize on that interpreter: the runner gets its own.
     runner = Interpreter(model_path=str(tfl), num_threads=threads).get_signature_runner()
-    cxx = session._sess  # private: the floor under its Python checks
 
     def litert_invoke() -> object:
-        interp.set_tensor(i_in, x)
+        interp.set_tensor(0, x)
         interp.invoke()
-        return interp.get_tensor(i_out)
+        return interp.get_tensor(out)
 
     def litert_native() -> object:
-        set_tensor(i_in, x)
-        invoke()
-        return get_tensor(i_out)
+        # Looked up each call: holding the wrapper would fail invoke()'s check.
+        interp._interpreter.SetTensor(0, x)
+        interp._interpreter.Invoke()
+        return interp._interpreter.GetTensor(out, 0)
+
+    def agents_native() -> object:
+        own_set(0, x)
+        own_invoke()
+        return own_get(out)
 
     contenders: dict[str, Callable[[], object]] = {
         "litert invoke()": litert_invoke,
         "litert native calls": litert_native,
         "litert signature runner": lambda: runner(x=x),
-        "agent LiteRT run": lambda: agent_tfl.run(feeds),
+        AGENTS_NATIVE: agents_native,
+        "agent LiteRT run": lambda: lite.run(feeds),
         "agent LiteRT serving": served_call(manager, "lite", x),
         "onnxruntime run": lambda: session.run(None, feeds),
         "onnxruntime C++ run": lambda: cxx.run(["y"], feeds, None),
-        "agent ONNX run": lambda: agent_onnx.run(feeds),
+        "agent ONNX run": lambda: onnx_variant.run(feeds),
         "agent ONNX serving": served_call(manager, "onnx", x),
         "pause": pause,
-        "pause, litert invoke()": after_pause(litert_invoke),
+        f"pause, {AGENTS_NATIVE}": after_pause(agents_native),
         "pause, onnxruntime run": after_pause(lambda: session.run(None, feeds)),
     }
     want = session.run(None, feeds)[0]
@@ -243,6 +250,13 @@ def contenders_at(
         if name != "pause":
             np.testing.assert_allclose(answer(fn()), want, rtol=1e-4, atol=1e-4, err_msg=name)
     return contenders
+
+
+def runtime_of(manager: ModelManager, model: str) -> Any:
+    """The runtime serving `model` (Any: the benchmark reaches into its private parts)."""
+    handle = manager.get(model).active
+    assert handle is not None
+    return handle.runtime
 
 
 def answer(out: object) -> np.ndarray:
@@ -256,54 +270,76 @@ def answer(out: object) -> np.ndarray:
     return np.asarray(out)
 
 
+Terms = dict[str, float]
+# LiteRT's invoke() on the agent's interpreter, which the agent's native wrapper makes
+# impossible to call: the native calls there, plus what invoke() adds to them elsewhere.
+INVOKE_ON_THE_AGENTS: Terms = {AGENTS_NATIVE: 1, "litert invoke()": 1, "litert native calls": -1}
+# The same after a pause, less the pause.
+PAUSED_INVOKE: Terms = {
+    f"pause, {AGENTS_NATIVE}": 1, "pause": -1, "litert invoke()": 1, "litert native calls": -1
+}
+PAUSED_ONNX: Terms = {"pause, onnxruntime run": 1, "pause": -1}
+
+
+def minus(span: str | Terms, floor: str | Terms) -> Terms:
+    """`span` minus `floor`, each a contender or a sum of them."""
+    terms: Terms = {span: 1.0} if isinstance(span, str) else dict(span)
+    for name, k in ({floor: 1.0} if isinstance(floor, str) else floor).items():
+        terms[name] = terms.get(name, 0.0) - k
+    return terms
+
+
+def combined(samples: Samples, terms: Terms) -> list[float]:
+    """Per round, the sum of each contender's figure times its factor (same round, so the
+    same load)."""
+    rounds = len(next(iter(samples.values())))
+    return [sum(k * samples[name][r] for name, k in terms.items()) for r in range(rounds)]
+
+
+ADDS: list[tuple[str, Terms]] = [
+    ("run over LiteRT invoke()", minus("agent LiteRT run", INVOKE_ON_THE_AGENTS)),
+    ("run over onnxruntime run", minus("agent ONNX run", "onnxruntime run")),
+    ("serving over LiteRT invoke()", minus("agent LiteRT serving", INVOKE_ON_THE_AGENTS)),
+    ("serving over onnxruntime run", minus("agent ONNX serving", "onnxruntime run")),
+    ("LiteRT's own Python layer", minus("litert invoke()", "litert native calls")),
+    ("onnxruntime's Python checks", minus("onnxruntime run", "onnxruntime C++ run")),
+    ("run over LiteRT native calls", minus("agent LiteRT run", AGENTS_NATIVE)),
+    ("run over onnxruntime C++ run", minus("agent ONNX run", "onnxruntime C++ run")),
+    # A call after the CPU did other work (as in serving) may cost more than one of a tight
+    # loop: caches, and thread pools whose workers went to sleep.
+    ("a pause before LiteRT's calls", minus(PAUSED_INVOKE, INVOKE_ON_THE_AGENTS)),
+    ("a pause before onnxruntime", minus(PAUSED_ONNX, "onnxruntime run")),
+]
+# The issue's target: over LiteRT minus over onnxruntime; the last against floors that
+# follow a pause, as serving's runs follow the agent's work.
+TARGETS: list[tuple[str, Terms]] = [
+    ("run", minus(ADDS[0][1], ADDS[1][1])),
+    ("serving", minus(ADDS[2][1], ADDS[3][1])),
+    ("serving, floors after a pause", minus(
+        minus("agent LiteRT serving", PAUSED_INVOKE), minus("agent ONNX serving", PAUSED_ONNX)
+    )),
+]
+
+
 def report(batch: int, wall: Samples, cpu: Samples) -> None:
     """The latency table and the verdict of one batch size."""
     print(f"\n== batch {batch}: per-call us, median of rounds ==")
-    print(f"{'contender':26s} {'wall':>8s} {'cpu':>8s}")
+    print(f"{'contender':42s} {'wall':>8s} {'cpu':>8s}")
     for name in wall:
-        print(f"{name:26s} {statistics.median(wall[name]):8.2f} "
+        print(f"{name:42s} {statistics.median(wall[name]):8.2f} "
               f"{statistics.median(cpu[name]):8.2f}")
     print("what the agent adds, us (median of per-round differences [95% CI]):")
-    pairs = [
-        ("run over LiteRT invoke()", "agent LiteRT run", "litert invoke()"),
-        ("run over onnxruntime run", "agent ONNX run", "onnxruntime run"),
-        ("serving over LiteRT invoke()", "agent LiteRT serving", "litert invoke()"),
-        ("serving over onnxruntime run", "agent ONNX serving", "onnxruntime run"),
-        ("LiteRT's own Python layer", "litert invoke()", "litert native calls"),
-        ("onnxruntime's Python checks", "onnxruntime run", "onnxruntime C++ run"),
-        ("run over LiteRT native calls", "agent LiteRT run", "litert native calls"),
-        ("run over onnxruntime C++ run", "agent ONNX run", "onnxruntime C++ run"),
-        # A call after the CPU did other work (as in serving) may cost more than one of a
-        # tight loop: caches, and thread pools whose workers went to sleep.
-        ("a pause before invoke()", "pause, litert invoke()", "pause", "litert invoke()"),
-        ("a pause before onnxruntime", "pause, onnxruntime run", "pause", "onnxruntime run"),
-    ]
-    for label, over, *under in pairs:
+    for label, terms in ADDS:
         cells = []
         for samples in (wall, cpu):
-            mid, lo, hi = median_ci(adds(samples, over, *under))
+            mid, lo, hi = median_ci(combined(samples, terms))
             cells.append(f"{mid:+6.2f} [{lo:+6.2f}, {hi:+6.2f}]")
         print(f"  {label:30s} wall {cells[0]}   cpu {cells[1]}")
     print("the target, the agent adds no more over LiteRT than over onnxruntime "
           "(per round: over LiteRT minus over onnxruntime, us [95% CI]):")
-    # (what, agent on LiteRT, its floor, agent on onnxruntime, its floor). The last: floors
-    # that follow a pause as serving's runs follow the agent's work (the pause cancels).
-    targets = [
-        ("run", "agent LiteRT run", "litert invoke()", "agent ONNX run", "onnxruntime run"),
-        ("serving", "agent LiteRT serving", "litert invoke()",
-         "agent ONNX serving", "onnxruntime run"),
-        ("serving, floors after a pause", "agent LiteRT serving", "pause, litert invoke()",
-         "agent ONNX serving", "pause, onnxruntime run"),
-    ]
-    for label, lite, lite_floor, other, other_floor in targets:
+    for label, terms in TARGETS:
         for clock, samples in (("wall", wall), ("cpu", cpu)):
-            excess = [
-                a - b
-                for a, b in zip(
-                    adds(samples, lite, lite_floor), adds(samples, other, other_floor), strict=True
-                )
-            ]
-            mid, lo, hi = median_ci(excess)
+            mid, lo, hi = median_ci(combined(samples, terms))
             verdict = "MET" if mid <= 0 else ("within noise" if lo <= 0 else "MISSED")
             print(f"  {label:30s} {clock}: {mid:+6.2f} [{lo:+6.2f}, {hi:+6.2f}] {verdict}")
 
@@ -366,12 +402,7 @@ def main() -> int:
         models = Path(tmp) / "models"
         models.mkdir()
         tfl = mlp_tflite(models / "lite.tflite", weights)
-        onx = onnx_mlp(models / "onnx.onnx", weights)
-        agent_tfl = load_variant("b", "tflite", tfl, settings)
-        agent_onnx = load_variant("b", "onnx", onx, settings)
-        session = ort.InferenceSession(
-            str(onx), sess_options=session_options(settings), providers=PROVIDERS
-        )
+        onnx_mlp(models / "onnx.onnx", weights)
         # The widest inline bound: on a shared machine a preempted run can take tens of ms,
         # which would send requests to the workers for a while (a thread hand-off each).
         config = ModelsConfig(dir=models, inline_max_ms=100.0)
@@ -380,15 +411,11 @@ def main() -> int:
         assert not rejected, rejected
         manager.load_all(sources)
         for batch in BATCHES:
-            contenders = contenders_at(
-                batch, tfl, args.threads, agent_tfl, agent_onnx, session, manager
-            )
+            contenders = contenders_at(batch, tfl, args.threads, manager)
             wall, cpu = timed_rounds(contenders, args.rounds, args.calls)
             report(batch, wall, cpu)
         manager.close(10)
         bench_pools(tfl, settings, rounds=7, seconds=args.pool_seconds)
-        for variant in (agent_tfl, agent_onnx):
-            variant.close()
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0
 

@@ -151,6 +151,8 @@ def test_a_signature_on_another_subgraph_is_served_through_its_runner(tmp_path: 
         (y,) = variant.run({"x": x})
         np.testing.assert_array_equal(y, runner(x=x)["y"])
         np.testing.assert_allclose(y, x * 5.0 + 1.0, rtol=1e-6)
+    with pytest.raises(InferenceError, match=r"missing inputs \['x'\], unknown inputs \['z'\]"):
+        variant.run({"z": np.ones((1, 4), np.float32)})
 
 
 def test_bad_request_is_an_inference_error_and_the_next_run_works(tmp_path: Path) -> None:
