@@ -329,6 +329,38 @@ print("ran")
     assert "ran" in done.stdout
 
 
+def test_the_threads_option_sizes_the_interpreters_thread_pool(tmp_path: Path) -> None:
+    """A variant's `threads` reach its interpreter: with 3 the process runs two more threads
+    (XNNPACK's workers) until the variant is closed, with 1 none. In a child process, whose
+    threads are only these."""
+    path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
+    code = f"""
+import gc, os
+from pathlib import Path
+import numpy as np
+from agent.manifest import RuntimeOptions
+from agent.runtime import load_variant
+from agent.session import SessionSettings
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+for n in (1, 3):
+    v = load_variant("m", "v", Path({str(path)!r}), SessionSettings(threads=1),
+                     options=RuntimeOptions(threads=n, probe=False))
+    v.run({{"x": np.ones((2, 4), np.float32)}})
+    loaded = threads()
+    v.close()
+    del v
+    gc.collect()
+    print("threads", n, loaded - before, threads() - before)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    counts = [line for line in done.stdout.splitlines() if line.startswith("threads ")]
+    assert counts == ["threads 1 0 0", "threads 3 2 0"]
+
+
 def test_a_probed_file_is_not_probed_again_until_it_changes(tmp_path: Path) -> None:
     """Loading the same unchanged file again (a swap back to a rung) skips the probe; a
     rewritten file is probed again."""
