@@ -52,8 +52,9 @@ IDLE_RSS_TARGET_MB = 60.0
 # How often a request is sent to a server that is starting, until it answers one.
 FIRST_ANSWER_RESEND_S = 0.005
 START_TIMEOUT_S = 60.0
-# How long after its first answer a server's memory is read ("idle").
+# A server's idle memory is read IDLE_S after its first answer and IDLE_REQUESTS more.
 IDLE_S = 2.0
+IDLE_REQUESTS = 20
 
 
 @dataclass
@@ -75,6 +76,9 @@ class Start:
 
     name: str
     first_answer_s: float
+    cpu_s: float
+    """CPU time the server had used by its first answer: steadier than the elapsed time on
+    a machine that others keep busy."""
     rounds: int
     memory: ProcessMemory
 
@@ -208,6 +212,7 @@ def _report(
         ),
         "agent_start_over_onnxruntime_server_start": agent_start.first_answer_s
         / bare.first_answer_s,
+        "agent_start_cpu_over_onnxruntime_server_start_cpu": agent_start.cpu_s / bare.cpu_s,
         "agent_rss_over_onnxruntime_server_rss": agent_start.memory.rss_mb / bare.memory.rss_mb,
     }
     return {
@@ -290,13 +295,14 @@ def _render_starts(report: dict[str, Any]) -> list[str]:
     rounds = report["start"]["agent"]["rounds"]
     lines = [
         f"start to first answer (median of {rounds}), then idle memory (MiB; RSS is reported)",
-        f"{'':36} {'start s':>9} {'RSS':>7} {'anon':>7} {'USS':>7} {'PSS':>7}",
+        f"{'':36} {'start s':>9} {'CPU s':>7} {'RSS':>7} {'anon':>7} {'USS':>7} {'PSS':>7}",
     ]
     for key, name in names.items():
         start = report["start"][key]
         memory = start["memory"]
         lines.append(
-            f"{name:36} {start['first_answer_s']:9.3f} {memory['rss_mb']:7.1f} "
+            f"{name:36} {start['first_answer_s']:9.3f} {start['cpu_s']:7.3f} "
+            f"{memory['rss_mb']:7.1f} "
             f"{memory['anon_mb']:7.1f} {memory['uss_mb']:7.1f} {memory['pss_mb']:7.1f}"
         )
     ratios, targets = report["ratios"], report["targets"]
@@ -305,7 +311,8 @@ def _render_starts(report: dict[str, Any]) -> list[str]:
         *lines,
         "",
         f"agent start: {agent['first_answer_s']:.3f} s, "
-        f"{ratios['agent_start_over_onnxruntime_server_start']:.2f}x the bare server's "
+        f"{ratios['agent_start_over_onnxruntime_server_start']:.2f}x the bare server's, "
+        f"CPU {ratios['agent_start_cpu_over_onnxruntime_server_start_cpu']:.2f}x "
         f"(target <= {START_TARGET_S} s: {_verdict(targets['agent_start_s'])})",
         f"agent idle RSS: {agent['memory']['rss_mb']:.1f} MiB, "
         f"{ratios['agent_rss_over_onnxruntime_server_rss']:.2f}x the bare server's "
@@ -482,18 +489,26 @@ def _bench_starts(
     from agent.mqtt.requester import Requester  # noqa: PLC0415
 
     seconds: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}
     memories: dict[str, list[ProcessMemory]] = {name: [] for name in servers}
     with Requester(mqtt, protocol="5") as requester:
         requester.connect()
         for _ in range(rounds):
             for name, (command, topic, env) in servers.items():
-                start_s, memory = _first_answer(
+                start_s, cpu_s, memory = _first_answer(
                     name, requester, _process(command, env), topic, payload, header_length
                 )
                 seconds[name].append(start_s)
+                cpu[name].append(cpu_s)
                 memories[name].append(memory)
     return {
-        name: Start(name, statistics.median(seconds[name]), rounds, _median(memories[name]))
+        name: Start(
+            name,
+            statistics.median(seconds[name]),
+            statistics.median(cpu[name]),
+            rounds,
+            _median(memories[name]),
+        )
         for name in servers
     }
 
@@ -505,10 +520,11 @@ def _first_answer(
     topic: str,
     payload: bytes,
     header_length: int | None,
-) -> tuple[float, ProcessMemory]:
+) -> tuple[float, float, ProcessMemory]:
     """Start `server` and send the request at once, and again every FIRST_ANSWER_RESEND_S
     until one is answered (a request published before the server subscribed reaches no
-    one): the seconds from the spawn to that answer; then the server's memory once idle."""
+    one): the seconds from the spawn to that answer and the server's CPU seconds by then;
+    then, after IDLE_REQUESTS more answers and IDLE_S of rest, its memory."""
     start = time.perf_counter()
     with server as child:
         sent: list[Future[Any]] = []
@@ -522,10 +538,13 @@ def _first_answer(
             if time.perf_counter() - start > START_TIMEOUT_S:
                 raise TimeoutError(f"{name}: no answer within {START_TIMEOUT_S:g} s of its start")
         seconds = time.perf_counter() - start
+        cpu_s = process_cpu_seconds(child.pid)
         reply = next(iter(done)).result()
         _check_reply(name, reply.payload, reply.header_length)
+        for _ in range(IDLE_REQUESTS):  # what serving keeps resident is part of idle memory
+            requester.request(topic, payload, header_length)
         time.sleep(IDLE_S)
-        return seconds, process_memory(child.pid)
+        return seconds, cpu_s, process_memory(child.pid)
 
 
 def _median(memories: list[ProcessMemory]) -> ProcessMemory:
