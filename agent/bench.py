@@ -52,9 +52,10 @@ IDLE_RSS_TARGET_MB = 60.0
 # How often a request is sent to a server that is starting, until it answers one.
 FIRST_ANSWER_RESEND_S = 0.005
 START_TIMEOUT_S = 60.0
-# A server's idle memory is read IDLE_S after its first answer and IDLE_REQUESTS more.
+# A server's idle memory: IDLE_S after its first answer, IDLE_REQUESTS more, IDLE_REST_S.
 IDLE_S = 2.0
 IDLE_REQUESTS = 20
+IDLE_REST_S = 0.5
 
 
 @dataclass
@@ -524,7 +525,7 @@ def _first_answer(
     """Start `server` and send the request at once, and again every FIRST_ANSWER_RESEND_S
     until one is answered (a request published before the server subscribed reaches no
     one): the seconds from the spawn to that answer and the server's CPU seconds by then;
-    then, after IDLE_REQUESTS more answers and IDLE_S of rest, its memory."""
+    then its memory, read IDLE_S later after IDLE_REQUESTS more answers and a rest."""
     start = time.perf_counter()
     with server as child:
         sent: list[Future[Any]] = []
@@ -541,9 +542,10 @@ def _first_answer(
         cpu_s = process_cpu_seconds(child.pid)
         reply = next(iter(done)).result()
         _check_reply(name, reply.payload, reply.header_length)
+        time.sleep(IDLE_S)  # the agent hands its start-up pages back at READY
         for _ in range(IDLE_REQUESTS):  # what serving keeps resident is part of idle memory
             requester.request(topic, payload, header_length)
-        time.sleep(IDLE_S)
+        time.sleep(IDLE_REST_S)
         return seconds, cpu_s, process_memory(child.pid)
 
 
