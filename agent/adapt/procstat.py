@@ -1,6 +1,7 @@
 """The monitor's reading of this process's own resident memory, on its own: the model
 manager measures what each variant adds when it loads, without a full snapshot. And the
-one call that hands the C heap's free pages back to the system after a variant is closed."""
+calls that hand memory back: the C heap's free pages after a variant is closed, the clean
+file pages only start-up touched once the agent is ready."""
 
 from __future__ import annotations
 
@@ -97,6 +98,25 @@ def release_file_pages() -> float:
         advise(start, end - start, _MADV_DONTNEED)
     after = process_rss_mb()
     return max(0.0, before - after) if before is not None and after is not None else 0.0
+
+
+def process_anon_mb() -> float | None:
+    """This process's resident anonymous memory in MiB (RssAnon in /proc/self/status: heap,
+    stacks, private copies), None where unreadable.
+
+    What a model load really adds (its weights and buffers), whether or not the libraries'
+    code the load runs was resident before: the RSS would also count that code when a load
+    faults it back in after start-up released it (about 13 MB for a second small CNN), and
+    a lighter variant could then measure heavier than the one it replaces.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
 
 
 def _clean_file_spans(smaps: bytes) -> list[tuple[int, int]]:

@@ -183,25 +183,63 @@ def test_only_private_read_only_file_mappings_without_own_pages_are_released() -
         Anonymous:             0 kB
         VmFlags: rd ex mr mw me
         00401000-00402000 r--p 00001000 08:01 1 /usr/lib/libcode.so
+        Rss:                   4 kB
         Anonymous:             4 kB
         00402000-00403000 rw-p 00002000 08:01 1 /usr/lib/libcode.so
+        Rss:                   4 kB
         Anonymous:             0 kB
         00500000-00600000 rw-p 00000000 00:00 0 [heap]
+        Rss:                 512 kB
         Anonymous:           512 kB
         7f0000000000-7f0000001000 r--s 00000000 00:05 2 /dev/shm/region
+        Rss:                   4 kB
         Anonymous:             0 kB
         7f0000001000-7f0000002000 r--p 00000000 08:01 3 /tmp/gone.so (deleted)
+        Rss:                   4 kB
         Anonymous:             0 kB
         7f0000002000-7f0000004000 r--p 00000000 08:01 4 /usr/lib/libconst.so
+        Rss:                   8 kB
         Anonymous:             0 kB
         7ffd00000000-7ffd00001000 r-xp 00000000 00:00 0 [vdso]
+        Rss:                   4 kB
         Anonymous:             0 kB
         """
     ).encode()
-    assert _clean_file_spans(smaps) == [
-        (0x00400000, 0x00401000),
-        (0x7F0000002000, 0x7F0000004000),
-    ]
+    assert _clean_file_spans(smaps) == [(0x00400000, 0x00401000), (0x7F0000002000, 0x7F0000004000)]
+
+
+def test_a_load_after_the_release_measures_its_weights_not_the_code_it_faults_in() -> None:
+    """After release_file_pages, loading a second CNN makes the RSS jump by the library
+    code the load maps back in; the anonymous memory the model manager measures grows by
+    far less, about the variant's own weights and buffers."""
+    program = textwrap.dedent(
+        """
+        import json, sys
+        from pathlib import Path
+        from agent.adapt.procstat import (
+            process_anon_mb, process_rss_mb, release_file_pages, return_free_memory,
+        )
+        from agent.session import LoadedVariant, SessionSettings
+        settings = SessionSettings(threads=1)
+        first = LoadedVariant.load("m", "a", Path(sys.argv[1]), settings)
+        release_file_pages()
+        return_free_memory()
+        rss, anon = process_rss_mb(), process_anon_mb()
+        second = LoadedVariant.load("m", "b", Path(sys.argv[2]), settings)
+        return_free_memory()
+        print(json.dumps({"rss": process_rss_mb() - rss, "anon": process_anon_mb() - anon}))
+        """
+    )
+    cnn = Path(__file__).resolve().parents[2] / "models" / "digits-cnn"
+    result = subprocess.run(
+        [sys.executable, "-c", program, str(cnn / "fp32.onnx"), str(cnn / "pruned75.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    added = json.loads(result.stdout)
+    assert 0 <= added["anon"] < added["rss"] / 2, added
 
 
 def _lines_until(process: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
