@@ -53,7 +53,7 @@ IDLE_RSS_TARGET_MB = 60.0
 FIRST_ANSWER_RESEND_S = 0.005
 START_TIMEOUT_S = 60.0
 # A server's idle memory: IDLE_S after its first answer, IDLE_REQUESTS more, IDLE_REST_S.
-IDLE_S = 2.0
+IDLE_S = 1.0
 IDLE_REQUESTS = 20
 IDLE_REST_S = 0.5
 
