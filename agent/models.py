@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from agent.adapt.procstat import process_rss_mb, return_free_memory
+from agent.adapt.procstat import process_anon_mb, return_free_memory
 from agent.batching import BatchingQueue, Job, Outcome
 from agent.config import ModelsConfig
 from agent.errors import (
@@ -672,9 +672,9 @@ class ModelManager:
         path = verify_variant(source, variant, self._config.dir, self.supply_policy)
         manifest = source.manifest
         # Trimmed on both sides: free heap reused by the load, or given back after it, must
-        # not pass for what the variant itself keeps.
+        # not pass for what the variant itself keeps; nor must library code it faults in.
         return_free_memory()
-        before = process_rss_mb()
+        before = process_anon_mb()
         runtime = load_variant(
             source.name,
             variant.name,
@@ -688,7 +688,7 @@ class ModelManager:
             # Warm at the batch size it will serve: the first big batch is not slow either.
             runtime.warm_up(rows, timeout_s=self._settings.warmup_timeout_s)
         return_free_memory()
-        after = process_rss_mb()
+        after = process_anon_mb()
         added = max(0.0, after - before) if before is not None and after is not None else None
         if added is not None:
             # A second load of the same file may reuse freed pages and add nothing: keep

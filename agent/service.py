@@ -19,6 +19,7 @@ import structlog
 from agent import __version__
 from agent.adapt.loop import Adapter
 from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource, usable_cpus
+from agent.adapt.procstat import release_file_pages
 from agent.coalesce import Coalescer
 from agent.config import AgentConfig, read_password
 from agent.control import ControlCommands
@@ -263,6 +264,11 @@ class Agent:
     def ready(self) -> bool:
         """Models loaded and the broker connected: what READY=1 promises."""
         return self._started and self.frontend is not None and self.frontend.connected
+
+    def on_ready(self) -> None:
+        """Serving: hand back the pages of code and constants that only start-up touched
+        (procstat.release_file_pages; about 30 MB of RSS with the demo model)."""
+        log.info("startup_pages_released", rss_mb=round(release_file_pages(), 1))
 
     def request_reload(self) -> None:
         """Re-read the configuration soon (SIGHUP); the supervisor thread does the work."""

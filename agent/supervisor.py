@@ -61,6 +61,10 @@ class Supervised(Protocol):
         RELOAD_FAILED when the new configuration was refused. Never raises."""
         ...
 
+    def on_ready(self) -> None:
+        """Called once, right after READY=1: start-up is over."""
+        ...
+
 
 class Supervisor:
     """A thread that runs the health check, feeds the watchdog and performs reloads."""
@@ -145,6 +149,7 @@ class Supervisor:
             self._last_status = status = line
             self._notifier.ready(status)
             log.info("service_ready", status=status, broker_connected=self._target.ready)
+            self._target.on_ready()
         if self.ready_sent:
             if self.watchdog_s:
                 self._notifier.watchdog()
