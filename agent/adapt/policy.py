@@ -540,16 +540,16 @@ def _cool_down(ctx: _Context) -> Decision:
 
 
 def _richer(view: ModelView, active: RungView) -> list[RungView]:
-    """Rungs more accurate than the active one by their measured quality (on a tie, those
-    before it in the ladder), nearest first: what one step up may take."""
-    order = {r.name: i for i, r in enumerate(view.rungs)}
-    here = order[active.name]
-    richer = [
-        r
-        for r in view.rungs
-        if r.quality > active.quality or (r.quality == active.quality and order[r.name] < here)
-    ]
-    return sorted(richer, key=lambda r: (r.quality, -order[r.name]))
+    """Rungs measured more accurate than the active one, cheapest in latency first: one step
+    up is the next point of the ladder's quality/latency front, not the next ladder position
+    (a slower rung that is no more accurate, or more accurate than a cheaper one that is
+    more accurate still, is never worth the step). Rungs without a latency come last, in
+    quality order; on a tie in quality nothing is gained, so a tie is no step up."""
+    richer = [r for r in view.rungs if r.quality > active.quality]
+    return sorted(
+        richer,
+        key=lambda r: (r.latency_ms if r.latency_ms is not None else math.inf, r.quality),
+    )
 
 
 def _step_up(ctx: _Context, state: ModelState) -> tuple[Decision, ModelState]:
