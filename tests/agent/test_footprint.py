@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -128,13 +129,19 @@ def test_console_logs_render_plain_tracebacks_when_rich_is_installed() -> None:
     """The console renderer writes Python's own traceback, not rich's boxed one, although
     rich is installed here and structlog found it."""
     stream = io.StringIO()
+    # As the test found them: tests after this one read what structlog prints to stdout.
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     configure_logging("info", "console", stream)
     try:
         raise ValueError("boom")
     except ValueError:
         structlog.get_logger("test").exception("failed")
     finally:
-        configure_logging("info", "json")
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
     text = stream.getvalue()
     assert "Traceback (most recent call last)" in text
     assert "ValueError: boom" in text
