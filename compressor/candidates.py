@@ -44,6 +44,13 @@ from compressor.smooth import smooth
 
 # The static int8 candidate built after scale migration (compressor.smooth).
 SMOOTH = "int8-smooth"
+# Suffix of the static int8 candidates with one weight scale per tensor, not per channel.
+PER_TENSOR = "-tensor"
+
+
+def static_name(method: Calibration, per_channel: bool = True) -> str:
+    """The static int8 candidate of a calibrator and a weight granularity."""
+    return f"int8-{method}" + ("" if per_channel else PER_TENSOR)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class Recipe:
 
     prune_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875)
     calibrations: tuple[Calibration, ...] = tuple(Calibration)
+    # Also try each calibrator with one weight scale per tensor (per channel is always tried).
+    per_tensor: bool = True
     student_shares: tuple[float, ...] = (0.5, 0.25, 0.125)  # student weights / teacher weights
     distill_augment: int = 32
     int4: bool = True
@@ -145,7 +154,12 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
     if mix.dense:
         found.append(Candidate("int8-dynamic", _dynamic))
     for method in recipe.calibrations:
-        found.append(Candidate(f"int8-{method}", _static(calibration, method)))
+        for per_channel in (True, False)[: 1 + recipe.per_tensor]:
+            found.append(
+                Candidate(
+                    static_name(method, per_channel), _static(calibration, method, per_channel)
+                )
+            )
     if mix.conv and recipe.calibrations:
         # Wide activation channels migrated into the next convs' weights, then int8.
         found.append(Candidate(SMOOTH, _smoothed(calibration, recipe.calibrations[0])))
@@ -186,9 +200,14 @@ def _dynamic(model: OnnxModel, out: Path) -> Built:
     return Built(quantize_dynamic_int8(model, out), "int8")
 
 
-def _static(calibration: Dataset, method: Calibration) -> Builder:
+def _static(calibration: Dataset, method: Calibration, per_channel: bool = True) -> Builder:
     def build(model: OnnxModel, out: Path) -> Built:
-        return Built(quantize_static_int8(model, out, calibration, method), "int8")
+        # Both granularities of one calibrator on one source share its activation ranges.
+        cache = out.parent / f".ranges-{model.path.stem}-{method}.json"
+        path = quantize_static_int8(
+            model, out, calibration, method, cache=cache, per_channel=per_channel
+        )
+        return Built(path, "int8")
 
     return build
 

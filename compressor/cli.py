@@ -223,8 +223,8 @@ def _budget_arg(p: argparse.ArgumentParser) -> None:
         choices=[m.value for m in Metric],
         default=Metric.AUTO.value,
         help="what quality means: accuracy (labels), cosine, top1 (agreement with the "
-        "original's class), iou (of the sigmoid maps thresholded at 0.5); auto: accuracy "
-        "with labels, else cosine",
+        "original's class), iou (of the sigmoid maps thresholded at 0.5), box-iou (mean IoU "
+        "of a YOLO-style head's boxes after NMS); auto: accuracy with labels, else cosine",
     )
 
 
@@ -376,6 +376,7 @@ def _as_json(e: Evaluation, budget: Budget) -> dict[str, object]:
         "min_cosine": e.fidelity.min_cosine,
         "top1_agreement": e.fidelity.top1_agreement,
         "map_iou": e.fidelity.map_iou,
+        "box_iou": e.fidelity.box_iou,
         "max_abs_error": e.fidelity.max_abs_error,
         "latency_ms": e.latency.batch1_ms,
         "batch_latency_ms": e.latency.batch_ms,
