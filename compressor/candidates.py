@@ -41,6 +41,7 @@ from compressor.quantize import (
     quantize_static_int8,
 )
 from compressor.smooth import smooth
+from compressor.student import conv_student
 
 # The static int8 candidate built after scale migration (compressor.smooth).
 SMOOTH = "int8-smooth"
@@ -87,9 +88,12 @@ class Recipe:
     distill_augment: int = 32
     int4: bool = True
     fp16: bool = True
-    # Distillation fine-tuning of pruned conv variants against the original (needs torch).
+    # Distillation fine-tuning of pruned conv variants against the original, and conv
+    # students (narrower copies trained from scratch) removing these shares of the channels
+    # (both need torch).
     finetune: bool = False
     finetune_epochs: int = 30
+    student_ratios: tuple[float, ...] = (0.5, 0.75)
     seed: int = 0
 
 
@@ -165,19 +169,34 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
         found.append(Candidate(SMOOTH, _smoothed(calibration, recipe.calibrations[0])))
     if mix.dense and recipe.int4:
         found.append(Candidate("int4", lambda m, out: Built(quantize_int4(m, out), "int4")))
-    if mix.prunable:
-        for ratio in recipe.prune_ratios:
-            name = f"pruned{round(ratio * 100)}"
-            found.append(Candidate(name, _pruned(calibration, ratio, _tuning(recipe, mix))))
-            # A conv model wants static int8 after pruning; a dense one dynamic.
-            combo = _static(calibration, Calibration.MINMAX) if mix.conv else _dynamic
-            found.append(Candidate(f"{name}-int8", combo, base=name))
+    found += _narrower(mix, calibration, recipe)
     if mix.vector_input and not mix.conv:
         for hidden in _student_widths(model, recipe.student_shares):
             settings = DistillSettings(
                 hidden=(hidden,), augment=recipe.distill_augment, seed=recipe.seed
             )
             found.append(Candidate(f"distilled{hidden}", _student(calibration, settings)))
+    return found
+
+
+def _narrower(mix: OpMix, calibration: Dataset, recipe: Recipe) -> list[Candidate]:
+    """Pruned variants (fine-tuned when asked) and conv students, each also in int8."""
+    if not mix.prunable:
+        return []
+    found: list[Candidate] = []
+    tuning = _tuning(recipe, mix)
+    # A conv model wants static int8 after pruning; a dense one dynamic.
+    combo = _static(calibration, Calibration.MINMAX) if mix.conv else _dynamic
+    for ratio in recipe.prune_ratios:
+        name = f"pruned{round(ratio * 100)}"
+        found.append(Candidate(name, _pruned(calibration, ratio, tuning)))
+        found.append(Candidate(f"{name}-int8", combo, base=name))
+    if tuning is None:
+        return found
+    for ratio in recipe.student_ratios:
+        name = f"student{round((1 - ratio) * 100)}"
+        found.append(Candidate(name, _conv_student(calibration, ratio, tuning)))
+        found.append(Candidate(f"{name}-int8", combo, base=name))
     return found
 
 
@@ -238,6 +257,16 @@ def _pruned(calibration: Dataset, ratio: float, tuning: FinetuneSettings | None)
             # Recover what pruning lost by learning from the original (no labels needed).
             finetune(model.path, load_model(result.path), out, calibration, tuning)
         return Built(result.path, "fp32", result.sparsity)
+
+    return build
+
+
+def _conv_student(calibration: Dataset, ratio: float, tuning: FinetuneSettings) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        path = conv_student(model, out, calibration, ratio, tuning)
+        teacher = weight_elements(model.proto.graph)
+        student = weight_elements(onnx.load_model(path).graph)
+        return Built(path, "fp32", max(0.0, 1.0 - student / max(teacher, 1)))
 
     return build
 

@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import itertools
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
 from agent.manifest import MANIFEST_FILE, read_manifest
+from compressor.candidates import Recipe
 from compressor.data import Dataset, load_dataset
 from compressor.evaluate import Budget, EvalSettings, Evaluation, evaluate
 from compressor.ladder import LadderSettings, build_ladder
@@ -51,6 +53,7 @@ class Case:
     calib: Path
     eval: Path
     budget: Budget
+    finetune: bool = False  # distil pruned variants and conv students (torch)
 
 
 def main() -> int:
@@ -63,6 +66,9 @@ def main() -> int:
     parser.add_argument(
         "--cases", default="residual,map", help="comma-separated: residual, map (default both)"
     )
+    parser.add_argument(
+        "--epochs", type=int, default=15, help="training epochs of the residual CNN"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=-1)
     args = parser.parse_args()
     configure(verbosity=args.verbose)
@@ -72,7 +78,8 @@ def main() -> int:
         cases = {c.strip() for c in args.cases.split(",")}
         verdicts: list[tuple[bool, str]] = []
         if "residual" in cases:
-            verdicts += residual_targets(run_case(residual_case(root / "inputs"), root, args))
+            case = residual_case(root / "inputs", args.epochs)
+            verdicts += residual_targets(run_case(case, root, args))
         if "map" in cases:
             verdicts += map_targets(run_case(map_case(root / "inputs"), root, args))
     print("\n== targets (issue 9) ==")
@@ -81,16 +88,26 @@ def main() -> int:
     return 0
 
 
-def residual_case(folder: Path) -> Case:
-    """The residual CNN on 32x32 digits: stem, residual block, C2f-style Split/Concat block."""
+def residual_case(folder: Path, epochs: int) -> Case:
+    """The residual CNN on 32x32 digits, 64 channels wide, trained whole with torch: strided
+    stem, residual block, C2f-style Split/Concat block. The trained model is kept in
+    `folder` and reused by a later run with the same --keep (training takes minutes)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = cm.image_digits(size=32, seed=0)
+    model = folder / f"residual-trained{epochs}.onnx"
+    if model.exists():
+        print(f"(reusing the trained residual CNN {model})")
+    else:
+        print(f"== residual: training the CNN for {epochs} epochs ==", flush=True)
+        trained = cm.residual_cnn_model(data, width=64, epochs=epochs, stem_stride=2)
+        cm.save(trained, model)
     return Case(
         "residual",
-        cm.save(cm.residual_cnn_model(data, width=32), folder / "residual.onnx"),
+        model,
         Dataset({"input": data.x_calib}).save(folder / "residual_calib.npz"),
         Dataset({"input": data.x_eval}, data.y_eval).save(folder / "residual_eval.npz"),
         Budget(0.01),
+        finetune=True,
     )
 
 
@@ -128,7 +145,8 @@ def run_case(case: Case, root: Path, args: argparse.Namespace) -> CaseResult:
     """Build the ladder, then measure its rungs beside the baselines in one run."""
     print(f"\n== {case.name}: building the ladder ==", flush=True)
     out = root / "models" / case.name
-    settings = LadderSettings(budget=case.budget, threads=args.threads, rounds=5)
+    recipe = Recipe(finetune=case.finetune)
+    settings = LadderSettings(budget=case.budget, recipe=recipe, threads=args.threads, rounds=5)
     result = build_ladder(
         case.model, out, calib=case.calib, evaluation=case.eval, settings=settings, force=True
     )
@@ -148,15 +166,28 @@ def run_case(case: Case, root: Path, args: argparse.Namespace) -> CaseResult:
     variants = {name: out / f"{name}.onnx" for name in rungs} | baselines
     data = load_dataset(case.eval, model.signature)
     print(f"== {case.name}: final measurement, {args.rounds} interleaved rounds ==", flush=True)
+    before = os.getloadavg()[0]
     measured = evaluate(
         case.model,
         variants,
         data,
         EvalSettings(threads=args.threads, rounds=args.rounds, seconds_per_round=args.seconds),
     )
+    print(load_note(before, os.getloadavg()[0]))
     tried = {d.name: d.reason for d in result.decisions}
     print_table(case.name, rungs, list(baselines), measured, args.threads)
     return CaseResult(case, rungs, tried, measured)
+
+
+def load_note(before: float, after: float) -> str:
+    """The machine's load around a timing run, and whether it was too busy to trust."""
+    cores = len(os.sched_getaffinity(0))
+    verdict = (
+        "quiet enough"
+        if max(before, after) <= cores
+        else "TOO LOADED: others were running, the ratios are noisy (re-time on a quiet machine)"
+    )
+    return f"(load average {before:.1f} -> {after:.1f} on {cores} cores: {verdict})"
 
 
 def _neural_compressor(case: Case, root: Path) -> Path | None:

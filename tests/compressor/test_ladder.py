@@ -249,3 +249,16 @@ def test_mixed_precision_rescues_int8(tmp_path: Path, outlier_mlp: Path, vector1
     kept = [v.name for v in result.manifest.variants]
     assert kept[0] == "fp32"
     assert "int8-mixed" in kept or reasons["int8-mixed"].startswith("no step")
+
+
+def test_conv_net_plans_students_and_per_tensor_int8(
+    residual_cnn: Path, residual_calib: Path
+) -> None:
+    """With fine-tuning asked for, a conv net's plan has narrower students (fp32 and int8)
+    beside the fine-tuned pruned variants, and static int8 both per channel and per tensor."""
+    pytest.importorskip("torch", reason="students need the train extra (torch)")
+    model = load_model(residual_cnn)
+    recipe = Recipe(prune_ratios=(0.5,), calibrations=(Calibration.MINMAX,), finetune=True)
+    names = {c.name for c in plan(model, load_dataset(residual_calib, model.signature), recipe)}
+    assert {"student50", "student50-int8", "student25", "student25-int8"} <= names
+    assert {"pruned50", "pruned50-int8", "int8-minmax", "int8-minmax-tensor"} <= names
