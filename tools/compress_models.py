@@ -8,16 +8,20 @@ nodes, weights inside an If branch).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import structlog
 from onnx import TensorProto, helper, numpy_helper
 from skl2onnx import to_onnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
+
+log = structlog.get_logger(__name__)
 
 OPSET = 17
 ZERO = np.array(0.0, np.float32)
@@ -568,7 +572,8 @@ def _trained_residual_weights(
     steps = epochs * -(-len(data.x_train) // TRAIN_BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=steps)
     labels = torch.from_numpy(data.y_train)
-    for _ in range(epochs):
+    started = time.monotonic()
+    for epoch in range(epochs):
         dy, dx = (int(v) for v in rng.integers(-2, 3, 2))
         images = torch.from_numpy(np.roll(data.x_train, (dy, dx), axis=(2, 3)))
         order = torch.from_numpy(rng.permutation(len(images)))
@@ -579,6 +584,14 @@ def _trained_residual_weights(
             loss.backward()
             optimizer.step()
             schedule.step()
+        per_epoch = (time.monotonic() - started) / (epoch + 1)
+        log.info(
+            "residual_cnn_epoch",
+            epoch=epoch + 1,
+            epochs=epochs,
+            loss=round(float(loss.detach()), 4),
+            seconds_left=round(per_epoch * (epochs - epoch - 1), 1),
+        )
     return {k: p.detach().numpy().astype(np.float32) for k, p in params.items()}
 
 
