@@ -6,9 +6,10 @@ Two models, built here (nothing downloaded): a residual CNN with Add, Concat and
 blocks trained whole on the digits (upsampled; torch, the `train` extra), laddered with
 fine-tuning and conv students, and a segmentation-style net with a sigmoid map and one
 wide-range activation. For each, the ladder is built with the compressor's API (or, with
---retime, the one an earlier run left in --keep is reused), then every rung is measured beside onnxruntime's `quantize_static` with
-its default settings, plain fp16, and onnx-neural-compressor's defaults when that package
-is installed (optional, never a dependency), all in one interleaved run. Per variant it
+--retime, the one an earlier run left in --keep is reused), then every rung is measured
+beside onnxruntime's `quantize_static` with its default settings, plain fp16, and
+onnx-neural-compressor's defaults when that package is installed (optional, never a
+dependency), all in one interleaved run. Per variant it
 prints latency ratios at batch 1 and at the agent's batch size, size, memory and quality,
 the load average around the timing (and whether it was too high to trust), and ends
 with the targets of issue 9, each marked met or missed. Build with `nice -n 10` on a
