@@ -264,9 +264,7 @@ def _pruned(calibration: Dataset, ratio: float, tuning: FinetuneSettings | None)
 def _conv_student(calibration: Dataset, ratio: float, tuning: FinetuneSettings) -> Builder:
     def build(model: OnnxModel, out: Path) -> Built:
         path = conv_student(model, out, calibration, ratio, tuning)
-        teacher = weight_elements(model.proto.graph)
-        student = weight_elements(onnx.load_model(path).graph)
-        return Built(path, "fp32", max(0.0, 1.0 - student / max(teacher, 1)))
+        return Built(path, "fp32", _weights_removed(model, path))
 
     return build
 
@@ -274,11 +272,15 @@ def _conv_student(calibration: Dataset, ratio: float, tuning: FinetuneSettings) 
 def _student(calibration: Dataset, settings: DistillSettings) -> Builder:
     def build(model: OnnxModel, out: Path) -> Built:
         path = distill(model, out, calibration, settings)
-        teacher = weight_elements(model.proto.graph)
-        student = weight_elements(onnx.load_model(path).graph)
-        return Built(path, "fp32", max(0.0, 1.0 - student / max(teacher, 1)))
+        return Built(path, "fp32", _weights_removed(model, path))
 
     return build
+
+
+def _weights_removed(teacher: OnnxModel, student: Path) -> float:
+    """The share of the teacher's weights a student does without (its sparsity)."""
+    mine = weight_elements(onnx.load_model(student).graph)
+    return max(0.0, 1.0 - mine / max(weight_elements(teacher.proto.graph), 1))
 
 
 def _student_widths(model: OnnxModel, shares: tuple[float, ...]) -> list[int]:
