@@ -10,7 +10,9 @@ import pytest
 
 from compressor.boxes import box_iou, candidates, detect
 from compressor.data import Dataset
-from compressor.evaluate import Budget, Metric, score
+from compressor.errors import DataError
+from compressor.evaluate import Budget, Metric, Quality, score
+from compressor.metrics import fidelity
 from compressor.model import load_model
 from compressor.quantize import quantize_static_int8
 
@@ -74,3 +76,11 @@ def test_box_iou_scores_a_quantized_detector(tmp_path: Path) -> None:
     assert quality["int8"].measure(Metric.BOX_IOU) == figure
     assert quality["int8"].within(Budget(1.0 - figure + 1e-6, Metric.BOX_IOU))
     assert not quality["int8"].within(Budget(1.0 - figure - 1e-3, Metric.BOX_IOU))
+
+
+def test_box_metric_on_a_model_without_a_detector_head_is_refused() -> None:
+    """--metric box-iou on a classifier's outputs is a DataError naming what it needs."""
+    probabilities = {"p": np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)}
+    quality = Quality(None, None, fidelity(probabilities, probabilities))
+    with pytest.raises(DataError, match="YOLO-style"):
+        quality.measure(Metric.BOX_IOU)
