@@ -41,9 +41,17 @@ from compressor.quantize import (
     quantize_static_int8,
 )
 from compressor.smooth import smooth
+from compressor.student import conv_student
 
 # The static int8 candidate built after scale migration (compressor.smooth).
 SMOOTH = "int8-smooth"
+# Suffix of the static int8 candidates with one weight scale per tensor, not per channel.
+PER_TENSOR = "-tensor"
+
+
+def static_name(method: Calibration, per_channel: bool = True) -> str:
+    """The static int8 candidate of a calibrator and a weight granularity."""
+    return f"int8-{method}" + ("" if per_channel else PER_TENSOR)
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,18 @@ class Recipe:
 
     prune_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875)
     calibrations: tuple[Calibration, ...] = tuple(Calibration)
+    # Also try each calibrator with one weight scale per tensor (per channel is always tried).
+    per_tensor: bool = True
     student_shares: tuple[float, ...] = (0.5, 0.25, 0.125)  # student weights / teacher weights
     distill_augment: int = 32
     int4: bool = True
     fp16: bool = True
-    # Distillation fine-tuning of pruned conv variants against the original (needs torch).
+    # Distillation fine-tuning of pruned conv variants against the original, and conv
+    # students (narrower copies trained from scratch) removing these shares of the channels
+    # (both need torch).
     finetune: bool = False
     finetune_epochs: int = 30
+    student_ratios: tuple[float, ...] = (0.5, 0.75)
     seed: int = 0
 
 
@@ -145,25 +158,45 @@ def plan(model: OnnxModel, calibration: Dataset, recipe: Recipe) -> list[Candida
     if mix.dense:
         found.append(Candidate("int8-dynamic", _dynamic))
     for method in recipe.calibrations:
-        found.append(Candidate(f"int8-{method}", _static(calibration, method)))
+        for per_channel in (True, False)[: 1 + recipe.per_tensor]:
+            found.append(
+                Candidate(
+                    static_name(method, per_channel), _static(calibration, method, per_channel)
+                )
+            )
     if mix.conv and recipe.calibrations:
         # Wide activation channels migrated into the next convs' weights, then int8.
         found.append(Candidate(SMOOTH, _smoothed(calibration, recipe.calibrations[0])))
     if mix.dense and recipe.int4:
         found.append(Candidate("int4", lambda m, out: Built(quantize_int4(m, out), "int4")))
-    if mix.prunable:
-        for ratio in recipe.prune_ratios:
-            name = f"pruned{round(ratio * 100)}"
-            found.append(Candidate(name, _pruned(calibration, ratio, _tuning(recipe, mix))))
-            # A conv model wants static int8 after pruning; a dense one dynamic.
-            combo = _static(calibration, Calibration.MINMAX) if mix.conv else _dynamic
-            found.append(Candidate(f"{name}-int8", combo, base=name))
+    found += _narrower(mix, calibration, recipe)
     if mix.vector_input and not mix.conv:
         for hidden in _student_widths(model, recipe.student_shares):
             settings = DistillSettings(
                 hidden=(hidden,), augment=recipe.distill_augment, seed=recipe.seed
             )
             found.append(Candidate(f"distilled{hidden}", _student(calibration, settings)))
+    return found
+
+
+def _narrower(mix: OpMix, calibration: Dataset, recipe: Recipe) -> list[Candidate]:
+    """Pruned variants (fine-tuned when asked) and conv students, each also in int8."""
+    if not mix.prunable:
+        return []
+    found: list[Candidate] = []
+    tuning = _tuning(recipe, mix)
+    # A conv model wants static int8 after pruning; a dense one dynamic.
+    combo = _static(calibration, Calibration.MINMAX) if mix.conv else _dynamic
+    for ratio in recipe.prune_ratios:
+        name = f"pruned{round(ratio * 100)}"
+        found.append(Candidate(name, _pruned(calibration, ratio, tuning)))
+        found.append(Candidate(f"{name}-int8", combo, base=name))
+    if tuning is None:
+        return found
+    for ratio in recipe.student_ratios:
+        name = f"student{round((1 - ratio) * 100)}"
+        found.append(Candidate(name, _conv_student(calibration, ratio, tuning)))
+        found.append(Candidate(f"{name}-int8", combo, base=name))
     return found
 
 
@@ -186,9 +219,14 @@ def _dynamic(model: OnnxModel, out: Path) -> Built:
     return Built(quantize_dynamic_int8(model, out), "int8")
 
 
-def _static(calibration: Dataset, method: Calibration) -> Builder:
+def _static(calibration: Dataset, method: Calibration, per_channel: bool = True) -> Builder:
     def build(model: OnnxModel, out: Path) -> Built:
-        return Built(quantize_static_int8(model, out, calibration, method), "int8")
+        # Both granularities of one calibrator on one source share its activation ranges.
+        cache = out.parent / f".ranges-{model.path.stem}-{method}.json"
+        path = quantize_static_int8(
+            model, out, calibration, method, cache=cache, per_channel=per_channel
+        )
+        return Built(path, "int8")
 
     return build
 
@@ -223,14 +261,26 @@ def _pruned(calibration: Dataset, ratio: float, tuning: FinetuneSettings | None)
     return build
 
 
+def _conv_student(calibration: Dataset, ratio: float, tuning: FinetuneSettings) -> Builder:
+    def build(model: OnnxModel, out: Path) -> Built:
+        path = conv_student(model, out, calibration, ratio, tuning)
+        return Built(path, "fp32", _weights_removed(model, path))
+
+    return build
+
+
 def _student(calibration: Dataset, settings: DistillSettings) -> Builder:
     def build(model: OnnxModel, out: Path) -> Built:
         path = distill(model, out, calibration, settings)
-        teacher = weight_elements(model.proto.graph)
-        student = weight_elements(onnx.load_model(path).graph)
-        return Built(path, "fp32", max(0.0, 1.0 - student / max(teacher, 1)))
+        return Built(path, "fp32", _weights_removed(model, path))
 
     return build
+
+
+def _weights_removed(teacher: OnnxModel, student: Path) -> float:
+    """The share of the teacher's weights a student does without (its sparsity)."""
+    mine = weight_elements(onnx.load_model(student).graph)
+    return max(0.0, 1.0 - mine / max(weight_elements(teacher.proto.graph), 1))
 
 
 def _student_widths(model: OnnxModel, shares: tuple[float, ...]) -> list[int]:

@@ -112,6 +112,11 @@ def _ladder_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="comma-separated static int8 calibrators to try: minmax, percentile, entropy",
     )
     p.add_argument(
+        "--no-per-tensor",
+        action="store_true",
+        help="try static int8 weights with one scale per channel only, not also per tensor",
+    )
+    p.add_argument(
         "--finetune",
         action="store_true",
         help="fine-tune pruned conv variants against the original by distillation "
@@ -157,6 +162,11 @@ def _quantize_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--ops",
         default="MatMul,Gemm",
         help="dynamic mode: operator types to quantize (Conv is measured to be slower)",
+    )
+    p.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="static mode: one scale per weight tensor instead of one per output channel",
     )
     p.add_argument("--block-size", type=int, default=32, help="int4 block size")
     _budget_arg(p)
@@ -223,8 +233,8 @@ def _budget_arg(p: argparse.ArgumentParser) -> None:
         choices=[m.value for m in Metric],
         default=Metric.AUTO.value,
         help="what quality means: accuracy (labels), cosine, top1 (agreement with the "
-        "original's class), iou (of the sigmoid maps thresholded at 0.5); auto: accuracy "
-        "with labels, else cosine",
+        "original's class), iou (of the sigmoid maps thresholded at 0.5), box-iou (mean IoU "
+        "of a YOLO-style head's boxes after NMS); auto: accuracy with labels, else cosine",
     )
 
 
@@ -249,6 +259,7 @@ def _run_ladder(args: argparse.Namespace) -> int:
         recipe=Recipe(
             prune_ratios=args.prune_ratios,
             calibrations=args.calibrations,
+            per_tensor=not args.no_per_tensor,
             finetune=args.finetune,
             seed=args.seed,
         ),
@@ -295,7 +306,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         for node, reason in plan.blocked.items():
             print(f"kept in float32: {node}: {reason}")
     elif args.mode == "static":
-        out = quantize_static_int8(model, args.out, _calibration(args, model), method)
+        out = quantize_static_int8(
+            model, args.out, _calibration(args, model), method, per_channel=not args.per_tensor
+        )
     else:
         out = _mixed(args, model, method)
     print(f"wrote {out} ({out.stat().st_size} bytes)")
@@ -376,6 +389,7 @@ def _as_json(e: Evaluation, budget: Budget) -> dict[str, object]:
         "min_cosine": e.fidelity.min_cosine,
         "top1_agreement": e.fidelity.top1_agreement,
         "map_iou": e.fidelity.map_iou,
+        "box_iou": e.fidelity.box_iou,
         "max_abs_error": e.fidelity.max_abs_error,
         "latency_ms": e.latency.batch1_ms,
         "batch_latency_ms": e.latency.batch_ms,

@@ -32,6 +32,7 @@ class Metric(StrEnum):
     COSINE = "cosine"  # mean cosine of the outputs to the original's
     TOP1 = "top1"  # share of rows whose arg-max class agrees with the original's
     IOU = "iou"  # IoU of the probability maps thresholded at 0.5, against the original's
+    BOX_IOU = "box-iou"  # mean IoU of a YOLO-style head's boxes after NMS, against the original's
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,15 @@ class Quality:
             return self.accuracy
         if metric is Metric.COSINE:
             return self.fidelity.cosine
-        value = self.fidelity.top1_agreement if metric is Metric.TOP1 else self.fidelity.map_iou
+        value, what = {
+            Metric.TOP1: (self.fidelity.top1_agreement, "a [rows, classes] output"),
+            Metric.IOU: (self.fidelity.map_iou, "a map output in [0, 1]"),
+            Metric.BOX_IOU: (
+                self.fidelity.box_iou,
+                "a YOLO-style [rows, 4 + classes, boxes] output with boxes over the threshold",
+            ),
+        }[metric]
         if value is None:
-            what = "a [rows, classes] output" if metric is Metric.TOP1 else "a map output in [0, 1]"
             raise DataError(f"--metric {metric} needs {what}")
         return value
 

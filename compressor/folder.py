@@ -150,6 +150,8 @@ def _metrics(e: Evaluation, ref: Evaluation) -> VariantMetrics:
         extra["top1_agreement"] = e.fidelity.top1_agreement
     if e.fidelity.map_iou is not None:
         extra["map_iou"] = e.fidelity.map_iou
+    if e.fidelity.box_iou is not None:
+        extra["box_iou"] = e.fidelity.box_iou
     if e.latency.batch_ms is not None and ref.latency.batch_ms is not None:
         extra["batch_latency_ms"] = e.latency.batch_ms
         extra["batch_latency_ratio"] = e.latency.batch_ms / ref.latency.batch_ms

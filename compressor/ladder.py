@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from agent.manifest import Manifest
-from compressor.candidates import SMOOTH, Built, Candidate, Recipe, plan
+from compressor.candidates import PER_TENSOR, SMOOTH, Built, Candidate, Recipe, plan, static_name
 from compressor.data import Dataset, load_dataset
 from compressor.errors import CompressorError, DataError
 from compressor.evaluate import Budget, EvalSettings, Evaluation, Quality, evaluate, score
@@ -227,7 +227,7 @@ def _mixed(
 
 def _best_calibrator(scores: dict[str, Quality]) -> Calibration:
     """The static int8 calibrator that scored best: the mixed search starts from its ranges."""
-    static = {c: scores[f"int8-{c}"] for c in Calibration if f"int8-{c}" in scores}
+    static = {c: scores[static_name(c)] for c in Calibration if static_name(c) in scores}
     if not static:
         return Calibration.MINMAX
     return max(static, key=lambda c: (static[c].quality, static[c].fidelity.cosine))
@@ -240,26 +240,40 @@ def _needs_mixed(scores: dict[str, Quality], budget: Budget) -> bool:
 
 
 def _static_names() -> set[str]:
-    """The static int8 candidates: one graph and one cost, only their scales differ."""
-    return {f"int8-{c}" for c in Calibration} | {SMOOTH}
+    """The static int8 candidates: one graph and one cost per weight granularity, only
+    their scales differ."""
+    return {static_name(c, per_channel) for c in Calibration for per_channel in (True, False)} | {
+        SMOOTH
+    }
 
 
 def _calibration_twins(scores: dict[str, Quality], budget: Budget) -> dict[str, str]:
-    """Static int8 variants beaten by another calibrator: same graph, same cost, less quality.
+    """Static int8 variants beaten by another calibrator of the same weight granularity:
+    same graph, same cost, less quality.
 
     The calibrators only change scales, so timing them against each other measures noise;
-    the best-scoring one stands for all of them.
+    the best-scoring one stands for all of them. Per-tensor and per-channel weights run
+    different kernels, so the best of each is timed and the ladder's selection keeps the
+    one that is better by the measured quality and latency (both, if each earns a step).
     """
-    static = [n for n in scores if n in _static_names()]
-    within = [n for n in static if scores[n].within(budget)]
-    if not within:
-        return {}
-    best = max(within, key=lambda n: (scores[n].quality, scores[n].fidelity.cosine, n))
-    return {
-        n: f"duplicate: same graph as {best} (other scales), which scores higher"
-        for n in within
-        if n != best
-    }
+    twins: dict[str, str] = {}
+    for per_tensor in (False, True):
+        within = [
+            n
+            for n in scores
+            if n in _static_names()
+            and n.endswith(PER_TENSOR) == per_tensor
+            and scores[n].within(budget)
+        ]
+        if not within:
+            continue
+        best = max(within, key=lambda n: (scores[n].quality, scores[n].fidelity.cosine, n))
+        twins |= {
+            n: f"duplicate: same graph as {best} (other scales), which scores higher"
+            for n in within
+            if n != best
+        }
+    return twins
 
 
 def _eval_settings(settings: LadderSettings) -> EvalSettings:

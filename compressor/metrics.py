@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compressor.boxes import box_iou
 from compressor.errors import DataError
 
 
@@ -23,6 +24,7 @@ class Fidelity:
     max_abs_error: float
     top1_agreement: float | None
     map_iou: float | None = None  # of maps thresholded at 0.5, where outputs are maps in [0, 1]
+    box_iou: float | None = None  # of detections after NMS, where outputs are YOLO-style heads
 
 
 def cosine_per_row(reference: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -80,12 +82,14 @@ def fidelity(reference: Mapping[str, np.ndarray], output: Mapping[str, np.ndarra
         if ref_top is not None and out_top is not None:
             agreements.append(float(np.mean(ref_top == out_top)))
     ious = [v for n in names if (v := map_iou(reference[n], output[n])) is not None]
+    boxes = [v for n in names if (v := box_iou(reference[n], output[n])) is not None]
     return Fidelity(
         cosine=min(float(np.mean(c)) for c in cosines),
         min_cosine=min(float(np.min(c)) for c in cosines),
         max_abs_error=max(errors),
         top1_agreement=min(agreements) if agreements else None,
         map_iou=min(ious) if ious else None,
+        box_iou=min(boxes) if boxes else None,
     )
 
 

@@ -10,7 +10,7 @@ from compressor.selection import Decision
 
 COLUMNS = (
     "variant", "status", "size KB", "size x", "b1 ms", "b1 x", "bN ms", "bN x",
-    "accuracy", "cosine", "top1 agr", "map IoU", "RSS MB",
+    "accuracy", "cosine", "top1 agr", "IoU", "RSS MB",
 )  # fmt: skip
 
 
@@ -138,7 +138,10 @@ def _row(
             if quality.fidelity.top1_agreement is None
             else (f"{quality.fidelity.top1_agreement:.3f}")
         )
-        iou = "-" if quality.fidelity.map_iou is None else f"{quality.fidelity.map_iou:.4f}"
+        # A map's IoU, or a detector's boxes' (a model has one kind of output or the other).
+        overlap = quality.fidelity.map_iou
+        overlap = quality.fidelity.box_iou if overlap is None else overlap
+        iou = "-" if overlap is None else f"{overlap:.4f}"
     if e is None:
         return (decision.name, status, "-", "-", "-", "-", "-", "-", acc, cos, agree, iou, "-")
     b1 = e.latency.batch1_ms

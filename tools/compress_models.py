@@ -8,19 +8,24 @@ nodes, weights inside an If branch).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import structlog
 from onnx import TensorProto, helper, numpy_helper
 from skl2onnx import to_onnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
+log = structlog.get_logger(__name__)
+
 OPSET = 17
 ZERO = np.array(0.0, np.float32)
+TRAIN_BATCH = 32  # rows per step when the residual CNN is trained
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,70 @@ def map_model(size: int = 32, width: int = 16, seed: int = 0, hot: float = 3e6) 
     return _finish(graph)
 
 
+def detector_model(
+    size: int = 32, width: int = 16, classes: int = 3, seed: int = 0
+) -> onnx.ModelProto:
+    """A YOLOv8-style head in miniature: output [rows, 4 + classes, cells], one box per cell.
+
+    Two stride-2 convs, then a 1x1 conv predicting per cell a box (centre offset within the
+    cell and size, both through Sigmoid, scaled to pixels and added to the cell's centre)
+    and class scores (Sigmoid, biased low so that only a few cells clear the 0.25 threshold,
+    as in a real detector's output). Random weights: the box metric compares variants with
+    the original, so the boxes need only be plausible.
+    """
+    rng = np.random.default_rng(seed)
+    cells_side = size // 4
+    cells = cells_side * cells_side
+    attrs = 4 + classes
+    centres = (np.arange(cells_side) + 0.5) * 4.0
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    offset = np.zeros((1, 4, cells), np.float32)
+    offset[0, 0], offset[0, 1] = cx.reshape(-1) - 4.0, cy.reshape(-1) - 4.0
+    offset[0, 2:] = 2.0
+    scale = np.array([8.0, 8.0, 12.0, 12.0], np.float32).reshape(1, 4, 1)
+    head_bias = np.concatenate([np.zeros(4), np.full(classes, -2.5)]).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, np.sqrt(2 / 27), (width, 3, 3, 3)).astype(np.float32), "c1.w"
+        ),
+        numpy_helper.from_array(
+            rng.normal(0, np.sqrt(2 / (9 * width)), (width, width, 3, 3)).astype(np.float32),
+            "c2.w",
+        ),
+        numpy_helper.from_array(
+            rng.normal(0, 1.5 / np.sqrt(width), (attrs, width, 1, 1)).astype(np.float32), "head.w"
+        ),
+        numpy_helper.from_array(head_bias, "head.b"),
+        numpy_helper.from_array(np.array([0, attrs, cells], np.int64), "flat"),
+        numpy_helper.from_array(np.array([4, classes], np.int64), "parts"),
+        numpy_helper.from_array(scale, "scale"),
+        numpy_helper.from_array(offset, "offset"),
+    ]
+    conv = {"pads": [1, 1, 1, 1], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("Conv", ["input", "c1.w"], ["c1"], name="c1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "c2.w"], ["c2"], name="c2", **conv),
+        helper.make_node("Relu", ["c2"], ["r2"], name="r2"),
+        helper.make_node("Conv", ["r2", "head.w", "head.b"], ["raw"], name="head"),
+        helper.make_node("Reshape", ["raw", "flat"], ["grid"], name="flatten"),
+        helper.make_node("Split", ["grid", "parts"], ["box", "cls"], name="split", axis=1),
+        helper.make_node("Sigmoid", ["box"], ["box.s"], name="box.sigmoid"),
+        helper.make_node("Mul", ["box.s", "scale"], ["box.px"], name="box.scale"),
+        helper.make_node("Add", ["box.px", "offset"], ["xywh"], name="box.place"),
+        helper.make_node("Sigmoid", ["cls"], ["scores"], name="cls.sigmoid"),
+        helper.make_node("Concat", ["xywh", "scores"], ["output0"], name="concat", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [-1, attrs, cells])],
+        inits,
+    )
+    return _finish(graph)
+
+
 def upsample(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of [N, 8, 8] images to [N, 1, size, size] (align-corners grid)."""
     side = images.shape[-1]
@@ -348,95 +417,182 @@ def image_digits(size: int = 16, seed: int = 0) -> ImageDigits:
     )
 
 
-def residual_cnn_model(data: ImageDigits, width: int = 16, seed: int = 0) -> onnx.ModelProto:
-    """A small CNN with the blocks real detectors are made of, its head trained on digits.
+def residual_cnn_model(
+    data: ImageDigits, width: int = 16, seed: int = 0, epochs: int = 0, stem_stride: int = 1
+) -> onnx.ModelProto:
+    """A small CNN with the blocks real detectors are made of, trained on the digits.
 
     stem conv; a residual block (two convs and an Add back onto the stem); a C2f-style
     block (a conv whose output is Split in two, one half through another conv, the three
-    Concatenated and mixed by a conv); global pool and a Gemm head. The convs keep their
-    random He-scaled weights and the head is fitted by logistic regression on their
-    features: trained a little, so that removing channels really costs accuracy.
+    Concatenated and mixed by a conv); global pool and a Gemm head. With `epochs` 0 the
+    convs keep random He-scaled weights and only the head is fitted (logistic regression
+    on their features): quick, for the tests. With `epochs` > 0 the whole net is trained
+    on the labels with PyTorch (the `train` extra), as a real one would be: its channels
+    then carry what it learnt, so removing them really costs accuracy. A `stem_stride` of 2
+    makes the stem a strided one, as in ResNet or YOLO (a quarter of the work per image).
     """
+    shape = _ResidualShape(width, data.x_train.shape[-1], stem_stride)
+    weights = _residual_weights(width, seed)
+    if epochs:
+        weights = _trained_residual_weights(weights, data, shape, epochs, seed)
+    else:
+        weights |= _fitted_head(weights, data, shape, seed)
+    return _finish(_residual_graph(weights, shape))
+
+
+@dataclass(frozen=True)
+class _ResidualShape:
+    width: int
+    size: int  # the input images' side
+    stem_stride: int
+
+
+def _residual_layers(width: int) -> dict[str, tuple[int, int]]:
+    """Each conv's (input, output) channels."""
+    return {
+        "stem": (1, width),
+        "res1": (width, width),
+        "res2": (width, width),
+        "c2f": (width, 2 * width),
+        "inner": (width, width),
+        "mix": (3 * width, 2 * width),
+    }
+
+
+def _residual_weights(width: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    inits: list[TensorProto] = []
+    weights: dict[str, np.ndarray] = {}
+    for name, (cin, cout) in _residual_layers(width).items():
+        weights[f"{name}.w"] = rng.normal(0, np.sqrt(2.0 / (cin * 9)), (cout, cin, 3, 3))
+        weights[f"{name}.b"] = rng.normal(0, 0.05, cout)
+    # The residual branch starts near zero, so the block starts as the identity.
+    weights["res2.w"] = weights["res2.w"] / 3.0
+    weights["res2.b"] = np.zeros(width)
+    weights["fc.w"] = np.zeros((2 * width, 10))
+    weights["fc.b"] = np.zeros(10)
+    return {k: v.astype(np.float32) for k, v in weights.items()}
 
-    def conv(name: str, source: str, cin: int, cout: int, out: str) -> list[onnx.NodeProto]:
-        w = rng.normal(0, np.sqrt(2.0 / (cin * 9)), (cout, cin, 3, 3)).astype(np.float32)
-        inits.extend(
-            [
-                numpy_helper.from_array(w, f"{name}.w"),
-                numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.b"),
-            ]
+
+def _residual_graph(weights: dict[str, np.ndarray], shape: _ResidualShape) -> onnx.GraphProto:
+    width, size = shape.width, shape.size
+
+    def conv(name: str, source: str, out: str, relu: bool = True) -> list[onnx.NodeProto]:
+        stride = shape.stem_stride if name == "stem" else 1
+        node = helper.make_node(
+            "Conv",
+            [source, f"{name}.w", f"{name}.b"],
+            [f"{name}.c" if relu else out],
+            name=name,
+            pads=[1, 1, 1, 1],
+            strides=[stride, stride],
         )
-        return [
-            helper.make_node(
-                "Conv",
-                [source, f"{name}.w", f"{name}.b"],
-                [f"{name}.c"],
-                name=name,
-                pads=[1, 1, 1, 1],
-            ),
-            helper.make_node("Relu", [f"{name}.c"], [out], name=f"{name}.relu"),
-        ]
+        if not relu:
+            return [node]
+        return [node, helper.make_node("Relu", [f"{name}.c"], [out], name=f"{name}.relu")]
 
-    half = width
-    inits.append(numpy_helper.from_array(np.array([half, half], np.int64), "split.sizes"))
     nodes = [
-        *conv("stem", "input", 1, width, "t0"),
-        *conv("res1", "t0", width, width, "r1"),
-        helper.make_node(
-            "Conv", ["r1", "res2.w", "res2.b"], ["r2"], name="res2", pads=[1, 1, 1, 1]
-        ),
+        *conv("stem", "input", "t0"),
+        *conv("res1", "t0", "r1"),
+        *conv("res2", "r1", "r2", relu=False),
         helper.make_node("Add", ["r2", "t0"], ["sum"], name="residual"),
         helper.make_node("Relu", ["sum"], ["t1"], name="residual.relu"),
         helper.make_node(
             "MaxPool", ["t1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]
         ),
-        *conv("c2f", "p1", width, 2 * half, "c"),
+        *conv("c2f", "p1", "c"),
         helper.make_node("Split", ["c", "split.sizes"], ["a", "b"], name="split", axis=1),
-        *conv("inner", "b", half, half, "m"),
+        *conv("inner", "b", "m"),
         helper.make_node("Concat", ["a", "b", "m"], ["cat"], name="concat", axis=1),
-        *conv("mix", "cat", 3 * half, 2 * width, "t2"),
+        *conv("mix", "cat", "t2"),
         helper.make_node("GlobalAveragePool", ["t2"], ["gap"], name="gap"),
         helper.make_node("Flatten", ["gap"], ["features"], name="flatten"),
-    ]
-    w2 = rng.normal(0, np.sqrt(1.0 / (width * 9)), (width, width, 3, 3)).astype(np.float32)
-    inits += [
-        numpy_helper.from_array(w2, "res2.w"),
-        numpy_helper.from_array(np.zeros(width, np.float32), "res2.b"),
-    ]
-    size = data.x_train.shape[-1]
-    features = helper.make_graph(
-        nodes,
-        "residual-features",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 1, size, size])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [-1, 2 * width])],
-        inits,
-    )
-    import onnxruntime as ort  # noqa: PLC0415 -- only to fit the head on the conv features
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
-
-    session = ort.InferenceSession(
-        _finish(features).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    train = session.run(None, {"input": data.x_train})[0]
-    head = LogisticRegression(max_iter=2000, random_state=seed).fit(train, data.y_train)
-    inits += [
-        numpy_helper.from_array(head.coef_.T.astype(np.float32).copy(), "fc.w"),
-        numpy_helper.from_array(head.intercept_.astype(np.float32), "fc.b"),
-    ]
-    nodes += [
         helper.make_node("Gemm", ["features", "fc.w", "fc.b"], ["logits"], name="fc"),
         helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
     ]
-    graph = helper.make_graph(
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([width, width], np.int64), "split.sizes"))
+    return helper.make_graph(
         nodes,
         "residual",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [-1, 1, size, size])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [-1, 10])],
         inits,
     )
-    return _finish(graph)
+
+
+def _fitted_head(
+    weights: dict[str, np.ndarray], data: ImageDigits, shape: _ResidualShape, seed: int
+) -> dict[str, np.ndarray]:
+    """The Gemm head fitted by logistic regression on the random convs' pooled features."""
+    import onnxruntime as ort  # noqa: PLC0415 -- only to fit the head on the conv features
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+
+    graph = _residual_graph(weights, shape)
+    del graph.output[:]
+    graph.output.append(
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, [-1, 2 * shape.width])
+    )
+    session = ort.InferenceSession(
+        _finish(graph).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    train = session.run(["features"], {"input": data.x_train})[0]
+    head = LogisticRegression(max_iter=2000, random_state=seed).fit(train, data.y_train)
+    return {
+        "fc.w": head.coef_.T.astype(np.float32).copy(),
+        "fc.b": head.intercept_.astype(np.float32),
+    }
+
+
+def _trained_residual_weights(
+    weights: dict[str, np.ndarray], data: ImageDigits, shape: _ResidualShape, epochs: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Every weight trained on the labels with Adam (shifted images for augmentation)."""
+    import torch  # noqa: PLC0415 -- the train extra, only for the benchmark's trained model
+    from torch.nn import functional  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in weights.items()}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        def conv(name: str, t: torch.Tensor) -> torch.Tensor:
+            stride = shape.stem_stride if name == "stem" else 1
+            return functional.conv2d(
+                t, params[f"{name}.w"], params[f"{name}.b"], stride=stride, padding=1
+            )
+
+        t0 = torch.relu(conv("stem", x))
+        t1 = torch.relu(conv("res2", torch.relu(conv("res1", t0))) + t0)
+        c = torch.relu(conv("c2f", functional.max_pool2d(t1, 2)))
+        a, b = torch.split(c, [shape.width, shape.width], dim=1)
+        t2 = torch.relu(conv("mix", torch.cat([a, b, torch.relu(conv("inner", b))], dim=1)))
+        return torch.mean(t2, dim=(2, 3)) @ params["fc.w"] + params["fc.b"]
+
+    optimizer = torch.optim.Adam(params.values(), lr=2e-3)
+    steps = epochs * -(-len(data.x_train) // TRAIN_BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=steps)
+    labels = torch.from_numpy(data.y_train)
+    started = time.monotonic()
+    for epoch in range(epochs):
+        dy, dx = (int(v) for v in rng.integers(-2, 3, 2))
+        images = torch.from_numpy(np.roll(data.x_train, (dy, dx), axis=(2, 3)))
+        order = torch.from_numpy(rng.permutation(len(images)))
+        for first in range(0, len(images), TRAIN_BATCH):
+            rows = order[first : first + TRAIN_BATCH]
+            loss = functional.cross_entropy(forward(images[rows]), labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        per_epoch = (time.monotonic() - started) / (epoch + 1)
+        log.info(
+            "residual_cnn_epoch",
+            epoch=epoch + 1,
+            epochs=epochs,
+            loss=round(float(loss.detach()), 4),
+            seconds_left=round(per_epoch * (epochs - epoch - 1), 1),
+        )
+    return {k: p.detach().numpy().astype(np.float32) for k, p in params.items()}
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

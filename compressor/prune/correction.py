@@ -3,7 +3,11 @@
 Removing neurons shifts what the next layer receives. Refitting that layer's weights (and
 bias) so its output on calibration data matches the original model's output recovers most
 of the accuracy without any retraining; a small ridge term keeps the solve stable when the
-calibration set is small.
+calibration set is small. The ridge is relative to each input's own energy (as if every
+input were standardised): one relative to the mean energy let a single wide-range channel
+(a text detector's unnormalised feature, 1e6 times the others) inflate it until it erased
+every other input's weights, and the refit map net fell to cosine 0.93 where the plain cut
+kept 0.97.
 """
 
 from __future__ import annotations
@@ -80,8 +84,10 @@ def _solve(
     if with_bias:
         x = np.hstack([x, np.ones((x.shape[0], 1))])
     gram = x.T @ x
-    ridge = RIDGE * max(float(np.trace(gram)) / gram.shape[0], 1e-12)
-    regulariser = np.eye(gram.shape[0]) * ridge
+    energy = np.diag(gram).copy()
+    # Dead inputs (all zero) still need a positive ridge to keep the system solvable.
+    floor = 1e-6 * float(np.median(energy)) + 1e-12
+    regulariser = np.diag(RIDGE * np.maximum(energy, floor))
     if with_bias:
         regulariser[-1, -1] = 0.0  # the bias absorbs the mean shift: do not shrink it
     solution = np.linalg.solve(gram + regulariser, x.T @ y)

@@ -227,6 +227,7 @@ def test_console_script_ladder(
             "0.5",
             "--no-plot",
             "--no-mixed",  # searched in tests/compressor/test_mixed.py; here the script
+            "--no-per-tensor",  # tried in tests/compressor/test_ladder.py
             *FAST_TIMING,
         ],
         capture_output=True,

@@ -80,3 +80,15 @@ def test_refit_without_bias_returns_none() -> None:
     x = np.eye(4, dtype=np.float32)
     weight, bias = refit_dense(x, x * 2.0, with_bias=False)
     assert bias is None and weight.shape == (4, 4)
+
+
+def test_one_wide_range_input_does_not_erase_the_others() -> None:
+    """A dense refit whose inputs include one channel a million times wider than the rest
+    still recovers the weights of the ordinary channels (the ridge is per input)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (400, 8))
+    x[:, 0] *= 1e6
+    w = rng.normal(0, 1, (8, 3))
+    w[0] /= 1e6
+    weight, _ = refit_dense(x.astype(np.float32), (x @ w).astype(np.float32), with_bias=False)
+    np.testing.assert_allclose(weight[1:], w[1:], rtol=0.02, atol=0.02)

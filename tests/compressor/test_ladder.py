@@ -24,6 +24,7 @@ from compressor.quantize import Calibration
 QUICK_RECIPE = Recipe(
     prune_ratios=(0.5,),
     calibrations=(Calibration.MINMAX,),
+    per_tensor=False,
     student_shares=(0.25,),
     distill_augment=2,
 )
@@ -127,7 +128,8 @@ def test_tight_budget_drops_lossy_variants(
 def test_cnn_ladder_uses_fidelity(
     tmp_path: Path, cnn: Path, cnn_calib: Path, cnn_eval: Path
 ) -> None:
-    """Without labels the manifest records cosine, and only one calibrator's int8 is timed."""
+    """Without labels the manifest records cosine, and of the static int8 variants only the
+    best calibrator of each weight granularity (per channel, per tensor) is timed."""
     recipe = Recipe(prune_ratios=(0.5,), calibrations=(Calibration.MINMAX, Calibration.PERCENTILE))
     settings = replace(QUICK, recipe=recipe)
     result = build_ladder(
@@ -137,10 +139,12 @@ def test_cnn_ladder_uses_fidelity(
     assert all(v.metrics.accuracy is None for v in variants)
     assert all(v.metrics.fidelity is not None and v.metrics.fidelity >= 0.99 for v in variants)
     tried = {d.name for d in result.decisions}
-    assert {"int8-minmax", "int8-percentile", "pruned50", "fp16"} <= tried
+    assert {"int8-minmax", "int8-percentile", "int8-minmax-tensor", "pruned50", "fp16"} <= tried
     twins = [d for d in result.decisions if d.reason.startswith("duplicate: same graph as int8-")]
-    assert len(twins) == 1 and twins[0].name in {"int8-minmax", "int8-percentile"}
-    assert twins[0].name not in result.evaluations  # never timed
+    assert sorted(t.name.endswith("-tensor") for t in twins) == [False, True]
+    assert all(t.name not in result.evaluations for t in twins)  # never timed
+    timed = {n for n in result.evaluations if n.startswith("int8-")}
+    assert len(timed) == 2 and sum(n.endswith("-tensor") for n in timed) == 1
     assert "int8-dynamic" not in tried  # the dense head holds too few of the weights
 
 
@@ -245,3 +249,16 @@ def test_mixed_precision_rescues_int8(tmp_path: Path, outlier_mlp: Path, vector1
     kept = [v.name for v in result.manifest.variants]
     assert kept[0] == "fp32"
     assert "int8-mixed" in kept or reasons["int8-mixed"].startswith("no step")
+
+
+def test_conv_net_plans_students_and_per_tensor_int8(
+    residual_cnn: Path, residual_calib: Path
+) -> None:
+    """With fine-tuning asked for, a conv net's plan has narrower students (fp32 and int8)
+    beside the fine-tuned pruned variants, and static int8 both per channel and per tensor."""
+    pytest.importorskip("torch", reason="students need the train extra (torch)")
+    model = load_model(residual_cnn)
+    recipe = Recipe(prune_ratios=(0.5,), calibrations=(Calibration.MINMAX,), finetune=True)
+    names = {c.name for c in plan(model, load_dataset(residual_calib, model.signature), recipe)}
+    assert {"student50", "student50-int8", "student25", "student25-int8"} <= names
+    assert {"pruned50", "pruned50-int8", "int8-minmax", "int8-minmax-tensor"} <= names

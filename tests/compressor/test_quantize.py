@@ -96,6 +96,31 @@ def test_static_int8_qdq_settings(
     assert cosine >= 0.99
 
 
+def test_static_int8_per_tensor_has_one_weight_scale(
+    tmp_path: Path, cnn: Path, cnn_calib: Path, cnn_eval: Path
+) -> None:
+    """Per-tensor static int8 gives every conv weight a single scale, and still follows fp32."""
+    model = load_model(cnn)
+    calib = load_dataset(cnn_calib, model.signature)
+    out = quantize_static_int8(model, tmp_path / "int8.onnx", calib, per_channel=False)
+    proto = onnx.load(out)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    conv_weights = [
+        i.name
+        for i in proto.graph.initializer
+        if i.data_type == TensorProto.INT8 and len(i.dims) == 4
+    ]
+    assert conv_weights
+    scales = [
+        inits[n.input[1]]
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in conv_weights
+    ]
+    assert len(scales) == len(conv_weights) and all(s.size == 1 for s in scales)
+    _, cosine = _scores(cnn, out, cnn_eval)
+    assert cosine >= 0.98
+
+
 def test_static_int8_upgrades_old_opset(tmp_path: Path, cnn: Path, cnn_calib: Path) -> None:
     """An opset-11 model is upgraded before quantize_static so the result is valid and loads."""
     proto = onnx.load(cnn)
