@@ -1,0 +1,259 @@
+"""A 320x320 CNN request through shared memory against raw onnxruntime (issue 10, part 1).
+
+Builds a CNN ONNX model (tests/onnx_models.py, no download), starts a private mosquitto and
+two real agents (`python -m agent run`, shm.enabled; one with shm.zero_copy), and measures,
+in interleaved rounds, the round trip as the client sees it for:
+
+- raw onnxruntime `session.run` with the agent's own session options (agent/session.py);
+- the agent through shared memory, the client using tritonclient's helpers unchanged: write
+  the frame into its region, publish the request, wait for the reply, read the scores out
+  of its output region (copy mode, then zero-copy mode);
+- the same request with the frame as a binary tensor over MQTT (the transport it replaces).
+
+Medians and ratios against onnxruntime are printed, with the machine's load. Not asserted.
+
+    .venv/bin/python tools/bench_shm.py [--rounds 10] [--requests 20] [--size 320] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.http as oip
+import tritonclient.utils.shared_memory as shm
+
+from agent.broker import MosquittoBroker, free_port
+from agent.config import MqttConfig
+from agent.mqtt.requester import Requester, RequesterError
+from agent.protocol import decode_response, encode_request
+from agent.session import PROVIDERS, SessionSettings, session_options
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.onnx_models import cnn_model  # noqa: E402  (the repository's own model builder)
+
+CLASSES = 1000
+Target = Callable[[], np.ndarray]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--requests", type=int, default=20, help="requests per target a round")
+    parser.add_argument("--size", type=int, default=320, help="image side (pixels)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-shm-") as tmp:
+        models = Path(tmp) / "models"
+        path = cnn_model(models / "cnn.onnx", size=args.size)
+        report = run(args, path)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    frame = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
+    session = ort.InferenceSession(
+        str(path), session_options(SessionSettings(threads=args.threads)), providers=PROVIDERS
+    )
+    expected = session.run(None, {"x": frame})[0]
+    broker = MosquittoBroker(free_port())
+    broker.start()
+    try:
+        with (
+            _agent(broker.port, path.parent, args.threads, zero_copy=False) as copy_device,
+            _agent(broker.port, path.parent, args.threads, zero_copy=True) as zero_device,
+            Requester(MqttConfig(port=broker.port), protocol="5") as requester,
+            _regions(frame.nbytes, CLASSES * 4) as (frame_region, scores_region),
+        ):
+            requester.connect()
+            targets: dict[str, Target] = {
+                "onnxruntime": lambda: session.run(None, {"x": frame})[0],
+                "agent, shared memory": _via_shm(
+                    requester, copy_device, frame, frame_region, scores_region
+                ),
+                "agent, shared memory, zero_copy": _via_shm(
+                    requester, zero_device, frame, frame_region, scores_region
+                ),
+                "agent, binary over MQTT": _via_binary(requester, copy_device, frame),
+            }
+            for name, target in targets.items():  # warm up and check every path's answer
+                for _ in range(5):
+                    np.testing.assert_allclose(target(), expected, rtol=1e-4, atol=1e-4)
+            latencies = _interleaved(targets, args.rounds, args.requests)
+    finally:
+        broker.stop()
+    floor = statistics.median(latencies["onnxruntime"])
+    return {
+        "model": f"CNN FP32 [1, 3, {args.size}, {args.size}] -> [1, {CLASSES}]",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "requests_per_round": args.requests,
+        "load_before": _load(),
+        "targets": {
+            name: {
+                "p50_ms": round(statistics.median(values), 3),
+                "p90_ms": round(float(np.percentile(values, 90)), 3),
+                "ratio_to_onnxruntime": round(statistics.median(values) / floor, 3),
+            }
+            for name, values in latencies.items()
+        },
+        "load_after": _load(),
+    }
+
+
+def _interleaved(targets: dict[str, Target], rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Each round runs every target in turn, so that all share the machine's moods."""
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    for index in range(rounds):
+        order = list(targets.items())
+        if index % 2:
+            order.reverse()
+        for name, target in order:
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                target()
+                latencies[name].append((time.perf_counter() - t0) * 1000.0)
+        print(f"... round {index + 1}/{rounds}", file=sys.stderr, flush=True)
+    return latencies
+
+
+def _via_shm(
+    requester: Requester, device: str, frame: np.ndarray, frame_region: Any, scores_region: Any
+) -> Target:
+    """A client as Triton's examples write one: register once, then per request write the
+    frame, publish, read the scores from the output region."""
+    for handle, size in ((frame_region, frame.nbytes), (scores_region, CLASSES * 4)):
+        reply = _command(requester, device, "shm_register", {
+            "name": handle._triton_shm_name, "key": handle._shm_key, "byte_size": size,
+        })  # fmt: skip
+        if "error" in reply:
+            raise RuntimeError(f"shm_register: {reply['error']}")
+    inp = oip.InferInput("x", list(frame.shape), "FP32")
+    inp.set_shared_memory(frame_region._triton_shm_name, frame.nbytes)
+    out = oip.InferRequestedOutput("scores", binary_data=False)
+    out.set_shared_memory(scores_region._triton_shm_name, CLASSES * 4)
+    body, _ = oip.InferenceServerClient.generate_request_body([inp], outputs=[out])
+    topic = f"edge/{device}/infer/cnn"
+
+    def infer() -> np.ndarray:
+        shm.set_shared_memory_region(frame_region, [frame])
+        reply = requester.request(topic, body)
+        output = oip.InferResult.from_response_body(reply.payload).get_output("scores")
+        if output is None:
+            raise RuntimeError(f"no scores in the reply: {bytes(reply.payload)[:300]!r}")
+        contents = shm.get_contents_as_numpy(scores_region, np.float32, output["shape"])
+        return np.array(contents)
+
+    return infer
+
+
+def _via_binary(requester: Requester, device: str, frame: np.ndarray) -> Target:
+    topic = f"edge/{device}/infer/cnn"
+
+    def infer() -> np.ndarray:
+        payload, header_length = encode_request({"x": frame})
+        reply = requester.request(topic, payload, header_length)
+        return decode_response(reply.payload, reply.header_length)[1]["scores"]
+
+    return infer
+
+
+def _command(requester: Requester, device: str, name: str, body: dict[str, Any]) -> Any:
+    reply = requester.request(f"edge/{device}/control/{name}", json.dumps(body).encode())
+    return json.loads(reply.payload)
+
+
+@contextmanager
+def _agent(port: int, models: Path, threads: int, *, zero_copy: bool) -> Iterator[str]:
+    """A real agent process serving `models` with shared memory on; yields its device id."""
+    device = f"bench-shm-{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ,
+        "EDGE_AGENT_SHM__ENABLED": "true",
+        "EDGE_AGENT_SHM__ZERO_COPY": str(zero_copy).lower(),
+        "EDGE_AGENT_MODELS__THREADS": str(threads),
+        "EDGE_AGENT_MODELS__WATCH": "false",
+        "EDGE_AGENT_METRICS__INTERVAL_S": "0",
+        "EDGE_AGENT_ADAPT__ENABLED": "false",
+        "EDGE_AGENT_LOG__LEVEL": "warning",
+    }
+    command = [sys.executable, "-m", "agent", "run", "--mqtt-port", str(port)]
+    command += ["--device-id", device, "--models-dir", str(models)]
+    child = subprocess.Popen(command, env=env)
+    try:
+        _wait_ready(port, device)
+        yield device
+    finally:
+        child.terminate()
+        try:
+            child.wait(15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _wait_ready(port: int, device: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with Requester(MqttConfig(port=port), protocol="5") as requester:
+        requester.connect()
+        while time.monotonic() < deadline:
+            try:
+                _command(requester, device, "shm_status", {})
+                return
+            except RequesterError:
+                time.sleep(0.2)
+    raise TimeoutError(f"agent {device} did not answer within {timeout} s")
+
+
+@contextmanager
+def _regions(*sizes: int) -> Iterator[list[Any]]:
+    handles = [
+        shm.create_shared_memory_region(f"bench{i}", f"/bench-shm-{uuid.uuid4().hex}", size)
+        for i, size in enumerate(sizes)
+    ]
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['model']}, onnxruntime {report['threads']} threads, "
+        f"{report['rounds']} interleaved rounds x {report['requests_per_round']} requests",
+        f"load average before {report['load_before']}, after {report['load_after']}",
+        f"{'target':36} {'p50 ms':>9} {'p90 ms':>9} {'x onnxruntime':>14}",
+    ]
+    for name, figures in report["targets"].items():
+        lines.append(
+            f"{name:36} {figures['p50_ms']:9.3f} {figures['p90_ms']:9.3f} "
+            f"{figures['ratio_to_onnxruntime']:14.3f}"
+        )
+    shared = report["targets"]["agent, shared memory"]["ratio_to_onnxruntime"]
+    verdict = "met" if shared <= 1.05 else "missed"
+    lines.append(f"target: shared memory within 1.05x of onnxruntime: {shared:.3f}x, {verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
