@@ -357,7 +357,7 @@ def _decode_tensor(
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise RequestError(f"{kind} {name!r}: parameters must be an object")
-    shared = shared_memory_ref(f"{kind} {name!r}", params)
+    shared = shared_memory_ref(params, kind, name) if params else None
     bound = payload_size if shared is None else shared.byte_size
     shape_t, count = _shape(f"{kind} {name!r}", raw.get("shape"), bound)
     if shared is not None:
@@ -390,13 +390,17 @@ def _decode_tensor(
     return name, datatype, array, 0
 
 
-def shared_memory_ref(label: str, params: Mapping[str, Any]) -> SharedMemoryRef | None:
-    """The shared-memory place a tensor's parameters name, or None when they name none."""
+def shared_memory_ref(params: Mapping[str, Any], kind: str, name: str) -> SharedMemoryRef | None:
+    """The shared-memory place a tensor's parameters name, or None when they name none
+    (`kind` and `name` say which tensor an error is about)."""
     region = params.get("shared_memory_region")
     if region is None:
         if "shared_memory_byte_size" in params or "shared_memory_offset" in params:
-            raise RequestError(f"{label}: shared_memory_byte_size without shared_memory_region")
+            raise RequestError(
+                f"{kind} {name!r}: shared_memory_byte_size without shared_memory_region"
+            )
         return None
+    label = f"{kind} {name!r}"
     if not isinstance(region, str) or not 0 < len(region) <= MAX_NAME_CHARS:
         raise RequestError(
             f"{label}: shared_memory_region must be a string of 1 to {MAX_NAME_CHARS} characters"
@@ -560,7 +564,7 @@ def _decode_outputs(raw: Any, binary_default: bool) -> tuple[RequestedOutput, ..
         binary = params.get("binary_data", binary_default) if isinstance(params, dict) else None
         if not isinstance(binary, bool):
             raise RequestError(f"outputs[{index}].parameters.binary_data must be true or false")
-        shared = shared_memory_ref(f"outputs[{index}]", params)
+        shared = shared_memory_ref(params, "output", item["name"]) if params else None
         outputs.append(RequestedOutput(item["name"], binary, shared))
     names = [o.name for o in outputs]
     if len(set(names)) != len(names):

@@ -43,7 +43,7 @@ from agent.protocol import decode_response, encode_request
 from agent.session import PROVIDERS, SessionSettings, session_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.onnx_models import cnn_model  # noqa: E402  (the repository's own model builder)
+from tests.onnx_models import cnn_model
 
 CLASSES = 1000
 Target = Callable[[], np.ndarray]
@@ -55,6 +55,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20, help="requests per target a round")
     parser.add_argument("--size", type=int, default=320, help="image side (pixels)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=5.0,
+        help="pause between requests, not timed (a camera's frames come at a cadence; a "
+        "loop that never sleeps would be scheduled as a CPU hog, one that waits would not)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-shm-") as tmp:
@@ -66,6 +73,7 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    load_before = _load()
     frame = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
     session = ort.InferenceSession(
         str(path), session_options(SessionSettings(threads=args.threads)), providers=PROVIDERS
@@ -91,19 +99,20 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
                 ),
                 "agent, binary over MQTT": _via_binary(requester, copy_device, frame),
             }
-            for name, target in targets.items():  # warm up and check every path's answer
+            for target in targets.values():  # warm up and check every path's answer
                 for _ in range(5):
                     np.testing.assert_allclose(target(), expected, rtol=1e-4, atol=1e-4)
-            latencies = _interleaved(targets, args.rounds, args.requests)
+            latencies = _interleaved(targets, args.rounds, args.requests, args.gap_ms / 1000.0)
     finally:
         broker.stop()
     floor = statistics.median(latencies["onnxruntime"])
     return {
         "model": f"CNN FP32 [1, 3, {args.size}, {args.size}] -> [1, {CLASSES}]",
         "threads": args.threads,
+        "gap_ms": args.gap_ms,
         "rounds": args.rounds,
         "requests_per_round": args.requests,
-        "load_before": _load(),
+        "load_before": load_before,
         "targets": {
             name: {
                 "p50_ms": round(statistics.median(values), 3),
@@ -116,7 +125,9 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     }
 
 
-def _interleaved(targets: dict[str, Target], rounds: int, per_round: int) -> dict[str, list[float]]:
+def _interleaved(
+    targets: dict[str, Target], rounds: int, per_round: int, gap_s: float
+) -> dict[str, list[float]]:
     """Each round runs every target in turn, so that all share the machine's moods."""
     latencies: dict[str, list[float]] = {name: [] for name in targets}
     for index in range(rounds):
@@ -128,6 +139,7 @@ def _interleaved(targets: dict[str, Target], rounds: int, per_round: int) -> dic
                 t0 = time.perf_counter()
                 target()
                 latencies[name].append((time.perf_counter() - t0) * 1000.0)
+                time.sleep(gap_s)
         print(f"... round {index + 1}/{rounds}", file=sys.stderr, flush=True)
     return latencies
 
@@ -240,7 +252,8 @@ def _load() -> str:
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}, onnxruntime {report['threads']} threads, "
-        f"{report['rounds']} interleaved rounds x {report['requests_per_round']} requests",
+        f"{report['rounds']} interleaved rounds x {report['requests_per_round']} requests, "
+        f"{report['gap_ms']:g} ms apart",
         f"load average before {report['load_before']}, after {report['load_after']}",
         f"{'target':36} {'p50 ms':>9} {'p90 ms':>9} {'x onnxruntime':>14}",
     ]

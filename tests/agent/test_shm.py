@@ -247,6 +247,26 @@ def test_bad_references_get_an_error_reply(
     command(probe, shm_agent, "shm_unregister", {})
 
 
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ({"shared_memory_byte_size": ROW}, "shared_memory_byte_size without shared_memory_region"),
+        ({"shared_memory_region": "r"}, "shared_memory_byte_size (required)"),
+        ({"shared_memory_region": 7, "shared_memory_byte_size": ROW}, "must be a string"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": -1}, "integers from 0"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": ROW, "binary_data_size": ROW},
+         "cannot also carry"),
+    ],
+)  # fmt: skip
+def test_malformed_shared_memory_parameters_are_refused(
+    shm_agent: RunningAgent, probe: Probe, tensor: dict[str, Any], message: str
+) -> None:
+    """Parameters that do not name a place in a region properly are a 400 that says why."""
+    request = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": tensor}]}
+    reply = body(probe.request(f"{shm_agent.topic}/infer/scale", json.dumps(request)))
+    assert reply["code"] == 400 and message in reply["error"], reply
+
+
 def test_a_truncated_region_is_refused_and_the_agent_serves_on(
     shm_agent: RunningAgent, probe: Probe, regions: Callable[[int], Any]
 ) -> None:
