@@ -114,7 +114,8 @@ class Region:
         self.check_file()
         if self._map is not None:
             return memoryview(self._map)[start : start + ref.byte_size].toreadonly()
-        data = bytearray(ref.byte_size)
+        # Uninitialised (bytearray would zero it first): pread fills every byte or fails.
+        data = np.empty(ref.byte_size, np.uint8)
         # pread on a file shrunk meanwhile returns fewer bytes; it cannot raise SIGBUS.
         if os.preadv(self._fd, [data], start) != ref.byte_size:
             raise SharedMemoryError(f"{label}: region {self.name!r} shrank while being read")
