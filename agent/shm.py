@@ -20,7 +20,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import structlog
@@ -45,7 +45,7 @@ SHM_DIR = Path("/dev/shm")
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 """A key's name in SHM_DIR: no '/', no '..', no hidden file, at most NAME_MAX bytes."""
 
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 """No symbolic link (a client's link to a file of the agent's), never block on a FIFO."""
 
 
@@ -89,6 +89,8 @@ class Region:
         self._fd, self.writable = _open_key(key_name(key))
         try:
             self.check_file()
+            # mmap offsets are whole pages: the mapping starts at the page of `offset`.
+            self._map_start = offset - offset % mmap.ALLOCATIONGRANULARITY
             self._map = self._mapping() if zero_copy else None
         except BaseException:
             os.close(self._fd)
@@ -113,13 +115,14 @@ class Region:
         start = self.start_of(label, ref)
         self.check_file()
         if self._map is not None:
-            return memoryview(self._map)[start : start + ref.byte_size].toreadonly()
+            at = start - self._map_start
+            return memoryview(self._map)[at : at + ref.byte_size].toreadonly()
         # Uninitialised (bytearray would zero it first): pread fills every byte or fails.
-        data = np.empty(ref.byte_size, np.uint8)
+        data = memoryview(cast(Any, np.empty(ref.byte_size, np.uint8)))
         # pread on a file shrunk meanwhile returns fewer bytes; it cannot raise SIGBUS.
         if os.preadv(self._fd, [data], start) != ref.byte_size:
             raise SharedMemoryError(f"{label}: region {self.name!r} shrank while being read")
-        return memoryview(data)
+        return data
 
     def write(self, label: str, ref: SharedMemoryRef, data: memoryview) -> None:
         """Put `data` at `ref` (at most `ref.byte_size` bytes)."""
@@ -131,7 +134,8 @@ class Region:
             )
         self.check_file()
         if self._map is not None:
-            self._map[start : start + len(data)] = data
+            at = start - self._map_start
+            self._map[at : at + len(data)] = data
             return
         written = 0
         while written < len(data):
@@ -187,8 +191,11 @@ class Region:
             )
 
     def _mapping(self) -> mmap.mmap:
+        """The region's pages (from the page its offset falls in), read-only when the agent
+        may not write the file."""
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-        return mmap.mmap(self._fd, self.offset + self.byte_size, mmap.MAP_SHARED, prot)
+        length = self.offset + self.byte_size - self._map_start
+        return mmap.mmap(self._fd, length, mmap.MAP_SHARED, prot, offset=self._map_start)
 
 
 def _open_key(name: str) -> tuple[int, bool]:
@@ -198,6 +205,11 @@ def _open_key(name: str) -> tuple[int, bool]:
     except OSError as exc:
         raise SharedMemoryError(f"{SHM_DIR} cannot be opened: {exc.strerror}") from None
     try:
+        # Only a regular file is opened (checked again on the descriptor: it may change).
+        mode = os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a shared-memory object"
+            raise SharedMemoryError(f"key {name!r} is {what}")
         try:
             return os.open(name, os.O_RDWR | _OPEN_FLAGS, dir_fd=directory), True
         except PermissionError:

@@ -319,21 +319,24 @@ def test_shared_memory_is_refused_when_off(agent: RunningAgent, probe: Probe) ->
 def test_each_mode_checks_the_file_at_every_use(
     regions: Callable[[int], Any], zero_copy: bool
 ) -> None:
-    """Read by pread or through the mapping, a region whose file shrank or whose key was
-    removed is refused before it is touched; a read-only view is what zero-copy lends."""
-    handle = regions(2 * ROW)
-    shm.set_shared_memory_region(handle, [np.arange(8, dtype=np.float32)])
-    region = Region("r", handle._shm_key, 0, 2 * ROW, None, zero_copy=zero_copy)
+    """Read by pread or through the mapping (from a region past the first page), a region
+    whose file shrank or whose key was removed is refused before it is touched; a
+    read-only view is what zero-copy lends."""
+    page = 4096
+    handle = regions(page + 2 * ROW)
+    shm.set_shared_memory_region(handle, [np.arange(8, dtype=np.float32)], offset=page)
+    region = Region("r", handle._shm_key, page, 2 * ROW, None, zero_copy=zero_copy)
     ref = SharedMemoryRef("r", ROW, ROW)
     view = np.frombuffer(region.read("input", ref), np.float32)
     np.testing.assert_array_equal(view, [4, 5, 6, 7])
     assert view.flags.writeable is not zero_copy
     region.write("output", ref, memoryview(np.zeros(4, np.float32)).cast("B"))
-    assert shm.get_contents_as_numpy(handle, np.float32, [8]).tolist()[4:] == [0.0] * 4
-    os.truncate(SHM_DIR / key_name(handle._shm_key), ROW)
-    with pytest.raises(SharedMemoryError, match="holds 16 bytes"):
+    contents = shm.get_contents_as_numpy(handle, np.float32, [8], offset=page)
+    assert contents.tolist() == [0, 1, 2, 3, 0, 0, 0, 0]
+    os.truncate(SHM_DIR / key_name(handle._shm_key), page + ROW)
+    with pytest.raises(SharedMemoryError, match=f"holds {page + ROW} bytes"):
         region.read("input", ref)
-    with pytest.raises(SharedMemoryError, match="holds 16 bytes"):
+    with pytest.raises(SharedMemoryError, match=f"holds {page + ROW} bytes"):
         region.write("output", ref, memoryview(b"\0" * ROW))
     shm.destroy_shared_memory_region(handle)
     with pytest.raises(SharedMemoryError, match="was removed"):
