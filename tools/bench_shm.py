@@ -2,7 +2,7 @@
 
 Builds a CNN ONNX model (tests/onnx_models.py, no download), starts a private mosquitto and
 two real agents (`python -m agent run`, shm.enabled; one with shm.zero_copy), and measures,
-in interleaved rounds, the round trip as the client sees it for:
+request by request in turn, the round trip as the client sees it for:
 
 - raw onnxruntime `session.run` with the agent's own session options (agent/session.py);
 - the agent through shared memory, the client using tritonclient's helpers unchanged: write
@@ -128,14 +128,15 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 def _interleaved(
     targets: dict[str, Target], rounds: int, per_round: int, gap_s: float
 ) -> dict[str, list[float]]:
-    """Each round runs every target in turn, so that all share the machine's moods."""
+    """Request by request, every target in turn (the order rotating), so that all share
+    the machine's moods: with other loads coming and going, blocks of one target would
+    measure the moment as much as the target."""
     latencies: dict[str, list[float]] = {name: [] for name in targets}
+    order = list(targets.items())
     for index in range(rounds):
-        order = list(targets.items())
-        if index % 2:
-            order.reverse()
-        for name, target in order:
-            for _ in range(per_round):
+        for _ in range(per_round):
+            order = order[1:] + order[:1]
+            for name, target in order:
                 t0 = time.perf_counter()
                 target()
                 latencies[name].append((time.perf_counter() - t0) * 1000.0)
