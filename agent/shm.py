@@ -70,7 +70,9 @@ class Region:
     """One registered region: an open file of /dev/shm and, for zero-copy, its mapping.
 
     Every use checks the file first (fstat): a key unlinked since (its client destroyed it
-    or went away) or a file shrunk below the region is refused, never read.
+    or went away) or a file shrunk below the region is refused, never read. Uses and close()
+    take the region's lock: a descriptor closed by an unregister is never used (its number
+    may already be another file's).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Region:
         self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
         self.owner = owner
         self.closed = False
+        self._lock = threading.Lock()
         self._fd, self.writable = _open_key(key_name(key))
         try:
             self.check_file()
@@ -107,11 +110,17 @@ class Region:
 
     @property
     def gone(self) -> bool:
-        """True once the key has been unlinked: no client can open it any more."""
-        return os.fstat(self._fd).st_nlink == 0
+        """True once the key has been unlinked (no client can open it any more) or the
+        region closed."""
+        with self._lock:
+            return self.closed or os.fstat(self._fd).st_nlink == 0
 
     def read(self, label: str, ref: SharedMemoryRef) -> memoryview:
         """The bytes at `ref`: a read-only view of the mapping, or a copy read with pread."""
+        with self._lock:
+            return self._read(label, ref)
+
+    def _read(self, label: str, ref: SharedMemoryRef) -> memoryview:
         start = self.start_of(label, ref)
         self.check_file()
         if self._map is not None:
@@ -126,6 +135,10 @@ class Region:
 
     def write(self, label: str, ref: SharedMemoryRef, data: memoryview) -> None:
         """Put `data` at `ref` (at most `ref.byte_size` bytes)."""
+        with self._lock:
+            self._write(label, ref, data)
+
+    def _write(self, label: str, ref: SharedMemoryRef, data: memoryview) -> None:
         start = self.output_start(label, ref)
         if len(data) > ref.byte_size:
             raise SharedMemoryError(
@@ -144,10 +157,11 @@ class Region:
     def close(self) -> None:
         """Release the file. A mapping still lent to a running request stays until that
         request's arrays are gone (the garbage collector then unmaps it)."""
-        if self.closed:
-            return
-        self.closed = True
-        os.close(self._fd)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            os.close(self._fd)
         if self._map is not None:
             # BufferError: an input view is still in use; it is unmapped with the view.
             with contextlib.suppress(BufferError):
@@ -295,7 +309,10 @@ class SharedMemoryRegistry:
             raise SharedMemoryError(f"{label}: no shared-memory region {name!r} is registered")
         if region.gone:
             self._drop(region, "key removed")
-            region.check_file()  # raises the reason
+            raise SharedMemoryError(
+                f"{label}: region {name!r} was dropped: its key {clip(region.key)} was removed "
+                "(its client destroyed it or went away)"
+            )
         return region
 
     def sweep(self) -> None:

@@ -282,6 +282,19 @@ def test_a_truncated_region_is_refused_and_the_agent_serves_on(
     command(probe, shm_agent, "shm_unregister", {})
 
 
+def test_a_region_whose_key_was_removed_is_dropped_at_its_next_use(
+    shm_agent: RunningAgent, probe: Probe, regions: Callable[[int], Any]
+) -> None:
+    """A request on a region its client has destroyed (unlinked) gets a 400 saying so, and
+    the region is no longer registered."""
+    handle = regions(ROW)
+    register(probe, shm_agent, handle, ROW)
+    shm.destroy_shared_memory_region(handle)
+    reply = body(infer_shm(probe, shm_agent, handle._triton_shm_name, None))
+    assert reply["code"] == 400 and "was removed" in reply["error"], reply
+    assert command(probe, shm_agent, "shm_status", {})["regions"] == []
+
+
 def test_regions_of_a_client_that_exits_are_dropped(shm_agent: RunningAgent, probe: Probe) -> None:
     """A client process that dies without unregistering: its keys are unlinked (Python's
     resource tracker) and the agent drops its regions."""
