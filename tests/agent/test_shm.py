@@ -33,21 +33,31 @@ ROW = 4 * 4  # one FP32 row of the scale model: x [-1, 4]
 MAX_REGIONS = 6
 
 
+def _agent_with_shm(
+    broker: MosquittoBroker, factory: pytest.TempPathFactory, **shm_config: Any
+) -> Iterator[RunningAgent]:
+    models = factory.mktemp("models")
+    onnx_models.scale_model(models / "scale.onnx")
+    limits = {"enabled": True, "max_regions": MAX_REGIONS, "max_bytes": 1 << 20}
+    running = RunningAgent(agent_config(broker.port, models, shm={**limits, **shm_config}))
+    yield running.start()
+    running.stop()
+
+
 @pytest.fixture(scope="module")
 def shm_agent(
     broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningAgent]:
     """One agent for the module, shared memory on, small limits to reach them quickly."""
-    models = tmp_path_factory.mktemp("models")
-    onnx_models.scale_model(models / "scale.onnx")
-    config = agent_config(
-        broker.port,
-        models,
-        shm={"enabled": True, "max_regions": MAX_REGIONS, "max_bytes": 1 << 20},
-    )
-    running = RunningAgent(config).start()
-    yield running
-    running.stop()
+    yield from _agent_with_shm(broker, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def zero_copy_agent(
+    broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningAgent]:
+    """The same with shm.zero_copy: inputs are views of the mapping."""
+    yield from _agent_with_shm(broker, tmp_path_factory, zero_copy=True)
 
 
 @pytest.fixture
@@ -267,11 +277,16 @@ def test_malformed_shared_memory_parameters_are_refused(
     assert reply["code"] == 400 and message in reply["error"], reply
 
 
+@pytest.mark.parametrize("agent_fixture", ["shm_agent", "zero_copy_agent"])
 def test_a_truncated_region_is_refused_and_the_agent_serves_on(
-    shm_agent: RunningAgent, probe: Probe, regions: Callable[[int], Any]
+    request: pytest.FixtureRequest,
+    agent_fixture: str,
+    probe: Probe,
+    regions: Callable[[int], Any],
 ) -> None:
     """A client that shrinks its region after registering it gets a 400, not a crash of
-    the agent (SIGBUS), which answers the next request normally."""
+    the agent (SIGBUS), which answers the next request normally (copy and zero-copy)."""
+    shm_agent: RunningAgent = request.getfixturevalue(agent_fixture)
     handle = regions(ROW)
     register(probe, shm_agent, handle, ROW)
     os.truncate(SHM_DIR / handle._shm_key.lstrip("/"), 0)
