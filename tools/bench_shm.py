@@ -8,9 +8,12 @@ request by request in turn, the round trip as the client sees it for:
 - the agent through shared memory, the client using tritonclient's helpers unchanged: write
   the frame into its region, publish the request, wait for the reply, read the scores out
   of its output region (copy mode, then zero-copy mode);
-- the same request with the frame as a binary tensor over MQTT (the transport it replaces).
+- the same request with the frame as a binary tensor over MQTT (the transport it replaces);
+- the transport's floor: a bare paho MQTT 5 echo (agent/bench.py's) of the shared-memory
+  request's payload, on the same broker.
 
-Medians and ratios against onnxruntime are printed, with the machine's load. Not asserted.
+Medians and ratios against onnxruntime (and against onnxruntime plus the echo: what no MQTT
+server can beat) are printed, with the machine's load. Not asserted.
 
     .venv/bin/python tools/bench_shm.py [--rounds 10] [--requests 20] [--size 320] [--json]
 """
@@ -33,9 +36,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import structlog
 import tritonclient.http as oip
 import tritonclient.utils.shared_memory as shm
 
+from agent.bench import ECHO_TOPIC
 from agent.broker import MosquittoBroker, free_port
 from agent.config import MqttConfig
 from agent.mqtt.requester import Requester, RequesterError
@@ -62,8 +67,17 @@ def main() -> int:
         help="pause between requests, not timed (a camera's frames come at a cadence; a "
         "loop that never sleeps would be scheduled as a CPU hog, one that waits would not)",
     )
+    parser.add_argument(
+        "--inline-ms",
+        type=float,
+        default=None,
+        help="the agents' models.inline_max_ms (run on the MQTT thread when the model's runs "
+        "take less); unset keeps the agent's default",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    # The broker helper logs with structlog: keep stdout for the report (--json).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     with tempfile.TemporaryDirectory(prefix="bench-shm-") as tmp:
         models = Path(tmp) / "models"
         path = cnn_model(models / "cnn.onnx", size=args.size)
@@ -83,8 +97,9 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     broker.start()
     try:
         with (
-            _agent(broker.port, path.parent, args.threads, zero_copy=False) as copy_device,
-            _agent(broker.port, path.parent, args.threads, zero_copy=True) as zero_device,
+            _child([sys.executable, "-m", "agent.bench", "--echo", str(broker.port)]),
+            _agent(broker.port, path.parent, args, zero_copy=False) as copy_device,
+            _agent(broker.port, path.parent, args, zero_copy=True) as zero_device,
             Requester(MqttConfig(port=broker.port), protocol="5") as requester,
             _regions(frame.nbytes, CLASSES * 4) as (frame_region, scores_region),
         ):
@@ -99,6 +114,8 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
                         requester, device, frame, (frame_region, scores_region), writes
                     )
             targets["binary tensor over MQTT"] = _via_binary(requester, copy_device, frame)
+            echo_body = _shm_body(frame, (frame_region, scores_region))
+            targets["echo of the shm request"] = lambda: _echo(requester, echo_body, expected)
             for target in targets.values():  # warm up and check every path's answer
                 for _ in range(5):
                     np.testing.assert_allclose(target(), expected, rtol=1e-4, atol=1e-4)
@@ -106,10 +123,12 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     finally:
         broker.stop()
     floor = statistics.median(latencies["onnxruntime"])
+    transport = statistics.median(latencies["echo of the shm request"])
     return {
         "model": f"CNN FP32 [1, 3, {args.size}, {args.size}] -> [1, {CLASSES}]",
         "threads": args.threads,
         "gap_ms": args.gap_ms,
+        "inline_max_ms": args.inline_ms,
         "rounds": args.rounds,
         "requests_per_round": args.requests,
         "load_before": load_before,
@@ -118,6 +137,9 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
                 "p50_ms": round(statistics.median(values), 3),
                 "p90_ms": round(float(np.percentile(values, 90)), 3),
                 "ratio_to_onnxruntime": round(statistics.median(values) / floor, 3),
+                "ratio_to_onnxruntime_plus_echo": round(
+                    statistics.median(values) / (floor + transport), 3
+                ),
             }
             for name, values in latencies.items()
         },
@@ -165,11 +187,7 @@ def _via_shm(
     write the frame (or not: a camera may decode it there), publish, read the scores."""
     frame_region, scores_region = regions
     shm.set_shared_memory_region(frame_region, [frame])
-    inp = oip.InferInput("x", list(frame.shape), "FP32")
-    inp.set_shared_memory(frame_region._triton_shm_name, frame.nbytes)
-    out = oip.InferRequestedOutput("scores", binary_data=False)
-    out.set_shared_memory(scores_region._triton_shm_name, CLASSES * 4)
-    body, _ = oip.InferenceServerClient.generate_request_body([inp], outputs=[out])
+    body = _shm_body(frame, regions)
     topic = f"edge/{device}/infer/cnn"
 
     def infer() -> np.ndarray:
@@ -183,6 +201,24 @@ def _via_shm(
         return np.array(contents)
 
     return infer
+
+
+def _shm_body(frame: np.ndarray, regions: tuple[Any, Any]) -> bytes:
+    """The request tritonclient builds for an input and an output in shared memory."""
+    frame_region, scores_region = regions
+    inp = oip.InferInput("x", list(frame.shape), "FP32")
+    inp.set_shared_memory(frame_region._triton_shm_name, frame.nbytes)
+    out = oip.InferRequestedOutput("scores", binary_data=False)
+    out.set_shared_memory(scores_region._triton_shm_name, CLASSES * 4)
+    body, _ = oip.InferenceServerClient.generate_request_body([inp], outputs=[out])
+    return bytes(body)
+
+
+def _echo(requester: Requester, body: bytes, expected: np.ndarray) -> np.ndarray:
+    reply = requester.request(f"{ECHO_TOPIC}/shm", body)
+    if bytes(reply.payload) != body:
+        raise RuntimeError("the echo answered something else")
+    return expected  # the echo computes nothing: its answer is the transport's time only
 
 
 def _via_binary(requester: Requester, device: str, frame: np.ndarray) -> Target:
@@ -202,25 +238,33 @@ def _command(requester: Requester, device: str, name: str, body: dict[str, Any])
 
 
 @contextmanager
-def _agent(port: int, models: Path, threads: int, *, zero_copy: bool) -> Iterator[str]:
+def _agent(port: int, models: Path, args: argparse.Namespace, *, zero_copy: bool) -> Iterator[str]:
     """A real agent process serving `models` with shared memory on; yields its device id."""
     device = f"bench-shm-{uuid.uuid4().hex[:6]}"
     env = {
         **os.environ,
         "EDGE_AGENT_SHM__ENABLED": "true",
         "EDGE_AGENT_SHM__ZERO_COPY": str(zero_copy).lower(),
-        "EDGE_AGENT_MODELS__THREADS": str(threads),
+        "EDGE_AGENT_MODELS__THREADS": str(args.threads),
         "EDGE_AGENT_MODELS__WATCH": "false",
         "EDGE_AGENT_METRICS__INTERVAL_S": "0",
         "EDGE_AGENT_ADAPT__ENABLED": "false",
         "EDGE_AGENT_LOG__LEVEL": "warning",
     }
+    if args.inline_ms is not None:
+        env["EDGE_AGENT_MODELS__INLINE_MAX_MS"] = str(args.inline_ms)
     command = [sys.executable, "-m", "agent", "run", "--mqtt-port", str(port)]
     command += ["--device-id", device, "--models-dir", str(models)]
-    child = subprocess.Popen(command, env=env)
-    try:
+    with _child(command, env):
         _wait_ready(port, device)
         yield device
+
+
+@contextmanager
+def _child(command: list[str], env: dict[str, str] | None = None) -> Iterator[None]:
+    child = subprocess.Popen(command, env=env)
+    try:
+        yield
     finally:
         child.terminate()
         try:
@@ -266,12 +310,13 @@ def render(report: dict[str, Any]) -> str:
         f"{report['rounds']} interleaved rounds x {report['requests_per_round']} requests, "
         f"{report['gap_ms']:g} ms apart",
         f"load average before {report['load_before']}, after {report['load_after']}",
-        f"{'target':44} {'p50 ms':>9} {'p90 ms':>9} {'x onnxruntime':>14}",
+        f"{'target':44} {'p50 ms':>9} {'p90 ms':>9} {'x onnxruntime':>14} {'x ort+echo':>11}",
     ]
     for name, figures in report["targets"].items():
         lines.append(
             f"{name:44} {figures['p50_ms']:9.3f} {figures['p90_ms']:9.3f} "
-            f"{figures['ratio_to_onnxruntime']:14.3f}"
+            f"{figures['ratio_to_onnxruntime']:14.3f} "
+            f"{figures['ratio_to_onnxruntime_plus_echo']:11.3f}"
         )
     for name, figures in report["targets"].items():
         if name.startswith("shm"):
