@@ -95,8 +95,12 @@ class Region:
             # mmap offsets are whole pages: the mapping starts at the page of `offset`.
             self._map_start = offset - offset % mmap.ALLOCATIONGRANULARITY
             self._map = self._mapping() if zero_copy else None
-        except BaseException:
+        except BaseException as exc:
             os.close(self._fd)
+            if isinstance(exc, OSError):  # mmap refused (no memory, a limit)
+                raise SharedMemoryError(
+                    f"region {name!r} cannot be mapped: {exc.strerror or exc}"
+                ) from None
             raise
 
     def status(self) -> dict[str, Any]:
