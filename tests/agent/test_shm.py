@@ -382,3 +382,57 @@ def test_registry_sweep_drops_removed_keys(regions: Callable[[int], Any]) -> Non
     shm.destroy_shared_memory_region(handle)
     registry.sweep()
     assert registry.status(None, "alice") == []
+
+
+def _as_another_user(probe: Callable[[], str]) -> str:
+    """What `probe` returns in a forked child that holds no privilege over the region's
+    file: as root, the child becomes nobody (root itself would bypass file permissions)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no logging, only the probe, then _exit
+        os.close(read_end)
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            said = probe()
+        except BaseException as exc:  # reported to the parent, whatever it is
+            said = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, said.encode()[:4000])
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_file_permissions_make_a_region_read_only_or_refuse_it(
+    regions: Callable[[int], Any], zero_copy: bool
+) -> None:
+    """A key the agent's user may only read becomes a read-only region (inputs yes, outputs
+    refused with the reason); one it may not read is refused at registration."""
+    handle = regions(ROW)
+    shm.set_shared_memory_region(handle, [np.full(4, 3, np.float32)])
+    path = SHM_DIR / key_name(handle._shm_key)
+    ref = SharedMemoryRef("r", 0, ROW)
+
+    def read_then_write() -> str:
+        region = Region("r", handle._shm_key, 0, ROW, None, zero_copy=zero_copy)
+        values = np.frombuffer(region.read("input", ref), np.float32).tolist()
+        try:
+            region.write("output", ref, memoryview(b"\0" * ROW))
+        except SharedMemoryError as exc:
+            return f"{region.writable} {values} {exc}"
+        return "written"
+
+    path.chmod(0o444)
+    said = _as_another_user(read_then_write)
+    assert said.startswith("False [3.0, 3.0, 3.0, 3.0]") and "read-only to the agent" in said
+    path.chmod(0o000)
+    said = _as_another_user(
+        lambda: str(Region("r", handle._shm_key, 0, ROW, None, zero_copy=zero_copy))
+    )
+    assert "permission denied" in said, said
+    path.chmod(0o600)
