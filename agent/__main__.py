@@ -1,5 +1,5 @@
 """Allow `python -m agent` as a synonym for the `edge-agent` command."""
 
-from agent.cli import main
+from agent.launch import main
 
 raise SystemExit(main())

@@ -149,6 +149,11 @@ class BatchingQueue:
         return max(0, self._queue.qsize() - (len(self._threads) if self._closed else 0))
 
     @property
+    def workers(self) -> int:
+        """Worker threads running batches of this model."""
+        return len(self._threads)
+
+    @property
     def busy(self) -> int:
         """Workers running a batch right now."""
         return self._busy

@@ -130,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rounds", type=int, default=10, help="alternate echo and agent this many times"
     )
+    bench.add_argument(
+        "--start-rounds",
+        type=int,
+        default=5,
+        help="start each server (echo, bare onnxruntime, agent) this many times",
+    )
     bench.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_service_commands(sub)

@@ -31,7 +31,7 @@ _TOPIC_SAFE = r"^[^#+\s$][^#+\s]*$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
 class TlsConfig(_Section):

@@ -118,7 +118,14 @@ class _Tensor:
 class _Bound:
     """One interpreter and how to run it: on its primary subgraph's tensors directly (the
     cheapest path: LiteRT's SignatureRunner resizes and reallocates on every call), or
-    through its signature runner when the signature's subgraph may be another one."""
+    through its signature runner when the signature's subgraph may be another one.
+
+    A run is a few microseconds, so everything it needs is looked up here, once, and the
+    direct path calls the interpreter's native wrapper, which LiteRT's set_tensor, invoke
+    and get_tensor each call in one line after a Python frame (and, for invoke, a reference
+    count check that guards views from `tensor()`, which the agent never takes; holding the
+    wrapper is what makes that check fail, so this interpreter is only run from here).
+    """
 
     def __init__(
         self,
@@ -127,59 +134,82 @@ class _Bound:
         inputs: Sequence[_Tensor],
         outputs: Sequence[_Tensor],
     ) -> None:
-        self.interpreter = interpreter
+        self._interpreter = interpreter  # it owns the delegates the native one runs with
         direct = signature is None or interpreter.num_subgraphs() == 1
         self._runner = None if direct else interpreter.get_signature_runner(signature)
-        self._inputs = {t.name: t for t in inputs}
+        self._count = len(inputs)
+        self._inputs = {t.name: (t.index, t.affine) for t in inputs}
         self._outputs = {t.name: t for t in outputs}
+        self._out_index = {t.name: t.index for t in outputs}
         self._float_outputs = any(t.affine for t in outputs)
-        # Current input shapes: a request of another batch size resizes and reallocates.
-        self._shapes = {
-            d["index"]: tuple(int(x) for x in d["shape"]) for d in interpreter.get_input_details()
-        }
+        native = interpreter._interpreter  # private: see the class docstring
+        self._set_tensor = native.SetTensor
+        self._invoke = native.Invoke
+        self._get_tensor = native.GetTensor
+        self._resize_input = native.ResizeInputTensor
+        self._allocate = native.AllocateTensors
 
-    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], names: Sequence[str], resized: bool = False
+    ) -> list[np.ndarray]:
         # Every input, each once: an input left out would run on the previous request's data.
-        if len(feeds) != len(self._inputs) or not self._inputs.keys() >= feeds.keys():
-            missing = sorted(set(self._inputs) - set(feeds))
-            unknown = sorted(set(feeds) - set(self._inputs))
-            raise ValueError(f"missing inputs {missing}, unknown inputs {unknown}")
-        raw = self._invoke(feeds, names) if self._runner is None else self._signed(feeds, names)
-        if not self._float_outputs:
-            return raw
+        # As many feeds as inputs, each one known (below), is every input once.
+        if len(feeds) != self._count:
+            raise ValueError(self._mismatch(feeds))
+        if self._runner is not None:
+            raw = self._signed(feeds, names)
+            return self._dequantized(raw, names) if self._float_outputs else raw
+        inputs, set_tensor = self._inputs, self._set_tensor
+        for name, given in feeds.items():
+            try:
+                index, affine = inputs[name]
+            except KeyError:
+                raise ValueError(self._mismatch(feeds)) from None
+            value = given if affine is None else affine.quantize(given)
+            try:
+                set_tensor(index, value)  # LiteRT copies, making it C-contiguous
+            except ValueError:  # LiteRT checks the dtype and the shape
+                if resized:
+                    raise
+                # Another batch size. Reallocating drops the tensors already set: resize
+                # every input to its feed, then set them all again.
+                self._resize(feeds)
+                return self.run(feeds, names, resized=True)
+        self._invoke()
+        # GetTensor copies: the next invoke may overwrite the interpreter's buffers.
+        get, where = self._get_tensor, self._out_index
+        outputs = []
+        for name in names:  # a plain loop: cheaper than a comprehension's frame
+            outputs.append(get(where[name]))
+        return self._dequantized(outputs, names) if self._float_outputs else outputs
+
+    def _mismatch(self, feeds: Mapping[str, np.ndarray]) -> str:
+        missing = sorted(self._inputs.keys() - feeds.keys())
+        unknown = sorted(feeds.keys() - self._inputs.keys())
+        return f"missing inputs {missing}, unknown inputs {unknown}"
+
+    def _dequantized(self, raw: list[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
         return [
             spec.affine.dequantize(array) if (spec := self._outputs[name]).affine else array
             for name, array in zip(names, raw, strict=True)
         ]
 
     def _signed(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        if feeds.keys() != self._inputs.keys():
+            raise ValueError(self._mismatch(feeds))
         arrays = {}
         for name, value in feeds.items():
-            affine = self._inputs[name].affine
+            affine = self._inputs[name][1]
             arrays[name] = affine.quantize(value) if affine else value
         assert self._runner is not None
         result = self._runner(**arrays)
         return [result[name] for name in names]
 
-    def _invoke(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
-        it = self.interpreter
-        staged = []
-        resized = False
+    def _resize(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Give every input its feed's shape and reallocate the interpreter's tensors."""
         for name, value in feeds.items():
-            spec = self._inputs[name]
-            array = spec.affine.quantize(value) if spec.affine else value
-            if self._shapes[spec.index] != array.shape:
-                it.resize_tensor_input(spec.index, list(array.shape))
-                self._shapes[spec.index] = array.shape
-                resized = True
-            staged.append((spec.index, array))
-        if resized:  # reallocating drops tensors already set: set them after
-            it.allocate_tensors()
-        for index, array in staged:
-            it.set_tensor(index, array)  # LiteRT copies, making the array C-contiguous
-        it.invoke()
-        # get_tensor copies: the next invoke may overwrite the interpreter's buffers.
-        return [it.get_tensor(self._outputs[name].index) for name in names]
+            self._resize_input(self._inputs[name][0], np.array(value.shape, np.int32), False)
+        self._allocate()
 
 
 class LiteRTVariant:
@@ -291,10 +321,15 @@ class LiteRTVariant:
         LiteRT cannot stop a run once started: a cancelled `control` stops it before it
         starts, or while it waits for an interpreter.
         """
-        names = tuple(output_names) if output_names else self.output_names
-        bound = self._take(control)
+        if self._closed or (control is not None and control.cancelled):
+            raise InferenceError(self._refusal())
+        try:  # the waiting loop only when no interpreter is free: its frame and timed get
+            # would cost as much as the rest of what the agent adds to a small model's run
+            bound = self._pool.get_nowait()
+        except queue.Empty:
+            bound = self._take(control)
         try:
-            return bound.run(feeds, names)
+            return bound.run(feeds, output_names or self.output_names)
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError/KeyError freely
             raise InferenceError(f"{self.model}/{self.name}: {_describe(exc)}") from exc
         finally:
@@ -303,14 +338,17 @@ class LiteRTVariant:
     def _take(self, control: RunControl | None) -> _Bound:
         """A free interpreter, waiting while all are busy; InferenceError once closed or
         cancelled."""
-        while not self._closed:
-            if control is not None and control.cancelled:
-                raise InferenceError(f"{self.model}/{self.name}: the run was cancelled")
+        while not self._closed and not (control is not None and control.cancelled):
             try:
                 return self._pool.get(timeout=_POOL_POLL_S)
             except queue.Empty:
                 continue
-        raise InferenceError(f"{self.model}/{self.name}: the variant was unloaded")
+        raise InferenceError(self._refusal())
+
+    def _refusal(self) -> str:
+        """Why a run does not start: the variant was closed, else its run was cancelled."""
+        why = "the variant was unloaded" if self._closed else "the run was cancelled"
+        return f"{self.model}/{self.name}: {why}"
 
     def warm_up(self, rows: int = 1, timeout_s: float | None = None) -> bool:
         """Run on zeros (free dimensions 1, the batch dimension `rows`) so that the first
@@ -530,4 +568,3 @@ def _spec(tensor: _Tensor) -> TensorSpec:
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:1000] if text else type(exc).__name__
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
@@ -196,6 +197,25 @@ class Variant(BaseModel):
         """The options this variant runs with: its own over its model's, then defaults."""
         base = manifest.runtime if manifest is not None else None
         return (self.runtime or RuntimeOptions()).over(base)
+
+
+def quality(variant: Variant, position: int) -> float:
+    """What a variant is worth, to compare rungs: its accuracy on labels, else its fidelity
+    to the original, else minus its position in the ladder (richest first)."""
+    metrics = variant.metrics
+    if metrics.accuracy is not None:
+        return metrics.accuracy
+    if metrics.fidelity is not None:
+        return metrics.fidelity
+    return -float(position)
+
+
+def by_quality(variants: Sequence[Variant]) -> list[Variant]:
+    """The ladder, most accurate first by measured quality; ladder order on a tie. A
+    compressed rung may measure more accurate than the original (pruning and int8 can act
+    as regularisers): that is the one to serve when nothing is short."""
+    ranked = sorted(enumerate(variants), key=lambda item: -quality(item[1], item[0]))
+    return [variant for _position, variant in ranked]
 
 
 class Manifest(BaseModel):

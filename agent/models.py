@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from agent.adapt.procstat import process_rss_mb, return_free_memory
+from agent.adapt.procstat import process_anon_mb, return_free_memory
 from agent.batching import BatchingQueue, Job, Outcome
 from agent.config import ModelsConfig
 from agent.errors import (
@@ -34,7 +34,7 @@ from agent.errors import (
     RequestExpired,
     VariantRejected,
 )
-from agent.manifest import TensorSpec, Variant
+from agent.manifest import TensorSpec, Variant, by_quality
 from agent.metrics import ModelStats
 from agent.protocol import InferenceRequest
 from agent.repository import DEFAULT_POLICY, ModelSource, SupplyPolicy, verify_variant
@@ -298,6 +298,9 @@ class ModelManager:
         # Memory this process may still take (the monitor's latest figure), for a swap.
         self.headroom_mb: Callable[[], float | None] = lambda: None
         self.drain_timeout_s = 10.0
+        # Adapting: a model starts on its most accurate rung by measured quality, not on
+        # the first of its ladder (the agent sets it from adapt.enabled).
+        self.quality_first = False
         # Replaced, never mutated: readers on the hot path take no lock.
         self._models: Mapping[str, ServedModel] = {}
 
@@ -417,9 +420,11 @@ class ModelManager:
                 self._swap(served, served.variant(pinned), "pinned", {})
 
     def _load_first(self, source: ModelSource, prefer: str | None) -> VariantHandle | None:
-        """The first variant that loads, `prefer` first, then the ladder in order."""
-        # sorted() is stable: the preferred variant first, then the ladder in order.
-        for variant in sorted(source.variants, key=lambda v: v.name != prefer):
+        """The first variant that loads, `prefer` first, then the ladder in order — in
+        measured quality order when `quality_first` (the policy then takes it from there)."""
+        ladder = by_quality(source.variants) if self.quality_first else list(source.variants)
+        # sorted() is stable: the preferred variant first, then the ladder in its order.
+        for variant in sorted(ladder, key=lambda v: v.name != prefer):
             try:
                 return self._load_handle(source, variant)
             except VariantRejected as exc:
@@ -667,9 +672,9 @@ class ModelManager:
         path = verify_variant(source, variant, self._config.dir, self.supply_policy)
         manifest = source.manifest
         # Trimmed on both sides: free heap reused by the load, or given back after it, must
-        # not pass for what the variant itself keeps.
+        # not pass for what the variant itself keeps; nor must library code it faults in.
         return_free_memory()
-        before = process_rss_mb()
+        before = process_anon_mb()
         runtime = load_variant(
             source.name,
             variant.name,
@@ -683,7 +688,7 @@ class ModelManager:
             # Warm at the batch size it will serve: the first big batch is not slow either.
             runtime.warm_up(rows, timeout_s=self._settings.warmup_timeout_s)
         return_free_memory()
-        after = process_rss_mb()
+        after = process_anon_mb()
         added = max(0.0, after - before) if before is not None and after is not None else None
         if added is not None:
             # A second load of the same file may reuse freed pages and add nothing: keep

@@ -26,7 +26,6 @@ from agent.manifest import (
 )
 from agent.onnx_check import check_model_file
 from agent.signing import SIGNATURE_FILE, ManifestVerifier
-from agent.tflite_check import check_tflite_file
 
 BARE_VARIANT = "default"
 _NAME = re.compile(NAME_PATTERN)
@@ -214,6 +213,9 @@ def verify_variant(
             )
     if path.suffix == ".tflite":
         options = variant.runtime_options(source.manifest)
+        # Imported here: an agent serving only ONNX models never loads the .tflite reader.
+        from agent.tflite_check import check_tflite_file  # noqa: PLC0415
+
         check_tflite_file(path, variant=variant.name, custom_ops=options.custom_ops)
     else:
         check_model_file(path, source.folder, variant=variant.name, allow_external_data=not signed)

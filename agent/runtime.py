@@ -12,7 +12,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from agent.errors import VariantRejected
-from agent.litert import LiteRTVariant
 from agent.manifest import RuntimeOptions, TensorSpec
 from agent.session import LoadedVariant, RunControl, SessionSettings
 
@@ -72,6 +71,9 @@ def load_variant(
     if suffix == ".onnx":
         return LoadedVariant.load(model, name, path, settings, expected_inputs, expected_outputs)
     if suffix == ".tflite":
+        # Imported here: an agent serving only ONNX models never loads the LiteRT bridge.
+        from agent.litert import LiteRTVariant  # noqa: PLC0415
+
         return LiteRTVariant.load(
             model, name, path, settings, expected_inputs, expected_outputs, options
         )

@@ -55,17 +55,22 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle spinning keeps a core busy between requests: costly on a board that is short
-    # of CPU, which is exactly when this agent matters.
-    options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if settings.spin else "0"
-    )
+    for key, value in session_config(settings).items():
+        options.add_session_config_entry(key, value)
     # Off: the arena keeps a session's peak activations until the session is closed, and
     # measured here it ran no faster than malloc (CNN, batch 1 and 8); without it what a
     # run frees goes back to the C heap at once, and close() can hand it to the system.
     options.enable_cpu_mem_arena = False
     options.log_severity_level = 4
     return options
+
+
+def session_config(settings: SessionSettings) -> dict[str, str]:
+    """The session config entries of `session_options` (`edge-agent bench` gives its bare
+    onnxruntime floor the same)."""
+    # Idle spinning keeps a core busy between requests: costly on a board that is short
+    # of CPU, which is exactly when this agent matters.
+    return {"session.intra_op.allow_spinning": "1" if settings.spin else "0"}
 
 
 class RunControl:

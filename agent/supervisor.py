@@ -45,7 +45,11 @@ class Supervised(Protocol):
         ...
 
     def health_problems(self, loop_stale_after: float) -> list[str]:
-        """Why the agent is not healthy; empty when it is."""
+        """Why the agent is not healthy (a restart would help); empty when it is."""
+        ...
+
+    def degradations(self) -> list[str]:
+        """What the agent cannot do while it serves the rest (a restart would not help)."""
         ...
 
     def status_line(self) -> str:
@@ -55,6 +59,10 @@ class Supervised(Protocol):
     def reload(self) -> str:
         """Re-read the configuration and apply it; returns a status line, which starts with
         RELOAD_FAILED when the new configuration was refused. Never raises."""
+        ...
+
+    def on_ready(self) -> None:
+        """Called once, right after READY=1: start-up is over."""
         ...
 
 
@@ -80,6 +88,7 @@ class Supervisor:
         self.ready_sent = False
         self._last_status: str | None = None
         self._last_problems: list[str] = []
+        self._last_degraded: list[str] = []
         self._extended_at = -float("inf")
         self._started_at = time.monotonic()
         self.broker_wait_s = BROKER_WAIT_S
@@ -124,8 +133,15 @@ class Supervisor:
             # No ping: if this lasts WatchdogSec, systemd restarts the agent.
             self._status("unhealthy: " + "; ".join(problems))
             return
+        degraded = self._target.degradations()
+        if degraded != self._last_degraded:
+            if degraded:
+                log.warning("service_degraded", problems=degraded)
+            self._last_degraded = degraded
         waited = time.monotonic() - self._started_at >= self.broker_wait_s
         line = self._line()
+        if degraded:
+            line = "degraded: " + "; ".join(degraded) + "; " + line
         # Not once shutdown has begun (STOPPING=1 went out; the status line says so).
         stopping = self._target.status_line().startswith(STOPPING)
         if not self.ready_sent and (self._target.ready or waited) and not stopping:
@@ -133,6 +149,7 @@ class Supervisor:
             self._last_status = status = line
             self._notifier.ready(status)
             log.info("service_ready", status=status, broker_connected=self._target.ready)
+            self._target.on_ready()
         if self.ready_sent:
             if self.watchdog_s:
                 self._notifier.watchdog()

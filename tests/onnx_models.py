@@ -19,13 +19,36 @@ DEMO_MODEL = REPO / "models" / "digits"
 OPSET = [helper.make_opsetid("", 17)]
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
+def save_graph(graph: onnx.GraphProto, path: Path) -> Path:
+    """`graph` as a checked opset-17 model at `path`."""
     model = helper.make_model(graph, opset_imports=OPSET)
     model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def counting_loop_body() -> onnx.GraphProto:
+    """A Loop body adding 1 to FP32 [n, 1] each trip (about a microsecond): a model whose
+    run time a trip count sets."""
+    return helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["n", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["n", 1]),
+        ],
+        [numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")],
+    )
 
 
 def scale_model(path: Path, factor: float = 2.0, width: int = 4) -> Path:
@@ -43,7 +66,7 @@ def scale_model(path: Path, factor: float = 2.0, width: int = 4) -> Path:
             numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
         ],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def picky_model(path: Path) -> Path:
@@ -56,7 +79,7 @@ def picky_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(weights, "w")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def two_input_model(path: Path) -> Path:
@@ -78,7 +101,7 @@ def two_input_model(path: Path) -> Path:
         ],
         [numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def slow_model(path: Path, width: int = 512, layers: int = 200) -> Path:
@@ -97,7 +120,7 @@ def slow_model(path: Path, width: int = 512, layers: int = 200) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
         [numpy_helper.from_array(weights, "w")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def rows_for_seconds(path: Path, seconds: float) -> int:
@@ -179,7 +202,7 @@ def lookup_model(path: Path) -> Path:
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def pooling_model(path: Path) -> Path:
@@ -191,7 +214,7 @@ def pooling_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 4])],
         [numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def cnn_model(
@@ -244,7 +267,7 @@ def cnn_model(
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", classes])],
         initializers,
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 CNN_SIGNATURE: dict[str, Any] = {
@@ -271,4 +294,4 @@ def wide_model(path: Path, hidden: int, width: int = 256, seed: int = 0) -> Path
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
         [numpy_helper.from_array(down, "down"), numpy_helper.from_array(up, "up")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -19,23 +18,7 @@ ENDLESS = 10**12
 
 def loop_model(path: Path, trips: int) -> Path:
     """x FP32 [-1, 1] -> y FP32 [-1, 1] = x + trips, after `trips` Loop iterations."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["n", 1]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["n", 1]),
-        ],
-        [numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")],
-    )
+    body = onnx_models.counting_loop_body()
     graph = helper.make_graph(
         [helper.make_node("Loop", ["trips", "true", "x"], ["y"], body=body)],
         "stuck",
@@ -46,12 +29,7 @@ def loop_model(path: Path, trips: int) -> Path:
             numpy_helper.from_array(np.array(True), "true"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=onnx_models.OPSET)
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return onnx_models.save_graph(graph, path)
 
 
 def trips_for_seconds(scratch: Path, seconds: float) -> int:

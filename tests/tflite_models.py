@@ -30,7 +30,7 @@ class Quant:
 
 @dataclass
 class _Graph:
-    """A single-subgraph model under construction."""
+    """A model under construction, one subgraph at a time (`subgraph` closes one)."""
 
     tensors: list[fb.TensorT] = field(default_factory=list)
     buffers: list[fb.BufferT] = field(default_factory=lambda: [fb.BufferT()])
@@ -54,7 +54,9 @@ class _Graph:
         t.buffer = 0
         if data is not None:
             buffer = fb.BufferT()
-            buffer.data = np.ascontiguousarray(data, dtype=dtype).tobytes()
+            # As a uint8 array: the flatbuffers builder copies that at once, and bytes one
+            # element at a time (seconds for a few MB).
+            buffer.data = np.ascontiguousarray(data, dtype=dtype).reshape(-1).view(np.uint8)
             self.buffers.append(buffer)
             t.buffer = len(self.buffers) - 1
         if quant is not None:
@@ -92,13 +94,30 @@ class _Graph:
         custom_code: str | None = None,
     ) -> Path:
         """Pack the model; `signature` maps {"inputs"|"outputs": {name: tensor}}."""
+        signatures = [("serving_default", 0, signature)] if signature is not None else []
+        return self.pack(path, [self.subgraph(inputs, outputs)], signatures, custom_code)
+
+    def subgraph(self, inputs: list[int], outputs: list[int], name: str = "main") -> fb.SubGraphT:
+        """The tensors and operators so far as one subgraph; the next one starts empty
+        (buffers and operator codes belong to the model)."""
         sub = fb.SubGraphT()
         sub.tensors, sub.inputs, sub.outputs = self.tensors, inputs, outputs
         sub.operators = self.operators
-        sub.name = "main"
+        sub.name = name
+        self.tensors, self.operators = [], []
+        return sub
+
+    def pack(
+        self,
+        path: Path,
+        subgraphs: list[fb.SubGraphT],
+        signatures: list[tuple[str, int, dict[str, dict[str, int]]]],
+        custom_code: str | None = None,
+    ) -> Path:
+        """Pack `subgraphs`; each signature is (key, subgraph index, its tensor map)."""
         model = fb.ModelT()
         model.version = 3
-        model.subgraphs = [sub]
+        model.subgraphs = subgraphs
         model.buffers = self.buffers
         model.description = "edge-agent test model"
         codes = []
@@ -113,17 +132,18 @@ class _Graph:
             codes[0].deprecatedBuiltinCode = fb.BuiltinOperator.CUSTOM
             codes[0].customCode = custom_code
         model.operatorCodes = codes
-        if signature is not None:
+        model.signatureDefs = []
+        for key, index, tensors in signatures:
             sig = fb.SignatureDefT()
-            sig.signatureKey = "serving_default"
-            sig.subgraphIndex = 0
+            sig.signatureKey = key
+            sig.subgraphIndex = index
             sig.inputs, sig.outputs = [], []
             for kind, target in (("inputs", sig.inputs), ("outputs", sig.outputs)):
-                for name, index in signature[kind].items():
+                for name, tensor in tensors[kind].items():
                     tm = fb.TensorMapT()
-                    tm.name, tm.tensorIndex = name, index
+                    tm.name, tm.tensorIndex = name, tensor
                     target.append(tm)
-            model.signatureDefs = [sig]
+            model.signatureDefs.append(sig)
         builder = flatbuffers.Builder(1024)
         builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,18 +164,35 @@ def scale_tflite(path: Path, factor: float = 2.0, width: int = 4, signature: boo
     y; without, the tensor names themselves are x and y.
     """
     g = _Graph()
-    prefix = "serving_default_" if signature else ""
-    x = g.tensor(f"{prefix}x:0" if signature else "x", np.float32, (-1, width))
+    x, y = _scale(g, factor, width, "serving_default_" if signature else "")
+    sig = {"inputs": {"x": x}, "outputs": {"y": y}} if signature else None
+    return g.save(path, [x], [y], sig)
+
+
+def two_signature_tflite(path: Path, factors: tuple[float, float] = (2.0, 5.0)) -> Path:
+    """Two subgraphs, y = x * factor + 1 on FP32 [-1, 4] each: the first is signature
+    "other", the second "serving_default", so serving it needs LiteRT's signature runner."""
+    g = _Graph()
+    subgraphs, signatures = [], []
+    for index, (key, factor) in enumerate(zip(("other", "serving_default"), factors, strict=True)):
+        x, y = _scale(g, factor, 4, f"{key}_")
+        subgraphs.append(g.subgraph([x], [y], key))
+        signatures.append((key, index, {"inputs": {"x": x}, "outputs": {"y": y}}))
+    return g.pack(path, subgraphs, signatures)
+
+
+def _scale(g: _Graph, factor: float, width: int, prefix: str) -> tuple[int, int]:
+    """Mul by `factor`, then Add 1, on a new FP32 [-1, width] input; (input, output)."""
+    x = g.tensor(f"{prefix}x:0" if prefix else "x", np.float32, (-1, width))
     f = g.tensor("factor", np.float32, (1,), np.array([factor], np.float32))
     one = g.tensor("one", np.float32, (1,), np.array([1.0], np.float32))
     scaled = g.tensor("scaled", np.float32, (-1, width))
-    y = g.tensor("StatefulPartitionedCall:0" if signature else "y", np.float32, (-1, width))
+    y = g.tensor("StatefulPartitionedCall:0" if prefix else "y", np.float32, (-1, width))
     g.op(fb.BuiltinOperator.MUL, [x, f], [scaled], fb.BuiltinOptions.MulOptions,
          _binary_options(fb.MulOptionsT))
     g.op(fb.BuiltinOperator.ADD, [scaled, one], [y], fb.BuiltinOptions.AddOptions,
          _binary_options(fb.AddOptionsT))
-    sig = {"inputs": {"x": x}, "outputs": {"y": y}} if signature else None
-    return g.save(path, [x], [y], sig)
+    return x, y
 
 
 def mlp_tflite(path: Path, layers: list[tuple[np.ndarray, np.ndarray]]) -> Path:

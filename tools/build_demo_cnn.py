@@ -15,7 +15,6 @@ agent and the test suite only read the committed result. Deterministic for a giv
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,9 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compress_models import upsample  # noqa: E402 -- tools/ is on the path as the script's home
-
-from agent.manifest import Manifest, TensorSpec, Variant, VariantMetrics, write_manifest  # noqa: E402
-from agent.repository import sha256_of  # noqa: E402
+from demo_files import write_fp32_folder, write_request  # noqa: E402
 
 SIZE = 64
 # Output channels of the 3x3 convolutions, and which of them a 2x2 max-pool follows: three
@@ -193,40 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model_path = args.out / "fp32.onnx"
     onnx.save(model, model_path)
-    shape = (-1, 1, args.size, args.size)
-    manifest = Manifest(
-        name=args.out.name,
-        description=f"digit classifier CNN; input: a {args.size}x{args.size} image, 0..16.",
-        inputs=[TensorSpec(name="input", datatype="FP32", shape=shape)],
-        outputs=[TensorSpec(name="probabilities", datatype="FP32", shape=(-1, CLASSES))],
-        variants=[
-            Variant(
-                name="fp32",
-                file=model_path.name,
-                sha256=sha256_of(model_path),
-                precision="fp32",
-                size_bytes=model_path.stat().st_size,
-                metrics=VariantMetrics(accuracy=round(accuracy, 4), fidelity=1.0),
-            )
-        ],
+    write_fp32_folder(
+        model_path,
+        f"digit classifier CNN; input: a {args.size}x{args.size} image, 0..16.",
+        (-1, 1, args.size, args.size),
+        (-1, CLASSES),
+        accuracy,
     )
-    write_manifest(manifest, args.out / "manifest.json")
-
-    args.requests.mkdir(parents=True, exist_ok=True)
     one = x_test[:1]
-    request = {
-        "id": "digit-cnn-1",
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(one.shape),
-                "datatype": "FP32",
-                "data": [round(float(v), 3) for v in one.reshape(-1)],
-            }
-        ],
-    }
-    text = json.dumps(request, separators=(",", ":")) + "\n"
-    (args.requests / "digits-cnn.json").write_text(text)
+    data = [round(float(v), 3) for v in one.reshape(-1)]
+    write_request(args.requests / "digits-cnn.json", "digit-cnn-1", one, data)
     # Rounded like the JSON request so that both ask the same question; compressed because
     # upsampled images repeat themselves.
     np.savez_compressed(args.requests / "digits-cnn.npz", input=x_test[:8], labels=y_test[:8])

@@ -13,7 +13,6 @@ Needs the `compress` extra (scikit-learn, onnx). Deterministic for a given seed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from sklearn.neural_network import MLPClassifier
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.manifest import Manifest, TensorSpec, Variant, VariantMetrics, write_manifest  # noqa: E402
-from agent.repository import sha256_of  # noqa: E402
+from demo_files import write_fp32_folder, write_request  # noqa: E402
 
 
 def train(
@@ -103,38 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model_path = args.out / "fp32.onnx"
     onnx.save(to_onnx(clf), model_path)
-    manifest = Manifest(
-        name=args.out.name,
-        description="8x8 digit classifier (scikit-learn digits); input: 64 pixel values 0..16.",
-        inputs=[TensorSpec(name="input", datatype="FP32", shape=(-1, 64))],
-        outputs=[TensorSpec(name="probabilities", datatype="FP32", shape=(-1, 10))],
-        variants=[
-            Variant(
-                name="fp32",
-                file=model_path.name,
-                sha256=sha256_of(model_path),
-                precision="fp32",
-                size_bytes=model_path.stat().st_size,
-                metrics=VariantMetrics(accuracy=round(accuracy, 4), fidelity=1.0),
-            )
-        ],
+    write_fp32_folder(
+        model_path,
+        "8x8 digit classifier (scikit-learn digits); input: 64 pixel values 0..16.",
+        (-1, 64),
+        (-1, 10),
+        accuracy,
     )
-    write_manifest(manifest, args.out / "manifest.json")
-
-    args.requests.mkdir(parents=True, exist_ok=True)
     one = x_test[:1]
-    request = {
-        "id": "digit-1",
-        "inputs": [
-            {
-                "name": "input",
-                "shape": [1, 64],
-                "datatype": "FP32",
-                "data": [int(v) for v in one.reshape(-1)],
-            }
-        ],
-    }
-    (args.requests / "digits.json").write_text(json.dumps(request, separators=(",", ":")) + "\n")
+    write_request(args.requests / "digits.json", "digit-1", one, [int(v) for v in one.reshape(-1)])
     np.savez(args.requests / "digits.npz", input=x_test[:8], labels=y_test[:8])
     np.savez(args.requests / "digits-eval.npz", input=x_test, labels=y_test)
     np.savez(args.requests / "digits-calib.npz", input=x_train[:512])

@@ -31,6 +31,7 @@ from agent.adapt.policy import (
 from agent.adapt.snapshot import ResourceSnapshot
 from agent.config import AdaptConfig
 from agent.errors import EdgeAgentError
+from agent.manifest import quality
 from agent.models import ModelManager, ServedModel
 
 log = structlog.get_logger(__name__)
@@ -122,14 +123,12 @@ class Adapter:
         failures = self._manager.failures
         rungs: list[RungView] = []
         for index, variant in enumerate(model.ladder):
-            metrics = variant.metrics
-            quality = metrics.accuracy if metrics.accuracy is not None else metrics.fidelity
             failure = failures.get((model.name, variant.name))
             rungs.append(
                 RungView(
                     name=variant.name,
-                    quality=quality if quality is not None else -float(index),
-                    latency_ms=metrics.latency_ms or None,
+                    quality=quality(variant, index),
+                    latency_ms=variant.metrics.latency_ms or None,
                     memory_mb=self._manager.predicted_mb(model.name, variant),
                     failures=failure.count if failure is not None else 0,
                     failed_at=failure.last if failure is not None else None,
@@ -159,6 +158,9 @@ class Adapter:
             self._fastest.get(model.name),
         )
         swap = model.last_swap
+        service_ms = None
+        if figures is not None and figures.infer_p50_ms is not None and figures.mean_rows:
+            service_ms = figures.infer_p50_ms / figures.mean_rows / model.queue.workers
         return ModelView(
             name=model.name,
             rungs=tuple(rungs),
@@ -168,6 +170,10 @@ class Adapter:
             observed_infer_p95_ms=figures.infer_p95_ms if figures is not None else None,
             observed_queue_p95_ms=figures.queue_p95_ms if figures is not None else None,
             observed_count=figures.count if figures is not None else 0,
+            queued=model.queue.depth,
+            service_ms=service_ms,
+            # Over the hold a step down waits for: a burst shows within it.
+            arrival_per_s=model.stats.arrival_rate(max(cfg.down_after_s, cfg.interval_s)),
             pinned=self._pinned(model.name),
             fleet=self._fleet is not None,
             last_swap_at=swap.at if swap is not None else None,
@@ -225,10 +231,7 @@ class Adapter:
         figures = {
             "explanation": decision.explanation,
             **decision.figures,
-            "predicted_p95_ms": {
-                k: (None if v is None else round(v, 3))
-                for k, v in decision.predicted_p95_ms.items()
-            },
+            "predicted_p95_ms": decision.as_dict()["predicted_p95_ms"],
         }
         try:
             self._manager.switch(decision.model, decision.desired, decision.reason, figures)

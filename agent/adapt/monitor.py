@@ -516,6 +516,36 @@ def usable_cpus() -> int:
     return cpus
 
 
+@dataclass(frozen=True)
+class ProcessMemory:
+    """Another process's memory in MiB, for `edge-agent bench`: resident (RSS), its anonymous
+    part (heap, stacks: what no other process or the page cache could share), unique (USS:
+    pages no other process maps) and proportional (PSS)."""
+
+    rss_mb: float
+    anon_mb: float
+    uss_mb: float
+    pss_mb: float
+
+
+def process_memory(pid: int) -> ProcessMemory:
+    """RSS, anonymous RSS, USS and PSS of process `pid` (psutil's memory_full_info)."""
+    full = psutil.Process(pid).memory_full_info()
+    mb = 1024.0 * 1024.0
+    return ProcessMemory(
+        rss_mb=full.rss / mb,
+        anon_mb=(full.rss - full.shared) / mb,
+        uss_mb=full.uss / mb,
+        pss_mb=full.pss / mb,
+    )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time that process `pid` has used so far, in seconds."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(os.getpid()))

@@ -10,7 +10,8 @@ It chooses by measured figures, never by position in the ladder:
 - memory pressure: across all models, the moves that lose the least accuracy per MB freed,
   until the headroom is back; only variants measured lighter in memory are candidates;
 - thermal pressure: one step to a variant measured cheaper in latency.
-Down fast (pressure held `down_after_s`, skipping rungs when the prediction says so), up slow
+Down fast (pressure held `down_after_s`, or at once when the queue alone holds more work than
+the objective allows; skipping rungs when the prediction says so), up slow
 (calm held `up_after_s`, one rung at a time, `cooldown_s` after any swap). Pins always win;
 a variant that failed to load waits out a backoff.
 """
@@ -60,12 +61,32 @@ class ModelView:
     observed_infer_p95_ms: float | None = None
     observed_queue_p95_ms: float | None = None
     observed_count: int = 0
+    queued: int = 0
+    """Requests waiting in the model's queue right now."""
+    service_ms: float | None = None
+    """The active variant's observed time per request, shared by the workers: its p50
+    inference time per row divided by the workers. None: not measured."""
+    arrival_per_s: float | None = None
+    """Requests accepted per second, lately."""
     pinned: str | None = None
     fleet: bool = False
     last_swap_at: float | None = None
 
     def rung(self, name: str | None) -> RungView | None:
         return next((r for r in self.rungs if r.name == name), None)
+
+    @property
+    def backlog_ms(self) -> float | None:
+        """The work queued for the active variant: how long its queue takes to drain."""
+        return None if self.service_ms is None else self.queued * self.service_ms
+
+    @property
+    def utilization(self) -> float | None:
+        """The share of the workers' time that today's arrivals take on the active variant:
+        at 1 or more its queue grows without bound."""
+        if self.service_ms is None or self.arrival_per_s is None:
+            return None
+        return self.arrival_per_s * self.service_ms / 1000.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,10 @@ class ModelState:
     calm_since: float | None = None
     """Since when the model has been within its objective with margin."""
     shedding: bool = False
+    swamped_rate: float | None = None
+    """The arrival rate (requests/s) when a queue last swamped the model: evidence that its
+    clients do not wait for replies, so that a richer rung's utilization can be read off
+    today's arrivals. Forgotten once they fall below half of it."""
 
 
 @dataclass(frozen=True)
@@ -109,9 +134,7 @@ class Decision:
             "reason": self.reason,
             "explanation": self.explanation,
             "figures": self.figures,
-            "predicted_p95_ms": {
-                k: (None if v is None else round(v, 3)) for k, v in self.predicted_p95_ms.items()
-            },
+            "predicted_p95_ms": {k: _r(v) for k, v in self.predicted_p95_ms.items()},
             "shed_fleet": self.shed_fleet,
         }
 
@@ -272,7 +295,11 @@ def predict(view: ModelView) -> dict[str, float | None]:
     """Each rung's p95 under today's conditions, from the active variant's observed p95:
     the time spent computing and waiting in the queue scales with the rung's measured
     latency (a faster variant drains the queue faster too); the rest (scheduling, the
-    agent's own work) stays as it is. None where a figure is missing."""
+    agent's own work) stays as it is. Where the arrival rate is known, a lighter rung's
+    queue is judged by it too: one that could not keep up (its utilization, scaled the same
+    way, at 1 or more) is predicted at infinity, its queue growing without bound; one that
+    keeps up waits what a queue at its utilization settles to once the backlog has
+    drained. None where a figure is missing."""
     active = view.rung(view.active)
     out: dict[str, float | None] = {r.name: None for r in view.rungs}
     if (
@@ -288,10 +315,31 @@ def predict(view: ModelView) -> dict[str, float | None]:
         compute = total
     queued = min(view.observed_queue_p95_ms or 0.0, total - compute)
     fixed = total - compute - queued
+    load, service = view.utilization, view.service_ms
     for rung in view.rungs:
-        if rung.latency_ms is not None:
-            out[rung.name] = fixed + (compute + queued) * rung.latency_ms / active.latency_ms
+        if rung.latency_ms is None:
+            continue
+        ratio = rung.latency_ms / active.latency_ms
+        wait = queued * ratio
+        # Today's arrivals are taken as given only for a lighter rung: clients that wait
+        # for each reply send less to a slower variant, so a richer rung's utilization
+        # cannot be read off today's, unless a swamped queue showed that they do not wait
+        # (ModelState.swamped_rate, judged in the step up).
+        if load is not None and service is not None and ratio < 1.0:
+            if load * ratio >= 1.0:
+                out[rung.name] = math.inf
+                continue
+            # It drains today's backlog, then sees only its own steady queue.
+            wait = min(wait, _settled_wait_ms(service * ratio, load * ratio))
+        out[rung.name] = fixed + compute * ratio + wait
     return out
+
+
+def _settled_wait_ms(service_ms: float, utilization: float) -> float:
+    """The time a request waits in a queue that keeps up, once any backlog has drained: the
+    M/M/1 mean wait, S*u/(1-u) for service time S and utilization u — pessimistic for the
+    steady arrivals of a camera, fair for bursty ones."""
+    return service_ms * utilization / (1.0 - utilization)
 
 
 def decide(
@@ -361,7 +409,13 @@ def _track(view: ModelView, cfg: AdaptConfig, previous: ModelState, now: float) 
     calm_since = (previous.calm_since or now) if calm_now and not over else None
     if view.last_swap_at is not None and calm_since is not None:
         calm_since = max(calm_since, view.last_swap_at)
-    return ModelState(over_since, calm_since, previous.shedding)
+    rate = view.arrival_per_s
+    swamped_rate = previous.swamped_rate
+    if _swamped(view) and rate is not None:
+        swamped_rate = rate
+    elif swamped_rate is not None and (rate is None or rate < 0.5 * swamped_rate):
+        swamped_rate = None
+    return ModelState(over_since, calm_since, previous.shedding, swamped_rate)
 
 
 def _decide_model(
@@ -376,6 +430,9 @@ def _decide_model(
         "observed_p95_ms": _r(view.observed_p95_ms),
         "observed_infer_p95_ms": _r(view.observed_infer_p95_ms),
         "observed_count": view.observed_count,
+        "queued": view.queued,
+        "backlog_ms": _r(view.backlog_ms),
+        "utilization": _r(view.utilization),
         "since_swap_s": None if math.isinf(since_swap) else round(since_swap, 1),
     }
     state = _track(view, cfg, previous, now)
@@ -395,7 +452,9 @@ def _decide_model(
         limit = active.memory_mb
         usable = [r for r in usable if r.memory_mb is not None and r.memory_mb <= limit]
     ctx = _Context(view, board, cfg, now, active, usable, predicted, figures, observed, since_swap)
-    if state.over_since is not None and now - state.over_since >= cfg.down_after_s:
+    if state.over_since is not None and (
+        now - state.over_since >= cfg.down_after_s or _swamped(view)
+    ):
         return _step_down(ctx, state, state.over_since)
     if board.thermal:
         return _cool_down(ctx), state
@@ -409,6 +468,21 @@ def _decide_model(
     return _step_up(ctx, state)
 
 
+def _swamped(view: ModelView) -> bool:
+    """The queue alone already holds more work than the objective allows, and requests
+    arrive at least as fast as the active variant answers them: every one that joins the
+    queue now will be late. Nothing to wait for: that is no spike (a spike that has passed
+    leaves no queue behind), and each second of waiting costs a second of late answers. A
+    variant that keeps up (utilization under 1) is draining its backlog already."""
+    backlog, load = view.backlog_ms, view.utilization
+    return (
+        backlog is not None
+        and view.slo_p95_ms is not None
+        and backlog > view.slo_p95_ms
+        and (load is None or load >= 1.0)
+    )
+
+
 def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Decision, ModelState]:
     """Over the objective long enough: the most accurate variant predicted to meet it."""
     view, cfg, predicted = ctx.view, ctx.cfg, ctx.predicted
@@ -417,6 +491,10 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
     cause = "cpu" if ctx.board.cpu_contended else "latency"
     over_for = ctx.now - over_since
     cheaper = ctx.cheaper_in_latency()
+    swamped = _swamped(view)
+    held_for = f"for {over_for:.0f} s"
+    if over_for < cfg.down_after_s:
+        held_for = f"with {view.backlog_ms:.0f} ms of work queued"
     meets = [
         r
         for r in cheaper
@@ -425,7 +503,7 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
     if meets:
         best = max(meets, key=lambda r: r.quality)
         why = (
-            f"p95 {observed:.2f} ms over the objective {slo:.2f} ms for {over_for:.0f} s; "
+            f"p95 {observed:.2f} ms over the objective {slo:.2f} ms {held_for}; "
             f"{best.name} is predicted at {predicted[best.name]:.2f} ms"
         )
         return ctx.decision(best.name, cause, why), replace(state, shedding=False)
@@ -434,10 +512,15 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
     lightest = min(cheaper, key=lambda r: r.latency_ms or math.inf, default=None)
     if lightest is not None:
         p = predicted.get(lightest.name)
-        if p is not None and p <= observed * (1.0 - cfg.min_gain):
+        faster = (lightest.latency_ms or math.inf) <= (ctx.active.latency_ms or 0.0) * (
+            1.0 - cfg.min_gain
+        )
+        # Swamped, every rung short of keeping up: the lightest still drains fastest.
+        if p is not None and (p <= observed * (1.0 - cfg.min_gain) or (swamped and faster)):
+            closest = f"{p:.2f} ms" if math.isfinite(p) else "it too falls behind the arrivals"
             why = (
                 f"p95 {observed:.2f} ms over the objective {slo:.2f} ms; no variant is "
-                f"predicted to meet it, the lightest {lightest.name} comes closest ({p:.2f} ms)"
+                f"predicted to meet it, the lightest {lightest.name} comes closest ({closest})"
             )
             return ctx.decision(lightest.name, cause, why, shed), replace(state, shedding=shed)
     why = (
@@ -481,7 +564,14 @@ def _step_up(ctx: _Context, state: ModelState) -> tuple[Decision, ModelState]:
     if shedding and calm_for >= cfg.up_after_s and quiet:
         shedding = False
         state = replace(state, shedding=False)
-    candidate = next((r for r in _richer(view, ctx.active) if not in_backoff(r, cfg, now)), None)
+    richer = [r for r in _richer(view, ctx.active) if not in_backoff(r, cfg, now)]
+    candidate = next((r for r in richer if not _would_swamp(r, view, state)), None)
+    if candidate is None and richer:
+        why = (
+            f"{richer[0].name} would not keep up with {view.arrival_per_s or 0:.0f} "
+            "requests/s, the rate of a burst that swamped the queue"
+        )
+        return ctx.decision(view.active, "hold", why, shedding), state
     if candidate is None:
         why = "serving the richest usable variant"
         return ctx.decision(view.active, "calm", why, shedding), state
@@ -501,6 +591,23 @@ def _step_up(ctx: _Context, state: ModelState) -> tuple[Decision, ModelState]:
         why = f"calm for {calm_for:.0f} s: one step up to {candidate.name}"
         return ctx.decision(candidate.name, "calm", why, shedding), replace(state, calm_since=None)
     return ctx.decision(view.active, "hold", why, shedding), state
+
+
+def _would_swamp(candidate: RungView, view: ModelView, state: ModelState) -> bool:
+    """Since a queue swamped the model, its clients are known not to wait for replies: a
+    richer rung that today's arrivals would keep over 90% busy (scaled from the active
+    variant's time per request) would be swamped again as soon as it took over."""
+    active = view.rung(view.active)
+    load = view.utilization
+    if (
+        state.swamped_rate is None
+        or load is None
+        or active is None
+        or not active.latency_ms
+        or candidate.latency_ms is None
+    ):
+        return False
+    return load * candidate.latency_ms / active.latency_ms >= 0.9
 
 
 def _fits(candidate: RungView, active: RungView, board: BoardSignals, cfg: AdaptConfig) -> bool:
@@ -579,4 +686,6 @@ def _relieve_memory(
 
 
 def _r(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
+    """Rounded for a report; a prediction of infinity (cannot keep up) is reported as None,
+    JSON having no infinity."""
+    return None if value is None or math.isinf(value) else round(value, 3)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from agent.bench import render
 from agent.broker import MosquittoBroker, free_port
 from tests.conftest import RunningAgent, spawn_agent
 
@@ -311,27 +312,43 @@ def test_ctrl_c_stops_the_quick_start_cleanly_after_the_readme_lines_work() -> N
     assert "agent_stopped" in output.text
 
 
+BENCH_TINY = ("--requests", "50", "--duration", "0.5", "--rounds", "2", "--concurrency", "8")
+
+
 def test_bench_runs_and_prints_its_ratios() -> None:
-    """`edge-agent bench` (tiny run) measures onnxruntime, the echo and the agent and
-    reports the two ratios the core issue sets targets for; no timing is asserted."""
+    """`edge-agent bench` (tiny run) measures onnxruntime, the echo and the agent, each
+    server's CPU per request, and each server's start to first answer and idle memory, and
+    reports the ratios the issues set targets for; its readable report puts each figure
+    beside its floor. No timing is asserted."""
     result = edge_agent(
         "bench",
-        "--model-dir",
-        str(REPO / "models" / "digits"),
-        "--requests",
-        "50",
-        "--duration",
-        "0.5",
-        "--rounds",
-        "2",
-        "--concurrency",
-        "8",
-        "--json",
+        *("--model-dir", str(REPO / "models" / "digits"), *BENCH_TINY),
+        *("--start-rounds", "1", "--json"),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for target in ("onnxruntime", "echo_seq", "agent_seq", "echo_conc", "agent_conc"):
         assert report[target]["count"] > 0
-    assert report["ratios"]["agent_p50_over_echo_p50"] > 0
-    assert report["ratios"]["agent_rps_over_echo_rps_in_flight"] > 0
+    for server in ("echo_seq", "agent_seq", "echo_conc", "agent_conc"):
+        assert report[server]["cpu_ms_per_request"] > 0
+    for server in ("echo", "onnxruntime_server", "agent"):
+        start = report["start"][server]
+        assert start["first_answer_s"] > 0 and start["cpu_s"] > 0
+        assert 0 < start["memory"]["anon_mb"] <= start["memory"]["rss_mb"]
+    ratios = report["ratios"]
+    for ratio in (
+        "agent_p50_over_echo_p50",
+        "agent_rps_over_echo_rps_in_flight",
+        "agent_cpu_over_echo_cpu_in_flight",
+        "agent_start_over_onnxruntime_server_start",
+        "agent_rss_over_onnxruntime_server_rss",
+    ):
+        assert ratios[ratio] > 0
+    assert set(report["targets"]) >= {"agent_start_s", "agent_idle_rss_mb"}
+    text = render(report)
+    assert "CPU ms/req" in text and "agent CPU per request / echo's" in text
+    for row in ("bare MQTT echo ", "bare onnxruntime server (floor)", "edge-agent "):
+        assert re.search(rf"^{re.escape(row)}.*\d", text, re.MULTILINE), text
+    assert re.search(r"agent start: [\d.]+ s, [\d.]+x the bare server's", text), text
+    assert re.search(r"agent idle RSS: [\d.]+ MiB, [\d.]+x the bare server's", text), text

@@ -1,9 +1,10 @@
 """Fault injection on the model directory: while a client keeps sending requests, hostile
 and broken pushes land (FIFOs, a symlink to one, a directory named like a model, garbage
-bytes, a manifest too large or not JSON, a variant missing or with the wrong hash, slow
-warm-ups past the load bound), each round followed by a good push. Every request is
-answered, every bad entry is reported once, every good push loads. One round in the
-suite; `tools/test.sh --soak` runs rounds for EDGE_SOAK_SECONDS."""
+bytes, a manifest too large or not JSON, a variant missing or with the wrong hash, .tflite
+files truncated, bit-flipped, random or crashing LiteRT's interpreter, slow warm-ups past
+the load bound), each round followed by good pushes, an ONNX and a TFLite one. Every
+request is answered, every bad entry is reported once, every good push loads. One round
+in the suite; `tools/test.sh --soak` runs rounds for EDGE_SOAK_SECONDS."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.broker import MosquittoBroker
 from agent.repository import MAX_MANIFEST_BYTES
-from tests import onnx_models
+from tests import onnx_models, tflite_models
 from tests.agent.test_watcher import REQUEST, SCALE_IO, events_named, recording, wait_until
 from tests.conftest import Probe, RunningAgent, body
 from tests.stuck_model import loop_model, trips_for_seconds
@@ -93,6 +95,33 @@ def wrong_hash(models: Path, scratch: Path, name: str) -> None:
     os.rename(staged, models / name)
 
 
+def tflite_truncated(models: Path, scratch: Path, name: str) -> None:
+    built = tflite_models.scale_tflite(scratch / f"{name}.tflite")
+    built.write_bytes(built.read_bytes()[: built.stat().st_size // 2])
+    os.rename(built, models / built.name)
+
+
+def tflite_bit_flipped(models: Path, scratch: Path, name: str) -> None:
+    built = tflite_models.scale_tflite(scratch / f"{name}.tflite")
+    data = bytearray(built.read_bytes())
+    data[3] ^= 0x40  # the root table's offset, now a gigabyte past the end
+    built.write_bytes(bytes(data))
+    os.rename(built, models / built.name)
+
+
+def tflite_random(models: Path, scratch: Path, name: str) -> None:
+    data = bytearray(np.random.default_rng(len(name)).integers(0, 256, 2048, np.uint8))
+    data[4:8] = b"TFL3"
+    (scratch / f"{name}.tflite").write_bytes(bytes(data))
+    os.rename(scratch / f"{name}.tflite", models / f"{name}.tflite")
+
+
+def tflite_crashing(models: Path, scratch: Path, name: str) -> None:
+    """A well-formed file on which LiteRT 2.3.0's interpreter dies of SIGSEGV."""
+    built = tflite_models.constant_input_tflite(scratch / f"{name}.tflite")
+    os.rename(built, models / built.name)
+
+
 def _ladder(scratch: Path, name: str) -> Path:
     built = onnx_models.scale_model(scratch / f"{name}-build.onnx")
     return onnx_models.ladder_folder(scratch / name, [("fp32", built)], **SCALE_IO)
@@ -109,6 +138,10 @@ BAD_PUSHES: tuple[Push, ...] = (
     manifest_too_large,
     variant_missing,
     wrong_hash,
+    tflite_truncated,
+    tflite_bit_flipped,
+    tflite_random,
+    tflite_crashing,
 )
 
 
@@ -144,7 +177,8 @@ def reported(agent: RunningAgent, name: str) -> list[dict[str, object]]:
     return [
         e
         for e in events_named(agent, "model_rejected")
-        if e.get("model") == name or Path(str(e.get("path", ""))).name in (name, f"{name}.onnx")
+        if e.get("model") == name
+        or Path(str(e.get("path", ""))).name in (name, f"{name}.onnx", f"{name}.tflite")
     ]
 
 
@@ -179,7 +213,10 @@ def inject(
             os.rename(scratch / f"{slow[-1]}.onnx", directory / f"{slow[-1]}.onnx")
             good.append(f"good-{round_}")
             onnx_models.scale_model(directory / f"good-{round_}.onnx", factor=float(round_))
-            wait_until(lambda: good[-1] in agent.agent.manager.names(), timeout=30)
+            good.append(f"good-lite-{round_}")
+            lite = tflite_models.scale_tflite(scratch / f"{good[-1]}.tflite")
+            os.rename(lite, directory / lite.name)
+            wait_until(lambda: set(good[-2:]) <= set(agent.agent.manager.names()), timeout=30)
             for name in bad:
                 wait_until(lambda n=name: bool(reported(agent, n)), timeout=30)
             wait_until(lambda: slow[-1] in agent.agent.manager.names(), timeout=60)

@@ -138,6 +138,23 @@ def test_signature_differing_from_the_manifest_is_refused(tmp_path: Path) -> Non
         load_variant("m", "v", path, SETTINGS, [wide], [Y4], NO_PROBE)
 
 
+def test_a_signature_on_another_subgraph_is_served_through_its_runner(tmp_path: Path) -> None:
+    """A model whose serving_default signature is its second subgraph answers as LiteRT's
+    signature runner for it does (not as its first subgraph), at changing batch sizes."""
+    path = tflite_models.two_signature_tflite(tmp_path / "two.tflite", factors=(2.0, 5.0))
+    variant = load_variant("m", "v", path, SETTINGS, [X4], [Y4])
+    assert isinstance(variant, LiteRTVariant) and variant.signature == "serving_default"
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    rng = np.random.default_rng(3)
+    for rows in (1, 3, 1):
+        x = rng.standard_normal((rows, 4)).astype(np.float32)
+        (y,) = variant.run({"x": x})
+        np.testing.assert_array_equal(y, runner(x=x)["y"])
+        np.testing.assert_allclose(y, x * 5.0 + 1.0, rtol=1e-6)
+    with pytest.raises(InferenceError, match=r"missing inputs \['x'\], unknown inputs \['z'\]"):
+        variant.run({"z": np.ones((1, 4), np.float32)})
+
+
 def test_bad_request_is_an_inference_error_and_the_next_run_works(tmp_path: Path) -> None:
     """A feed the interpreter refuses raises InferenceError; the variant keeps serving."""
     path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
@@ -146,6 +163,8 @@ def test_bad_request_is_an_inference_error_and_the_next_run_works(tmp_path: Path
         variant.run({"x": np.ones((2, 4), np.float64)})
     with pytest.raises(InferenceError, match="missing inputs"):
         variant.run({})
+    with pytest.raises(InferenceError, match=r"missing inputs \['x'\], unknown inputs \['z'\]"):
+        variant.run({"z": np.ones((1, 4), np.float32)})
     (y,) = variant.run({"x": np.zeros((1, 4), np.float32)})
     np.testing.assert_array_equal(y, np.ones((1, 4), np.float32))
 
@@ -310,6 +329,38 @@ print("ran")
     assert "ran" in done.stdout
 
 
+def test_the_threads_option_sizes_the_interpreters_thread_pool(tmp_path: Path) -> None:
+    """A variant's `threads` reach its interpreter: with 3 the process runs two more threads
+    (XNNPACK's workers) until the variant is closed, with 1 none. In a child process, whose
+    threads are only these."""
+    path = tflite_models.scale_tflite(tmp_path / "scale.tflite")
+    code = f"""
+import gc, os
+from pathlib import Path
+import numpy as np
+from agent.manifest import RuntimeOptions
+from agent.runtime import load_variant
+from agent.session import SessionSettings
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+for n in (1, 3):
+    v = load_variant("m", "v", Path({str(path)!r}), SessionSettings(threads=1),
+                     options=RuntimeOptions(threads=n, probe=False))
+    v.run({{"x": np.ones((2, 4), np.float32)}})
+    loaded = threads()
+    v.close()
+    del v
+    gc.collect()
+    print("threads", n, loaded - before, threads() - before)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    counts = [line for line in done.stdout.splitlines() if line.startswith("threads ")]
+    assert counts == ["threads 1 0 0", "threads 3 2 0"]
+
+
 def test_a_probed_file_is_not_probed_again_until_it_changes(tmp_path: Path) -> None:
     """Loading the same unchanged file again (a swap back to a rung) skips the probe; a
     rewritten file is probed again."""
@@ -385,7 +436,8 @@ def test_warm_up_runs_the_batch_size_it_is_asked(tmp_path: Path) -> None:
     assert not variant.warmed_up
     assert variant.warm_up(rows=8, timeout_s=5.0)
     assert isinstance(variant, LiteRTVariant)
-    assert variant._pool.get()._shapes == {0: (8, 4)}  # the interpreter was resized to it
+    interpreter = variant._pool.get()._interpreter
+    assert list(interpreter.get_input_details()[0]["shape"]) == [8, 4]  # resized to it
 
 
 def test_a_cancelled_control_stops_a_run_before_it_starts(tmp_path: Path) -> None:

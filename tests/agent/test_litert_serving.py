@@ -5,6 +5,7 @@ answers)."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -19,13 +20,16 @@ from agent.errors import EdgeAgentError
 from agent.models import ModelManager
 from agent.protocol import InferenceRequest
 from agent.repository import scan
+from agent.runtime import load_variant
 from agent.session import SessionSettings
 from tests import onnx_models
 from tests.conftest import Probe, RunningAgent, body
 
 pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed")
+from tests import tflite_models
 from tests.tflite_models import scale_tflite
 
+SETTINGS = SessionSettings(threads=1)
 REQUEST = json.dumps(
     {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 )
@@ -108,3 +112,104 @@ def test_a_ladder_of_an_onnx_and_a_tflite_rung_swaps_under_load(tmp_path: Path) 
         assert isinstance(outcome, Completed), outcome
         assert np.all(outcome.outputs["y"] == factors[outcome.variant] + 1.0)
     assert {o.variant for o in results if isinstance(o, Completed)} == {"fp32", "lite"}
+
+
+def ladder(folder: Path, rungs: list[tuple[str, Path, dict[str, object]]]) -> Path:
+    """A manifest over `rungs` (name, file in `folder`, runtime options), richest first,
+    serving x FP32 [1, 4] -> y FP32 [1, 4]."""
+    variants = []
+    for name, path, runtime in rungs:
+        entry = {"name": name, "file": path.name, "sha256": onnx_models.sha256(path),
+                 "size_bytes": path.stat().st_size}
+        variants.append({**entry, "runtime": runtime} if runtime else entry)
+    manifest = {
+        "name": folder.name,
+        "format": 1,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 4]}],
+        "variants": variants,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def served_outcome(manager: ModelManager, model: str, x: np.ndarray) -> Outcome:
+    """The outcome of one request, waited for."""
+    got: list[Outcome] = []
+    arrived = threading.Event()
+
+    def done(outcome: Outcome) -> None:
+        got.append(outcome)
+        arrived.set()
+
+    manager.submit(model, InferenceRequest(None, {"x": x}, {"x": "FP32"}), done)
+    assert arrived.wait(10)
+    return got[0]
+
+
+def test_a_rung_whose_delegate_cannot_load_falls_back_to_the_next(tmp_path: Path) -> None:
+    """The README's ladder on a board without the accelerator: the Edge TPU rung (its model
+    an edgetpu-custom-op, libedgetpu.so.1 not installed) is rejected with the library's
+    reason, and the model serves the next rung, a CPU TFLite one, above the ONNX rung."""
+    folder = tmp_path / "models" / "detector"
+    folder.mkdir(parents=True)
+    rungs: list[tuple[str, Path, dict[str, object]]] = [
+        ("edgetpu", tflite_models.custom_op_tflite(folder / "tpu.tflite", "edgetpu-custom-op"),
+         {"delegate": {"library": "libedgetpu.so.1", "options": {"device": "usb"}}}),
+        ("int8-cpu", scale_tflite(folder / "cpu.tflite", factor=3.0), {}),
+        ("fp32", onnx_models.scale_model(folder / "fp32.onnx", factor=2.0), {}),
+    ]
+    ladder(folder, rungs)
+    events: list[tuple[str, dict[str, object]]] = []
+    manager = ModelManager(
+        ModelsConfig(dir=folder.parent),
+        SessionSettings(threads=1),
+        lambda event, **fields: events.append((event, fields)),
+    )
+    sources, rejected = scan(folder.parent)
+    assert not rejected
+    manager.load_all(sources)
+    try:
+        assert manager.get("detector").active_name == "int8-cpu"
+        outcome = served_outcome(manager, "detector", np.ones((1, 4), np.float32))
+        assert isinstance(outcome, Completed) and outcome.variant == "int8-cpu"
+        np.testing.assert_array_equal(outcome.outputs["y"], np.full((1, 4), 4.0, np.float32))
+    finally:
+        manager.close(10)
+    reasons = [str(f["reason"]) for e, f in events if e == "variant_rejected"]
+    assert len(reasons) == 1 and "delegate libedgetpu.so.1 cannot load" in reasons[0]
+
+
+def test_each_interpreter_counts_in_the_memory_the_policy_sees(tmp_path: Path) -> None:
+    """A rung with four interpreters is predicted to need about four times what one needs:
+    each interpreter holds its own copy of the weights, and the manager's measure of a
+    load, the memory figure the policy reads, takes in all of them."""
+    rng = np.random.default_rng(0)
+    layers = [
+        (rng.standard_normal((n, k)).astype(np.float32), np.zeros(n, np.float32))
+        for k, n in ((4, 1024), (1024, 1024), (1024, 4))
+    ]
+    folder = tmp_path / "models" / "mlp"
+    folder.mkdir(parents=True)
+    one = tflite_models.mlp_tflite(folder / "one.tflite", layers)
+    four = folder / "four.tflite"
+    shutil.copyfile(one, four)
+    ladder(folder, [("one", one, {"probe": False}),
+                    ("four", four, {"probe": False, "interpreters": 4})])
+    # LiteRT's first load in a process also pays for the library itself: not in this test.
+    load_variant("warm", "up", scale_tflite(tmp_path / "warm.tflite"), SETTINGS).close()
+    manager = ModelManager(
+        ModelsConfig(dir=folder.parent), SETTINGS, lambda *_a, **_k: None
+    )
+    sources, _ = scan(folder.parent)
+    manager.load_all(sources)
+    try:
+        served = manager.switch("mlp", "four", reason="test")
+        one_mb = manager.predicted_mb("mlp", served.variant("one"))
+        four_mb = manager.predicted_mb("mlp", served.variant("four"))
+    finally:
+        manager.close(10)
+    weights_mb = sum(w.nbytes + b.nbytes for w, b in layers) / 2**20
+    assert one_mb is not None and four_mb is not None
+    assert one_mb > weights_mb
+    assert four_mb - one_mb > 3 * weights_mb, (one_mb, four_mb, weights_mb)

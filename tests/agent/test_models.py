@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,7 +74,9 @@ class Outcomes:
 def make_manager(tmp_path: Path) -> Iterator[Callable[..., tuple[ModelManager, Recorder]]]:
     managers: list[ModelManager] = []
 
-    def make(models: Path | None = None, **config: Any) -> tuple[ModelManager, Recorder]:
+    def make(
+        models: Path | None = None, quality_first: bool = False, **config: Any
+    ) -> tuple[ModelManager, Recorder]:
         # Workers unless a test asks otherwise: the tests hold a worker to shape the queue.
         config.setdefault("inline_max_ms", 0.0)
         directory = models or tmp_path
@@ -81,6 +84,7 @@ def make_manager(tmp_path: Path) -> Iterator[Callable[..., tuple[ModelManager, R
         manager = ModelManager(
             ModelsConfig(dir=directory, **config), SessionSettings(threads=1), recorder
         )
+        manager.quality_first = quality_first
         sources, _ = scan(directory)
         manager.load_all(sources)
         managers.append(manager)
@@ -117,6 +121,34 @@ def test_a_broken_rung_falls_back_to_the_next(
     assert manager.get("m").active.name == "int8"
     assert recorder.names() == ["variant_rejected", "model_loaded"]
     assert "sha256" in recorder.events[0][1]["reason"]
+
+
+def test_adapting_starts_on_the_most_accurate_rung_by_measured_quality(
+    tmp_path: Path, make_manager: Callable[..., Any]
+) -> None:
+    """A compressed rung that measured more accurate than the original is where an adapting
+    agent starts (then falls back in quality order); without adapting, the ladder's first."""
+    good = onnx_models.scale_model(tmp_path / "build" / "a.onnx", factor=3.0)
+    folder = onnx_models.ladder_folder(
+        tmp_path / "models" / "m",
+        [("fp32", good), ("int8", good), ("pruned", good), ("tiny", good)],
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for variant, accuracy in zip(manifest["variants"], (0.97, 0.96, 0.99, 0.90), strict=True):
+        variant["metrics"] = {"accuracy": accuracy}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    plain, _ = make_manager(tmp_path / "models")
+    assert plain.get("m").active_name == "fp32"
+    adapting, _ = make_manager(tmp_path / "models", quality_first=True)
+    assert adapting.get("m").active_name == "pruned"
+
+    (folder / "pruned.onnx").write_bytes(b"tampered")
+    fallback, recorder = make_manager(tmp_path / "models", quality_first=True)
+    assert fallback.get("m").active_name == "fp32"  # the next by quality, not "tiny"
+    assert recorder.names() == ["variant_rejected", "model_loaded"]
 
 
 def test_a_model_without_any_loadable_variant_is_rejected_and_others_serve(

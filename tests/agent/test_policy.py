@@ -4,6 +4,7 @@ each test states one rule of DESIGN.md "Adapting to the device"."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -66,18 +67,32 @@ class Board:
     swaps: list[tuple[float, str, str, str]] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
 
-    def view(self, t: float) -> ModelView:
+    arrivals: Callable[[float], float] | None = None
+    """Requests per second at time t, served by one worker: a queue forms when they come
+    faster than the active variant answers. None: no queue is modelled."""
+    queue: float = 0.0
+    queue_log: list[float] = field(default_factory=list)
+
+    def service_ms(self, t: float) -> float:
         rung = next(r for r in self.ladder if r.name == self.active)
         assert rung.latency_ms is not None
-        p95 = rung.latency_ms * self.slowdown(t)
+        return rung.latency_ms * self.slowdown(t)
+
+    def view(self, t: float) -> ModelView:
+        service = self.service_ms(t)
+        wait = self.queue * service
         return ModelView(
             name="m",
             rungs=self.ladder,
             active=self.active,
             slo_p95_ms=self.slo,
-            observed_p95_ms=p95,
-            observed_infer_p95_ms=p95,
+            observed_p95_ms=service + wait,
+            observed_infer_p95_ms=service,
+            observed_queue_p95_ms=wait,
             observed_count=50,
+            queued=int(self.queue),
+            service_ms=service if self.arrivals is not None else None,
+            arrival_per_s=self.arrivals(t) if self.arrivals is not None else None,
             pinned=self.pinned,
             fleet=self.fleet,
             last_swap_at=self.last_swap,
@@ -93,6 +108,10 @@ class Board:
             if decision.swap and decision.desired is not None:
                 self.swaps.append((t, self.active, decision.desired, decision.reason))
                 self.active, self.last_swap = decision.desired, t
+            if self.arrivals is not None:
+                served = 1000.0 / self.service_ms(t) * cfg.interval_s
+                self.queue = max(0.0, self.queue + self.arrivals(t) * cfg.interval_s - served)
+                self.queue_log.append(self.queue)
             t += cfg.interval_s
 
 
@@ -109,6 +128,36 @@ def test_sustained_pressure_steps_down_soon_and_a_spike_does_not() -> None:
     when, old, _new, _reason = held.swaps[0]
     assert old == "fp32"
     assert 30 + CFG.down_after_s <= when <= 30 + CFG.down_after_s + 2
+
+
+def test_a_burst_that_swamps_the_queue_steps_down_at_once_to_a_rung_that_keeps_up() -> None:
+    """A burst at 3x what fp32 answers (250/s): the queue alone soon holds more work than
+    the objective, so the policy does not wait down_after_s. It skips int8, which at 2 ms
+    would still fall behind 750/s, for the most accurate rung that keeps up, in one swap;
+    and the queue drains."""
+    board = Board(slowdown=lambda _t: 1.0, arrivals=lambda t: 750.0 if t >= 30 else 150.0)
+    board.run(0, 45)
+    assert [(s[1], s[2]) for s in board.swaps] == [("fp32", "pruned-int8")]
+    when = board.swaps[0][0]
+    assert 30 <= when < 30 + CFG.down_after_s
+    assert "queued" in board.decisions[int(when)].explanation
+    assert board.decisions[int(when)].predicted_p95_ms["int8"] == math.inf
+    assert board.decisions[int(when)].as_dict()["predicted_p95_ms"]["int8"] is None  # JSON
+    assert board.queue_log[-1] == 0.0
+
+    # While the burst lasts no richer rung is tried (each would be swamped again: int8 at
+    # 2 ms is 1.5x busy at 750/s); once it ends, the model climbs back.
+    long = Board(slowdown=lambda _t: 1.0, arrivals=lambda t: 750.0 if 30 <= t < 90 else 150.0)
+    long.run(0, 150)
+    assert [s[0] for s in long.swaps if s[0] < 90] == [long.swaps[0][0]]
+    assert "swamped" in long.decisions[80].explanation
+    ups = [s for s in long.swaps if s[3] == "calm"]
+    assert ups and ups[0][0] >= 90
+
+    # The same p95 without a queue behind it (a slow spell of the model itself) waits.
+    slow = Board(slowdown=lambda t: 4.0 if t >= 30 else 1.0, arrivals=lambda _t: 50.0)
+    slow.run(0, 45)
+    assert slow.swaps and slow.swaps[0][0] >= 30 + CFG.down_after_s
 
 
 def test_a_step_down_skips_rungs_when_the_prediction_says_so() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tests import onnx_models
@@ -14,23 +13,7 @@ from tests import onnx_models
 
 def busy_model(path: Path) -> Path:
     """x FP32 [-1, 1] and steps INT64 [-1, 1] -> y FP32 [-1, 1] after max(steps) loops."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["n", 1]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["n", 1]),
-        ],
-        [numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")],
-    )
+    body = onnx_models.counting_loop_body()
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMax", ["steps"], ["m"], keepdims=0),
@@ -44,12 +27,7 @@ def busy_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
         [numpy_helper.from_array(np.array(True), "true")],
     )
-    model = helper.make_model(graph, opset_imports=onnx_models.OPSET)
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return onnx_models.save_graph(graph, path)
 
 
 def busy_request(steps: int, request_id: str) -> dict[str, object]:

@@ -108,6 +108,10 @@ def make_agent(models_dir: Path) -> Iterator[Callable[..., Agent]]:
         reload_config: Callable[[], AgentConfig] | None = None,
         **sections: dict[str, Any],
     ) -> Agent:
+        """`sections` override the config; the `models` section is `models_section` here,
+        `models` being the folder."""
+        if "models_section" in sections:
+            sections["models"] = sections.pop("models_section")
         sections.setdefault("mqtt", {})
         sections["mqtt"].setdefault("reconnect_min_s", 1)
         sections["mqtt"].setdefault("reconnect_max_s", 2)

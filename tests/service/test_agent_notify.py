@@ -21,6 +21,7 @@ from agent.session import LoadedVariant
 from tests import onnx_models
 from tests.conftest import Probe, agent_config
 from tests.service.conftest import NotifySocket, wait_subscribed
+from tests.stuck_model import loop_model, trips_for_seconds
 
 
 class BlockingVariant:
@@ -74,6 +75,39 @@ def scale_request(reply_to: str) -> str:
 
 def pings_after(sock: NotifySocket, moment: float) -> int:
     return sum(1 for n in sock.with_key("WATCHDOG", "1") if n.at > moment)
+
+
+def test_a_stuck_load_degrades_the_agent_but_keeps_the_watchdog_fed(
+    watchdog_1s: NotifySocket,
+    make_agent: Callable[..., Agent],
+    broker: MosquittoBroker,
+    tmp_path: Path,
+) -> None:
+    """A model whose load sticks would stick again after a restart: the agent says
+    `degraded` in STATUS, serves the rest and goes on pinging the watchdog. (A warm-up of
+    about three seconds, so that the test's process can end: one that never ends is
+    tests/service/test_process.py's, in a process of its own.)"""
+    models = tmp_path / "models"
+    onnx_models.scale_model(models / "scale.onnx")
+    loop_model(models / "endless.onnx", trips_for_seconds(tmp_path / "calibrate", 3.0))
+    agent = make_agent(broker.port, models, models_section={"load_timeout_s": 1.0})
+    watchdog_1s.wait_for("READY", "1", timeout=30)
+    deadline = time.monotonic() + 10
+    while not any(
+        s.startswith("degraded: model endless: load stuck") for s in watchdog_1s.statuses()
+    ):
+        assert time.monotonic() < deadline, watchdog_1s.statuses()
+        time.sleep(0.05)
+    degraded_at = time.monotonic()
+    time.sleep(1.5)  # three ping intervals
+    assert pings_after(watchdog_1s, degraded_at) >= 2
+    assert not any(s.startswith("unhealthy") for s in watchdog_1s.statuses())
+    assert agent.manager.get("scale").active_name is not None
+    # Once the load ends, the model serves and the agent is no longer degraded.
+    deadline = time.monotonic() + 60
+    while "endless" not in agent.manager.names() or agent.degradations():
+        assert time.monotonic() < deadline, agent.degradations()
+        time.sleep(0.05)
 
 
 def test_ready_waits_a_moment_for_the_broker_then_comes_saying_it_waits(
