@@ -9,7 +9,7 @@ request by request in turn, the round trip as the client sees it for:
   the frame into its region, publish the request, wait for the reply, read the scores out
   of its output region (copy mode, then zero-copy mode);
 - the same request with the frame as a binary tensor over MQTT (the transport it replaces);
-- the transport's floor: a bare paho MQTT 5 echo (agent/bench.py's) of the shared-memory
+- the transport's floor: the bare paho MQTT 5 echo of `edge-agent bench` of the shared-memory
   request's payload, on the same broker.
 
 Medians and ratios against onnxruntime (and against onnxruntime plus the echo: what no MQTT
@@ -40,7 +40,7 @@ import structlog
 import tritonclient.http as oip
 import tritonclient.utils.shared_memory as shm
 
-from agent.bench import ECHO_TOPIC
+from agent.bench import ECHO_TOPIC, _floor_command  # the echo floor edge-agent bench uses
 from agent.broker import MosquittoBroker, free_port
 from agent.config import MqttConfig
 from agent.mqtt.requester import Requester, RequesterError
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     broker.start()
     try:
         with (
-            _child([sys.executable, "-m", "agent.bench", "--echo", str(broker.port)]),
+            _child(_floor_command(broker.port)),
             _agent(broker.port, path.parent, args, zero_copy=False) as copy_device,
             _agent(broker.port, path.parent, args, zero_copy=True) as zero_device,
             Requester(MqttConfig(port=broker.port), protocol="5") as requester,
