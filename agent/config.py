@@ -292,6 +292,38 @@ class SecurityConfig(_Section):
     )
 
 
+class SharedMemoryConfig(_Section):
+    """Tensors in system shared memory, for clients on the same board.
+
+    The Open Inference Protocol's system shared-memory extension, as Triton defines it
+    (README, "Shared memory for local clients")."""
+
+    enabled: bool = Field(
+        False,
+        description="Accept the shm_register/shm_unregister/shm_status commands and inputs "
+        "and outputs in registered regions of /dev/shm. Off by default: whoever may publish "
+        "on the control topic could make the agent read and write the shared memory its "
+        "user can open.",
+    )
+    max_regions: int = Field(
+        64, ge=1, le=4096, description="Regions registered at once, over all clients."
+    )
+    max_bytes: int = Field(
+        512 * MIB,
+        ge=1,
+        le=2**40,
+        description="Bytes of all registered regions together: what the agent may keep "
+        "mapped (and so keep alive) for its clients.",
+    )
+    zero_copy: bool = Field(
+        False,
+        description="Run the model on a view of the mapping instead of a copy of the input "
+        "(saves one copy of each input). Only for trusted clients: one that shrinks its "
+        "region while its request runs makes the agent die of SIGBUS. Off: inputs are read "
+        "with pread and outputs written with pwrite, which a truncated region cannot crash.",
+    )
+
+
 class ModelObjective(_Section):
     """One model's latency objective, overriding its manifest's."""
 
@@ -429,6 +461,7 @@ class AgentConfig(_Section):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    shm: SharedMemoryConfig = Field(default_factory=SharedMemoryConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
 
 

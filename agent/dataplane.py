@@ -33,6 +33,7 @@ from agent.protocol import (
     encode_error,
     encode_response,
 )
+from agent.shm import SharedMemoryRegistry, attach
 
 log = structlog.get_logger(__name__)
 
@@ -69,12 +70,22 @@ def error_response(
 class DataPlane:
     """Decodes requests, hands them to the model manager and encodes what comes back."""
 
-    def __init__(self, manager: ModelManager, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        max_payload_bytes: int,
+        shared_memory: SharedMemoryRegistry | None = None,
+    ) -> None:
         self._manager = manager
         self._max_payload = max_payload_bytes
+        self._shared_memory = shared_memory
 
-    def decode(self, payload: bytes | bytearray, header_length: int | None) -> InferenceRequest:
+    def decode(
+        self, payload: bytes | bytearray, header_length: int | None, owner: str | None = None
+    ) -> InferenceRequest:
         """The request in `payload`; RequestError (with what is known of its address) if not.
+
+        Inputs in shared memory are read from `owner`'s regions (agent/shm.py).
 
         Only RequestError and PayloadTooLarge leave: any other failure while decoding a
         hostile payload is turned into a RequestError too.
@@ -92,6 +103,8 @@ class DataPlane:
                 "request_undecodable", error=type(exc).__name__, detail=str(exc)[:MAX_ERROR_CHARS]
             )
             raise RequestError(f"cannot decode the request ({type(exc).__name__})") from None
+        if request.uses_shared_memory:
+            attach(self._shared_memory, request, owner)
         _strings_as_text(request)
         return request
 
@@ -150,9 +163,16 @@ class DataPlane:
                 (name, array, binary.get(name, default_binary))
                 for name, array in outcome.outputs.items()
             ]
+            placed = None
+            if request.shared_memory is not None:
+                try:
+                    placed = request.shared_memory.write(outcome.outputs)
+                except EdgeAgentError as exc:  # the region is gone, too small, read-only
+                    respond(error_response(exc, request.id, model))
+                    return
             try:
                 payload, header_length = encode_response(
-                    model, outcome.variant, request.id, tensors, parameters
+                    model, outcome.variant, request.id, tensors, parameters, placed
                 )
             except Exception as exc:  # an output the protocol cannot carry
                 log.warning("reply_unencodable", model=model, error=str(exc)[:MAX_ERROR_CHARS])

@@ -38,6 +38,10 @@ class PayloadTooLarge(InvalidRequest):
     code = 413
 
 
+class SharedMemoryError(InvalidRequest):
+    """A shared-memory region cannot be registered or used: unknown, out of bounds, gone."""
+
+
 class ModelNotFound(EdgeAgentError):
     """No model of that name is loaded."""
 

@@ -13,12 +13,15 @@ import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from agent.datatypes import NUMPY_DTYPES, datatype_of
 from agent.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from agent.shm import Placement
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 
@@ -52,12 +55,46 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
 
 
+MAX_SHARED_BYTES = 2**48
+"""Largest offset or size in a shared-memory region (far above any board's memory)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedMemoryRef:
+    """Where a tensor lies in a registered shared-memory region (the system shared-memory
+    extension's `shared_memory_region`, `_offset` and `_byte_size` parameters)."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+    def parameters(self) -> dict[str, Any]:
+        """The tensor entry's parameters that name this place."""
+        params: dict[str, Any] = {
+            "shared_memory_region": self.region,
+            "shared_memory_byte_size": self.byte_size,
+        }
+        if self.offset:
+            params["shared_memory_offset"] = self.offset
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class SharedInput:
+    """An input whose bytes are in shared memory: read by the data plane, not decoded here."""
+
+    ref: SharedMemoryRef
+    datatype: str
+    shape: tuple[int, ...]
+
+
 @dataclass(slots=True)
 class RequestedOutput:
-    """An output the client asked for, and whether it wants it as raw bytes."""
+    """An output the client asked for, whether as raw bytes, and where in shared memory."""
 
     name: str
     binary: bool
+    shared: SharedMemoryRef | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +108,12 @@ class InferenceRequest:
     binary_output: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
     reply_to: str | None = None  # MQTT 3.1.1 clients carry their reply topic in the JSON
+    shared_inputs: dict[str, SharedInput] | None = None  # inputs to read from shared memory
+    shared_memory: Placement | None = None  # the regions the data plane resolved for it
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self.shared_inputs is not None or any(o.shared for o in self.outputs or ())
 
 
 class RequestError(InvalidRequest):
@@ -240,12 +283,18 @@ def _decode(
 
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
+    shared: dict[str, SharedInput] | None = None
     offset = 0
     for index, raw in enumerate(raw_inputs):
         name, datatype, array, used = _decode_tensor(raw, index, tail, offset, payload_size)
-        if name in inputs:
+        if name in datatypes:
             raise RequestError(f"input {name!r} appears twice")
-        inputs[name], datatypes[name] = array, datatype
+        datatypes[name] = datatype
+        if isinstance(array, SharedInput):
+            shared = shared or {}
+            shared[name] = array
+        else:
+            inputs[name] = array
         offset += used
     if offset != len(tail):
         raise RequestError(
@@ -260,6 +309,7 @@ def _decode(
         binary_output=binary_output,
         parameters=parameters,
         reply_to=reply_to,
+        shared_inputs=shared,
     )
 
 
@@ -291,7 +341,7 @@ def _decode_tensor(
     offset: int,
     payload_size: int,
     kind: str = "input",
-) -> tuple[str, str, np.ndarray, int]:
+) -> tuple[str, str, np.ndarray | SharedInput, int]:
     if not isinstance(raw, dict):
         raise RequestError(f"{kind}s[{index}] must be an object")
     name = raw.get("name")
@@ -304,10 +354,19 @@ def _decode_tensor(
         raise RequestError(
             f"{kind} {name!r}: datatype {clip(datatype)} is not one of {sorted(NUMPY_DTYPES)}"
         )
-    shape_t, count = _shape(f"{kind} {name!r}", raw.get("shape"), payload_size)
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise RequestError(f"{kind} {name!r}: parameters must be an object")
+    shared = shared_memory_ref(params, kind, name) if params else None
+    bound = payload_size if shared is None else shared.byte_size
+    shape_t, count = _shape(f"{kind} {name!r}", raw.get("shape"), bound)
+    if shared is not None:
+        if "data" in raw or "binary_data_size" in params:
+            raise RequestError(
+                f"{kind} {name!r}: its data is in shared memory; it cannot also carry "
+                "data or binary_data_size"
+            )
+        return name, datatype, SharedInput(shared, datatype, shape_t), 0
     size = params.get("binary_data_size")
     if size is not None:
         if "data" in raw:
@@ -329,6 +388,38 @@ def _decode_tensor(
         raise RequestError(f"{kind} {name!r}: no data and no binary_data_size")
     array = _from_json(f"{kind} {name!r}", datatype, shape_t, count, raw["data"])
     return name, datatype, array, 0
+
+
+def shared_memory_ref(params: Mapping[str, Any], kind: str, name: str) -> SharedMemoryRef | None:
+    """The shared-memory place a tensor's parameters name, or None when they name none
+    (`kind` and `name` say which tensor an error is about)."""
+    region = params.get("shared_memory_region")
+    if region is None:
+        if "shared_memory_byte_size" in params or "shared_memory_offset" in params:
+            raise RequestError(
+                f"{kind} {name!r}: shared_memory_byte_size without shared_memory_region"
+            )
+        return None
+    label = f"{kind} {name!r}"
+    if not isinstance(region, str) or not 0 < len(region) <= MAX_NAME_CHARS:
+        raise RequestError(
+            f"{label}: shared_memory_region must be a string of 1 to {MAX_NAME_CHARS} characters"
+        )
+    size = params.get("shared_memory_byte_size", -1)  # required: -1 is refused below
+    offset = params.get("shared_memory_offset", 0)
+    if not _is_count(size, MAX_SHARED_BYTES) or not _is_count(offset, MAX_SHARED_BYTES):
+        raise RequestError(
+            f"{label}: shared_memory_byte_size (required) and shared_memory_offset must be "
+            f"integers from 0 to {MAX_SHARED_BYTES}"
+        )
+    return SharedMemoryRef(region, offset, size)
+
+
+def tensor_from_bytes(
+    label: str, datatype: str, shape: tuple[int, ...], raw: memoryview
+) -> np.ndarray:
+    """A tensor of `shape` over `raw` (a view, no copy), which must hold exactly its bytes."""
+    return _from_bytes(label, datatype, shape, math.prod(shape), raw)
 
 
 def _from_bytes(
@@ -473,7 +564,8 @@ def _decode_outputs(raw: Any, binary_default: bool) -> tuple[RequestedOutput, ..
         binary = params.get("binary_data", binary_default) if isinstance(params, dict) else None
         if not isinstance(binary, bool):
             raise RequestError(f"outputs[{index}].parameters.binary_data must be true or false")
-        outputs.append(RequestedOutput(item["name"], binary))
+        shared = shared_memory_ref(params, "output", item["name"]) if params else None
+        outputs.append(RequestedOutput(item["name"], binary, shared))
     names = [o.name for o in outputs]
     if len(set(names)) != len(names):
         raise RequestError("an output is requested twice")
@@ -492,7 +584,8 @@ def decode_response(
     offset = 0
     for index, raw in enumerate(header.get("outputs") or []):
         name, _, array, used = _decode_tensor(raw, index, tail, offset, len(payload), kind="output")
-        outputs[name] = array
+        if isinstance(array, np.ndarray):  # not an output the agent put in shared memory
+            outputs[name] = array
         offset += used
     return header, outputs
 
@@ -529,12 +622,14 @@ def encode_response(
     request_id: str | int | None,
     outputs: Sequence[tuple[str, np.ndarray, bool]],
     parameters: Mapping[str, Any] | None = None,
+    shared: Mapping[str, SharedMemoryRef] | None = None,
 ) -> tuple[bytes, int | None]:
     """The reply payload, and the JSON header's length when binary outputs follow it.
 
-    `outputs` holds (name, array, as_binary) in the order the reply lists them.
+    `outputs` holds (name, array, as_binary) in the order the reply lists them; those
+    named in `shared` were written there and are described without their data.
     """
-    entries, blobs = _encode_tensors(outputs)
+    entries, blobs = _encode_tensors(outputs, shared)
     reply: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         reply["id"] = request_id
@@ -546,6 +641,7 @@ def encode_response(
 
 def _encode_tensors(
     tensors: Iterable[tuple[str, np.ndarray, bool]],
+    shared: Mapping[str, SharedMemoryRef] | None = None,
 ) -> tuple[list[dict[str, Any]], list[bytes]]:
     """Tensor entries for a JSON header, and the raw bytes of those sent as binary."""
     entries: list[dict[str, Any]] = []
@@ -553,7 +649,9 @@ def _encode_tensors(
     for name, array, binary in tensors:
         datatype = datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
+        if shared and name in shared:
+            entry["parameters"] = shared[name].parameters()
+        elif binary:
             blob = _to_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -586,6 +684,16 @@ def encode_error(
     if model_name is not None:
         reply["model_name"] = model_name
     return _COMPACT.encode(reply).encode()
+
+
+def tensor_buffer(array: np.ndarray) -> memoryview:
+    """The tensor's bytes as the binary and shared-memory extensions lay them out: a view
+    when the array already is contiguous little-endian, else a copy."""
+    datatype = datatype_of(array)
+    if datatype == "BYTES":
+        return memoryview(_to_bytes(array, datatype))
+    flat = np.ascontiguousarray(array, dtype=_LITTLE[datatype]).reshape(-1)
+    return memoryview(cast(Any, flat)).cast("B")
 
 
 def _to_bytes(array: np.ndarray, datatype: str) -> bytes:

@@ -32,6 +32,7 @@ from agent.mqtt.frontend import MqttFrontend
 from agent.repository import SupplyPolicy, scan
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.session import SessionSettings
+from agent.shm import SharedMemoryRegistry
 from agent.state import StateStore
 from agent.supervisor import Supervisor
 from agent.watcher import ModelWatcher
@@ -63,7 +64,9 @@ class Agent:
             stats_window=config.metrics.window,
         )
         self.state = StateStore(config.state.dir)
-        self.control = ControlCommands(self.manager, self.state)
+        # Shared-memory regions of local clients; refused while shm.enabled is false.
+        self.shared_memory = SharedMemoryRegistry(config.shm)
+        self.control = ControlCommands(self.manager, self.state, self.shared_memory)
         # systemd integration; both are replaced in start(), which reads the environment.
         self.notifier = Notifier(None)
         self.supervisor: Supervisor | None = None
@@ -104,7 +107,7 @@ class Agent:
         self.notifier.status(f"loading models from {models_dir}")
         self.manager.supply_policy = SupplyPolicy.from_config(self.config.security)
         self.state = StateStore(self.config.state.dir or _state_directory())
-        self.control = ControlCommands(self.manager, self.state)
+        self.control = ControlCommands(self.manager, self.state, self.shared_memory)
         self.state.load()
         self.manager.preferred = self.state.preferred
         adapt = self.config.adapt
@@ -251,6 +254,7 @@ class Agent:
             log.warning("requests_abandoned", count=self.abandoned, timeout_s=drain_timeout)
         if self.frontend is not None:
             self.frontend.stop()
+        self.shared_memory.close()
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.sampler is not None:

@@ -222,9 +222,11 @@ def cnn_model(
     channels: tuple[int, ...] = (32, 64, 128, 256, 512),
     classes: int = 1000,
     seed: int = 0,
+    size: int = 64,
 ) -> Path:
-    """A small image classifier on FP32 [-1, 3, 64, 64]: 3x3 stride-2 Conv+Relu layers of
-    `channels`, global average pooling and a dense head to `classes` scores.
+    """A small image classifier on FP32 [-1, 3, size, size] (64 by default): 3x3 stride-2
+    Conv+Relu layers of `channels`, global average pooling and a dense head to `classes`
+    scores.
 
     The default holds about 8 MB of fp32 weights (a CNN-sized variant); narrower
     `channels` make a lighter rung of the same signature."""
@@ -261,7 +263,7 @@ def cnn_model(
     graph = helper.make_graph(
         nodes,
         "cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 64, 64])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, size, size])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", classes])],
         initializers,
     )

@@ -103,7 +103,7 @@ class MqttFrontend:
         self._fleet_subscribed: set[str] = set()
         self._pending_commands = 0  # queued or running; bounded by max_pending_commands
         self._pending_lock = threading.Lock()
-        self._plane = DataPlane(manager, config.max_payload_bytes)
+        self._plane = DataPlane(manager, config.max_payload_bytes, control.shared_memory)
         self._decoder = DecodeBacklog(config.decode_workers, config.decode_backlog_bytes)
         # The broker's Maximum Packet Size (MQTT 5 CONNACK), else the configured one.
         self._max_packet = min(config.max_packet_bytes, MQTT_MAX_PACKET)
@@ -439,7 +439,7 @@ class MqttFrontend:
         try:
             try:
                 header_length = _header_length(props.get("UserProperty", ()))
-                request = self._plane.decode(payload, header_length)
+                request = self._plane.decode(payload, header_length, user)
             except RequestError as exc:
                 if address is None and exc.reply_to:
                     address = self._address(exc.reply_to, correlation, qos, user)
@@ -513,18 +513,22 @@ class MqttFrontend:
         # A command may load a model (a pin): that must not stall the network loop. One
         # thread runs them in the order they came.
         try:
-            self._commands.submit(self._run_command, command, body, address)
+            self._commands.submit(self._run_command, command, body, address, user or None)
         except RuntimeError:  # stopping: the executor takes no more work
             with self._pending_lock:
                 self._pending_commands -= 1
             self._fail(address, label, None, overloaded("control commands (stopping)"))
 
     def _run_command(
-        self, command: str, body: dict[str, Any], address: ReplyAddress | None
+        self,
+        command: str,
+        body: dict[str, Any],
+        address: ReplyAddress | None,
+        user: str | None = None,
     ) -> None:
         label = f"control/{command[:200]}"
         try:
-            result = self._control.handle(command, body)
+            result = self._control.handle(command, body, user)
             payload = _json(result)
         except Exception as exc:  # a bug in a command still gets its caller an answer
             if not isinstance(exc, EdgeAgentError):

@@ -103,6 +103,20 @@ def test_the_unit_exposure_is_at_most_2(root: Path) -> None:
 
 
 @needs_systemd_analyze
+def test_the_shared_memory_drop_in_keeps_the_unit_clean_and_hardened(root: Path) -> None:
+    """With systemd/edge-agent-shm.conf as a drop-in the unit still verifies without a
+    warning and still rates 2.0 or better."""
+    drop_ins = root / "etc/systemd/system/edge-agent.service.d"
+    drop_ins.mkdir(parents=True)
+    shutil.copy(REPO / "systemd" / "edge-agent-shm.conf", drop_ins / "shm.conf")
+    verified = analyze("verify", f"--root={root}", UNIT)
+    assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+    rated = analyze("security", "--offline=true", f"--root={root}", UNIT)
+    match = re.search(r"Overall exposure level for edge-agent\.service: ([0-9.]+)", rated.stdout)
+    assert match is not None and float(match.group(1)) <= 2.0, rated.stdout
+
+
+@needs_systemd_analyze
 def test_the_unit_can_be_enabled_offline(root: Path) -> None:
     """The printed `systemctl --root=... enable` works: [Install] hooks into multi-user."""
     result = subprocess.run(
