@@ -16,6 +16,7 @@ request by request, so one bad request cannot fail its neighbours.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -265,9 +266,7 @@ class BatchingQueue:
             self._strikes += 1
             self._inline_off_until = time.monotonic() + suspend
             self._observed = 0
-            log.warning(
-                "inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend
-            )
+            log.warning("inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend)
         return True
 
     def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> bool:
@@ -446,7 +445,7 @@ class BatchingQueue:
         offsets = np.cumsum([0, *rows]).tolist()
         replies = [
             {n: r[lo:hi] for n, r in zip(names, results, strict=True)}
-            for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
+            for lo, hi in itertools.pairwise(offsets)
         ]
         end = time.monotonic()  # the stacking's own cost is part of what it must save
         self._observe(handle.name, (end - start) * 1000.0, total)
