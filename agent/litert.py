@@ -530,3 +530,4 @@ def _spec(tensor: _Tensor) -> TensorSpec:
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:1000] if text else type(exc).__name__
+

@@ -537,17 +537,9 @@ class ModelManager:
             previous = served.install(handle)
             drain_ms = self._drain(previous)
             self._swapped(
-                served,
-                previous,
-                handle,
-                reason,
-                figures,
-                "make-before-break",
-                load_ms=(loaded - start) * 1000.0,
-                drain_ms=drain_ms,
-                gap_ms=0.0,
-                need_mb=need,
-                headroom_mb=headroom,
+                served, previous, handle, reason, figures, "make-before-break",
+                load_ms=(loaded - start) * 1000.0, drain_ms=drain_ms, gap_ms=0.0,
+                need_mb=need, headroom_mb=headroom,
             )
             return
         previous = served.clear()  # requests wait in the queue from here
@@ -562,17 +554,9 @@ class ModelManager:
         served.install(handle)
         done = time.monotonic()
         self._swapped(
-            served,
-            previous,
-            handle,
-            reason,
-            figures,
-            "break-before-make",
-            load_ms=(done - drained) * 1000.0,
-            drain_ms=drain_ms,
-            gap_ms=(done - start) * 1000.0,
-            need_mb=need,
-            headroom_mb=headroom,
+            served, previous, handle, reason, figures, "break-before-make",
+            load_ms=(done - drained) * 1000.0, drain_ms=drain_ms,
+            gap_ms=(done - start) * 1000.0, need_mb=need, headroom_mb=headroom,
         )
 
     def _drain(self, previous: VariantHandle | None) -> float | None:

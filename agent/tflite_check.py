@@ -211,14 +211,9 @@ class _Reader:
         if custom is not None or builtin == CUSTOM_CODE:
             facts.custom_ops.add(custom or "<unnamed>")
             return builtin
-        if (
-            builtin < 0
-            or builtin > MAX_BUILTIN_CODE
-            or builtin
-            in (
-                DELEGATE_CODE,
-                PLACEHOLDER_CODE,
-            )
+        if builtin < 0 or builtin > MAX_BUILTIN_CODE or builtin in (
+            DELEGATE_CODE,
+            PLACEHOLDER_CODE,
         ):
             raise TfliteFormatError(f"operator code {builtin} is not a builtin this LiteRT has")
         facts.builtin_codes.add(builtin)
@@ -266,9 +261,8 @@ class _Reader:
         if named and options is not None:
             for slot in range(named):
                 if not 0 <= options.i32(slot) < subgraphs:
-                    raise TfliteFormatError(
-                        f"{where}: a control-flow operator names a subgraph the model does not have"
-                    )
+                    raise TfliteFormatError(f"{where}: a control-flow operator names a "
+                                            "subgraph the model does not have")
 
     def _tensor(self, tensor: _Table, buffers: list[int | None]) -> bool:
         """Check one tensor; True when it holds constant data."""
@@ -302,7 +296,8 @@ class _Reader:
         allowed = {(elements * bits + 7) // 8, elements} if bits < 8 else {elements * bits // 8}
         if data not in allowed:
             raise TfliteFormatError(
-                f"{where}: constant data is {data} bytes, its shape {shape} needs {min(allowed)}"
+                f"{where}: constant data is {data} bytes, its shape {shape} needs "
+                f"{min(allowed)}"
             )
         return True
 
@@ -313,14 +308,9 @@ class _Reader:
         # (blockwise: a details table) keep their scales elsewhere and are not judged here.
         if scales > 1 and not quant.u8(_Q_DETAILS_TYPE):
             dim = quant.i32(_Q_DIMENSION)
-            if (
-                not 0 <= dim < len(shape)
-                or shape[dim] != scales
-                or zero_points
-                not in (
-                    0,
-                    scales,
-                )
+            if not 0 <= dim < len(shape) or shape[dim] != scales or zero_points not in (
+                0,
+                scales,
             ):
                 raise TfliteFormatError(f"{where}: per-channel quantization does not fit {shape}")
 

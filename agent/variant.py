@@ -23,7 +23,9 @@ log = structlog.get_logger(__name__)
 class VariantHandle:
     """One loaded variant of a model, shared by the batches that hold a lease on it."""
 
-    def __init__(self, runtime: Runtime, variant: Variant, rss_added_mb: float | None) -> None:
+    def __init__(
+        self, runtime: Runtime, variant: Variant, rss_added_mb: float | None
+    ) -> None:
         self.runtime = runtime
         self.variant = variant
         self.name = variant.name

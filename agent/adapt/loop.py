@@ -183,7 +183,9 @@ class Adapter:
         # when it is calm (enough to notice a model slower here than its manifest says).
         history = self._history()
         latest = history[-1] if history else None
-        pressed = latest is not None and (cpu_contended(latest, cfg) or _hot(latest, cfg))
+        pressed = latest is not None and (
+            cpu_contended(latest, cfg) or _hot(latest, cfg)
+        )
         every = cfg.probe_interval_s if pressed else CALM_PROBE_FACTOR * cfg.probe_interval_s
         probed = 0
         for offset in range(len(served)):
@@ -191,7 +193,10 @@ class Adapter:
             if probed >= PROBES_PER_TICK:
                 break
             active = model.active_name
-            if active is None or now - self._last_probe.get(model.name, -1e9) < every:
+            if (
+                active is None
+                or now - self._last_probe.get(model.name, -1e9) < every
+            ):
                 continue
             recent = model.stats.variant_figures(active, cfg.latency_window_s, now)
             if recent.count - recent.probes >= cfg.min_samples:
