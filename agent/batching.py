@@ -77,6 +77,15 @@ INLINE_STRIKE = 10.0
 INLINE_SUSPEND_S = 30.0
 """The first suspension; each further strike doubles it (a model whose cost depends on its
 data blocks the network thread once per suspension at most, and ever more rarely)."""
+INLINE_PROBE_EVERY = 16
+"""One in this many requests that could run inline goes through the queue instead: under
+load the next ones then queue behind it (see INLINE_QUIET_S); when idle, it costs one
+hand-off in sixteen, which leaves the median alone."""
+INLINE_QUIET_S = 0.05
+"""Inline runs resume only once no request has queued behind another for this long. Under
+load, the network thread running every model run itself is the bottleneck, and a worker
+stacking what queued meanwhile serves more with less CPU: measured, 1.0x the echo's
+throughput against 0.7x all inline, on the demo model with 64 in flight."""
 INLINE_RUNNER = "the MQTT thread (inline run)"
 
 
@@ -125,6 +134,8 @@ class BatchingQueue:
         self._observed = 0
         self._strikes = 0
         self._inline_off_until = 0.0
+        self._eligible = 0  # requests that could have run inline (for the probes)
+        self._contended_at = float("-inf")  # when a request last queued behind another
         self._lease = lease
         self._stats = stats
         # Unbounded underneath: the bound is checked in submit(), under the same lock as
@@ -172,9 +183,12 @@ class BatchingQueue:
         with self._intake:
             if self._closed:
                 raise ModelNotReady(f"model {self.model} is shutting down")
-            if self._queue.qsize() >= self._max_queue:
+            waiting = self._queue.qsize()
+            if waiting >= self._max_queue:
                 self._stats.record_rejected()
                 raise Overloaded(f"model {self.model}: {self._max_queue} requests already waiting")
+            if waiting:  # it waits behind another: load (one at a time never does)
+                self._contended_at = job.enqueued
             self._queue.put_nowait(job)
         self._stats.arrived(job.enqueued)
 
@@ -233,14 +247,17 @@ class BatchingQueue:
     def try_inline(self, job: Job) -> bool:
         """Run a small request on the calling thread when that is cheaper than a hand-off.
 
-        Only when the model is idle (nothing queued, no worker busy), the request is small
-        and the model's recent small runs took under `inline_max_ms`: handing such a
-        request to a worker and its reply back to the network thread costs more than the
-        inference itself. Everything else goes through the queue.
+        Only when the model is idle (nothing queued, no worker busy, and no request found
+        it busy lately), the request is small and the model's recent small runs took under
+        `inline_max_ms`: handing such a request to a worker and its reply back to the
+        network thread costs more than the inference itself. Everything else goes through
+        the queue, and so does one in INLINE_PROBE_EVERY, to find out whether load came.
         """
+        start = time.monotonic()
         if (
             self._observed < INLINE_EVIDENCE
-            or time.monotonic() < self._inline_off_until
+            or start < self._inline_off_until
+            or start - self._contended_at < INLINE_QUIET_S
             or self._recent_ms is None
             or self._recent_ms > self._inline_max_ms
             or self._busy
@@ -249,7 +266,9 @@ class BatchingQueue:
             or _rows(job) > INLINE_MAX_ROWS
         ):
             return False
-        start = time.monotonic()
+        self._eligible += 1
+        if self._eligible % INLINE_PROBE_EVERY == 0:
+            return False
         if job.deadline is not None and start > job.deadline:
             return False  # expired already: the queue's path says so and counts it
         cpu_start = time.thread_time()
