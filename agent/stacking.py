@@ -3,9 +3,10 @@
 Stacking saves the per-run overhead of a small model many times over, and costs a CNN
 that already keeps the cores busy on one row its concatenation and a longer wait for the
 first request in the batch. Which one a model is shows only in its run times: a profile
-keeps the time per row of the recent runs it has seen, by batch size (rounded down to a
-power of two), and stacks only where their median beats running the requests one by one
-(a median: one run that the machine preempted must not flip the decision). It learns
+keeps the cost per row of the recent runs it has seen, by batch size (rounded down to a
+power of two), and stacks only where their median beats running the requests one by one.
+The cost is the running thread's CPU time, not the wall clock, and a median: a run that
+another process preempted must not flip the decision. It learns
 online, from the batches that really form: no start-up cost, and figures taken under the
 same load as the traffic they decide for.
 """
@@ -20,7 +21,7 @@ GAIN_MARGIN = 0.10
 a gain within the noise of a shared machine is no gain."""
 MIN_SAMPLES = 3
 """Runs of a size measured before the profile trusts its figure (until then it tries it)."""
-RECHECK_EVERY = 64
+RECHECK_EVERY = 32
 """Decisions between two runs of the option not chosen, so that a change of load or of the
 model's cost (a swap keeps its own profile) is noticed."""
 RECENT_RUNS = 7
@@ -40,7 +41,7 @@ class StackingProfile:
         self._decisions = 0
 
     def observe(self, rows: int, ms: float) -> None:
-        """A run of `rows` rows took `ms` (for a stacked run: concatenation and split too)."""
+        """A run of `rows` rows cost `ms` (a stacked run: its concatenation and split too)."""
         if rows >= 1:
             key = size_class(rows)
             runs = self._costs.get(key)
