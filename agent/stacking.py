@@ -16,8 +16,8 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-GAIN_MARGIN = 0.10
-"""Stacked rows must cost this much less than single runs before requests wait for a batch:
+GAIN_MARGIN = 0.15
+"""Stacked rows must cost this much less than single runs before requests are stacked:
 a gain within the noise of a shared machine is no gain."""
 MIN_SAMPLES = 3
 """Runs of a size measured before the profile trusts its figure (until then it tries it)."""

@@ -273,7 +273,7 @@ def wide_model(path: Path, hidden: int, width: int = 256, seed: int = 0) -> Path
     return _save(graph, path)
 
 
-def rowwise_model(path: Path, width: int = 16384, ops: int = 16) -> Path:
+def rowwise_model(path: Path, width: int = 262144, ops: int = 4) -> Path:
     """y = sin(sin(...sin(x))), `ops` times, on FP32 [-1, width]: all of its cost is per
     element, none per run, so stacking requests cannot make a row cheaper."""
     names = ["x", *(f"s{i}" for i in range(ops - 1)), "y"]
