@@ -5,7 +5,7 @@ that already keeps the cores busy on one row its concatenation and a longer wait
 first request in the batch. Which one a model is shows only in its run times: a profile
 keeps the cost per row of the recent runs it has seen, by batch size (rounded down to a
 power of two), and stacks only where their median beats running the requests one by one.
-The cost is the running thread's CPU time, not the wall clock, and a median: a run that
+The cost is the run's wall time (what the waiting clients see), and a median: a run that
 another process preempted must not flip the decision. It learns
 online, from the batches that really form: no start-up cost, and figures taken under the
 same load as the traffic they decide for.
