@@ -73,7 +73,8 @@ INLINE_MAX_ROWS = 8
 INLINE_EVIDENCE = 20
 """Small runs a model must have shown (on workers) before any request runs inline."""
 INLINE_STRIKE = 10.0
-"""An inline run this many times over inline_max_ms suspends inline runs for the model."""
+"""An inline run that keeps the network thread busy (CPU time) this many times inline_max_ms
+suspends inline runs for the model."""
 INLINE_SUSPEND_S = 30.0
 """The first suspension; each further strike doubles it (a model whose cost depends on its
 data blocks the network thread once per suspension at most, and ever more rarely)."""
@@ -84,8 +85,8 @@ hand-off in sixteen, which leaves the median alone."""
 INLINE_QUIET_S = 0.05
 """Inline runs resume only once no request has queued behind another for this long. Under
 load, the network thread running every model run itself is the bottleneck, and a worker
-stacking what queued meanwhile serves more with less CPU: measured, 1.0x the echo's
-throughput against 0.7x all inline, on the demo model with 64 in flight."""
+stacking what queued meanwhile serves more: measured, 1.0x the echo's throughput against
+0.7x all inline, on the demo model with 64 in flight (back-to-back runs, load 10)."""
 INLINE_RUNNER = "the MQTT thread (inline run)"
 
 
@@ -276,7 +277,8 @@ class BatchingQueue:
             return False  # no active variant right now (a swap): the queue waits for one
         self._stats.arrived(start)
         # The network thread's own CPU time, not the wall clock: on a loaded machine a
-        # fast run that was merely preempted must not turn inline runs off.
+        # fast run that was merely preempted must not turn inline runs off. (The calling
+        # thread computes its share of every parallel kernel: a slow run still shows.)
         took_ms = (time.thread_time() - cpu_start) * 1000.0
         if took_ms > INLINE_STRIKE * self._inline_max_ms:
             # One large request, or a cost that depends on the data (a Loop, a search):
@@ -285,7 +287,9 @@ class BatchingQueue:
             self._strikes += 1
             self._inline_off_until = time.monotonic() + suspend
             self._observed = 0
-            log.warning("inline_suspended", model=self.model, ms=round(took_ms, 3), for_s=suspend)
+            log.warning(
+                "inline_suspended", model=self.model, cpu_ms=round(took_ms, 3), for_s=suspend
+            )
         return True
 
     def _execute(self, batch: list[Job], who: str | None = None, single: bool = False) -> bool:
