@@ -90,9 +90,9 @@ class ModelStats:
 
     def arrived(self, now: float | None = None) -> None:
         """A request for this model was accepted into its queue (for the arrival rate)."""
-        stamp = time.monotonic() if now is None else now
-        with self._lock:
-            self._arrivals.append(stamp)
+        # No lock: one per request is enough (record's). A deque's append and its copy
+        # into a tuple are each one step under the GIL, so readers copy it before reading.
+        self._arrivals.append(time.monotonic() if now is None else now)
 
     def record(
         self,
@@ -151,8 +151,7 @@ class ModelStats:
     def arrival_rate(self, window_s: float, now: float | None = None) -> float:
         """Requests accepted per second over the last `window_s` seconds."""
         now = time.monotonic() if now is None else now
-        with self._lock:
-            recent = sum(1 for t in self._arrivals if now - t <= window_s)
+        recent = sum(1 for t in tuple(self._arrivals) if now - t <= window_s)
         return recent / window_s if window_s > 0 else 0.0
 
     def variant_figures(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -293,5 +294,18 @@ def wide_model(path: Path, hidden: int, width: int = 256, seed: int = 0) -> Path
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
         [numpy_helper.from_array(down, "down"), numpy_helper.from_array(up, "up")],
+    )
+    return save_graph(graph, path)
+
+
+def rowwise_model(path: Path, width: int = 262144, ops: int = 4) -> Path:
+    """y = sin(sin(...sin(x))), `ops` times, on FP32 [-1, width]: all of its cost is per
+    element, none per run, so stacking requests cannot make a row cheaper."""
+    names = ["x", *(f"s{i}" for i in range(ops - 1)), "y"]
+    graph = helper.make_graph(
+        [helper.make_node("Sin", [a], [b]) for a, b in itertools.pairwise(names)],
+        "rowwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
     )
     return save_graph(graph, path)

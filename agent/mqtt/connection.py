@@ -7,10 +7,11 @@ import re
 import socket
 import ssl
 import struct
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
@@ -26,7 +27,7 @@ def build_client(
 ) -> mqtt.Client:
     """A paho client (callback API v2) for `config`; `protocol` overrides config.protocol."""
     version = mqtt.MQTTv5 if (protocol or config.protocol) == "5" else mqtt.MQTTv311
-    client = mqtt.Client(
+    client = _Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=version,
@@ -53,6 +54,59 @@ def build_client(
     # then wait on each other's acknowledgements.
     client.max_inflight_messages_set(1000)
     return client
+
+
+class _Client(mqtt.Client):
+    """paho's client with one wake-up of its network thread per burst of packets.
+
+    paho's background thread sleeps in select() on the socket and on a self-pipe, and every
+    packet queued (a reply, a PUBACK) writes a byte to that pipe so that the thread wakes
+    and sends it: two system calls and a select round per packet. None is needed for a
+    packet the network thread queues itself, in a callback (the PUBACK of every request,
+    the reply of a request run inline): its loop selects for writing next, as a packet is
+    waiting. And one byte per loop turn wakes the thread for all the replies a worker
+    publishes meanwhile. (The bare echo the bench compares with, on paho's `loop_forever`,
+    has no pipe at all.) Written against paho 2.x's `_packet_queue` and `_loop`.
+    """
+
+    _wake_pending = False
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        # Cleared before the loop decides what to select for: a packet queued after this
+        # either finds the flag down and wakes the loop, or is seen by its next turn.
+        self._wake_pending = False
+        return super()._loop(timeout)
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: mqtt.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        thread = self._thread
+        if thread is None:  # no background thread (loop_forever): paho's own way
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append(
+            {
+                "command": command,
+                "mid": mid,
+                "qos": qos,
+                "pos": 0,
+                "to_process": len(packet),
+                "packet": packet,
+                "info": info,
+            }
+        )
+        if threading.get_ident() != thread.ident and not self._wake_pending:
+            self._wake_pending = True
+            wake = self._sockpairW
+            if wake is not None:
+                with contextlib.suppress(BlockingIOError):  # full: a wake is pending anyway
+                    wake.send(b"0")
+        self._call_socket_register_write()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class ReplyProperties(Properties):
