@@ -81,6 +81,7 @@ class Agent:
         self.watcher: ModelWatcher | None = None
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._stop = threading.Event()
+        self._signals: list[int] = []  # noted by the signal handlers, taken by the main loop
         # Loads run there, each bounded, so that neither the watcher nor start-up waits on one.
         self.loader = ModelLoader(
             self.manager,
@@ -209,6 +210,7 @@ class Agent:
         # flags Python's handler, which runs when the main thread next wakes. A wait
         # without a timeout here was the rare "no exit within 30 s of SIGTERM".
         while not self._stop.wait(self._next_wait(interval, due)):
+            self._take_signals()
             if interval > 0 and time.monotonic() >= due:
                 due += interval
                 if self.frontend is not None:
@@ -226,12 +228,30 @@ class Agent:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            self.request_stop(signal.Signals(signum).name)
+        """SIGTERM and SIGINT stop the agent, SIGHUP reloads it.
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.request_reload())
+        The handlers only note the signal: the main thread acts on it within SIGNAL_POLL_S.
+        A handler runs on the main thread between two of its bytecodes, possibly while that
+        thread holds a lock (structlog's print lock, an Event's condition); a handler that
+        logged, or set an Event, would then wait for itself. Seen: Ctrl-C in the quick
+        start (SIGINT, then the script's SIGTERM, while the first handler was logging)
+        froze the agent for good.
+        """
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            self._signals.append(signum)  # a list append: atomic, takes no lock
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, on_signal)
+
+    def _take_signals(self) -> None:
+        """Act on the signals the handlers noted (main thread, outside any handler)."""
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.request_reload()
+            else:
+                self.request_stop(signal.Signals(signum).name)
 
     def stop(self, drain_timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued ones, publish `stopped`, disconnect.

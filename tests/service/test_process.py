@@ -111,6 +111,24 @@ def replies(probe: Probe, within: float, count: int | None = None) -> list[dict[
     return got
 
 
+def test_a_storm_of_stop_signals_still_stops_the_agent_cleanly(
+    run_agent: Callable[..., AgentProcess],
+    notify_socket: NotifySocket,
+) -> None:
+    """SIGINT and SIGTERM in quick succession, as Ctrl-C in a script that then sends
+    SIGTERM does: a handler that logged or set an Event could run while the main thread
+    held the same lock (structlog's print lock) and wait for itself for ever."""
+    agent = run_agent()
+    notify_socket.wait_for("READY", "1", timeout=30)
+    # For a third of a second, so that some signal lands while a handler runs. Until the
+    # process is reaped (exit_code) its PID stays ours, even once it has exited.
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        os.kill(agent.process.pid, signal.SIGINT)
+        os.kill(agent.process.pid, signal.SIGTERM)
+    assert agent.exit_code(timeout=20) == 0
+
+
 def test_sigterm_lets_in_flight_requests_finish_before_exit(
     run_agent: Callable[..., AgentProcess],
     notify_socket: NotifySocket,
