@@ -581,7 +581,10 @@ def test_two_busy_loops_step_a_model_down_and_it_steps_back_up_after_they_stop(
     calm_ms = served_p95_ms(heavy)
     with busy_loops():
         busy_ms = served_p95_ms(heavy)
-    if busy_ms < 1.8 * calm_ms:
+    # On 2 cores a single-threaded run shares them with two loops: about 1.5x slower in
+    # theory (2/3 of a core), 1.5-1.8x measured. 1.5x still leaves the objective 1.22x
+    # under the loaded p95 and 1.22x over the calm one.
+    if busy_ms < 1.5 * calm_ms:
         pytest.skip(
             f"two busy loops do not stand out of this machine's other load: heavy p95 "
             f"{calm_ms:.1f} ms without them, {busy_ms:.1f} ms with them"
