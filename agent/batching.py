@@ -151,8 +151,6 @@ class BatchingQueue:
         self._closed = False
         self._busy = 0
         self._busy_lock = threading.Lock()
-        self._busy_s = 0.0  # worker time spent on jobs, replies included
-        self._worked = 0  # jobs that time was spent on
         self._running_since: dict[str, float] = {}  # worker name -> when its batch started
         self._local = threading.local()  # each worker's RunControl
         self._controls: list[RunControl] = []
@@ -167,13 +165,6 @@ class BatchingQueue:
     def depth(self) -> int:
         """Requests waiting, not counting those running."""
         return max(0, self._queue.qsize() - (len(self._threads) if self._closed else 0))
-
-    def work_done(self) -> tuple[float, int]:
-        """(seconds of work, jobs) since start: the time runs took from the lease to the
-        last reply handed over, and the requests they answered. Two readings apart give
-        the time one request really takes here, not only its inference."""
-        with self._busy_lock:
-            return self._busy_s, self._worked
 
     @property
     def workers(self) -> int:
@@ -324,7 +315,7 @@ class BatchingQueue:
             return True
         with self._busy_lock:
             self._busy += 1
-            started = self._running_since[name] = time.monotonic()
+            self._running_since[name] = time.monotonic()
         try:
             if single:  # an inline request: known live and alone
                 self._run_one(handle, batch[0])
@@ -340,8 +331,6 @@ class BatchingQueue:
             with self._busy_lock:
                 self._busy -= 1
                 del self._running_since[name]
-                self._busy_s += time.monotonic() - started
-                self._worked += len(batch)
         return True
 
     def _observe(self, variant: str, infer_ms: float, rows: int) -> None:

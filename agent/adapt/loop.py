@@ -77,7 +77,6 @@ class Adapter:
         self._shed: set[str] = set()
         self._last_probe: dict[str, float] = {}
         self._fastest: dict[str, float] = {}  # the richest rung's best p50 on this device
-        self._work: dict[str, tuple[float, int]] = {}  # each queue's work_done() last tick
         self._probe_cursor = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -162,14 +161,6 @@ class Adapter:
         service_ms = None
         if figures is not None and figures.infer_p50_ms is not None and figures.mean_rows:
             service_ms = figures.infer_p50_ms / figures.mean_rows / model.queue.workers
-        # What a request really takes the workers since the last tick, the reply included:
-        # on a small model that is mostly the agent's own work, not the inference.
-        busy_s, jobs = model.queue.work_done()
-        last_s, last_jobs = self._work.get(model.name, (busy_s, jobs))
-        self._work[model.name] = (busy_s, jobs)
-        drain_ms = None
-        if jobs - last_jobs >= cfg.min_samples:
-            drain_ms = (busy_s - last_s) * 1000.0 / (jobs - last_jobs) / model.queue.workers
         return ModelView(
             name=model.name,
             rungs=tuple(rungs),
@@ -181,7 +172,6 @@ class Adapter:
             observed_count=figures.count if figures is not None else 0,
             queued=model.queue.depth,
             service_ms=service_ms,
-            drain_ms=drain_ms,
             # Over the hold a step down waits for: a burst shows within it.
             arrival_per_s=model.stats.arrival_rate(max(cfg.down_after_s, cfg.interval_s)),
             pinned=self._pinned(model.name),

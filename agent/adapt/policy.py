@@ -68,9 +68,6 @@ class ModelView:
     inference time per row divided by the workers. None: not measured."""
     arrival_per_s: float | None = None
     """Requests accepted per second, lately."""
-    drain_ms: float | None = None
-    """What one request took the workers lately, all of it (inference, conversions, the
-    reply), shared by the workers: how fast the queue drains. None: not measured."""
     pinned: str | None = None
     fleet: bool = False
     last_swap_at: float | None = None
@@ -81,8 +78,7 @@ class ModelView:
     @property
     def backlog_ms(self) -> float | None:
         """The work queued for the active variant: how long its queue takes to drain."""
-        per_request = self.drain_ms if self.drain_ms is not None else self.service_ms
-        return None if per_request is None else self.queued * per_request
+        return None if self.service_ms is None else self.queued * self.service_ms
 
     @property
     def utilization(self) -> float | None:
@@ -102,8 +98,6 @@ class ModelState:
     calm_since: float | None = None
     """Since when the model has been within its objective with margin."""
     shedding: bool = False
-    queued: int = 0
-    """The queue's depth at the last decision: a queue that does not shrink is not draining."""
     swamped_rate: float | None = None
     """The arrival rate (requests/s) when a queue last swamped the model: evidence that its
     clients do not wait for replies, so that a richer rung's utilization can be read off
@@ -382,7 +376,6 @@ class _Context:
     figures: dict[str, Any]
     observed: float | None
     since_swap: float
-    swamped: bool = False
 
     def decision(self, desired: str | None, reason: str, why: str, shed: bool = False) -> Decision:
         view = self.view
@@ -418,11 +411,11 @@ def _track(view: ModelView, cfg: AdaptConfig, previous: ModelState, now: float) 
         calm_since = max(calm_since, view.last_swap_at)
     rate = view.arrival_per_s
     swamped_rate = previous.swamped_rate
-    if _swamped(view, previous) and rate is not None:
+    if _swamped(view) and rate is not None:
         swamped_rate = rate
     elif swamped_rate is not None and (rate is None or rate < 0.5 * swamped_rate):
         swamped_rate = None
-    return ModelState(over_since, calm_since, previous.shedding, view.queued, swamped_rate)
+    return ModelState(over_since, calm_since, previous.shedding, swamped_rate)
 
 
 def _decide_model(
@@ -459,8 +452,9 @@ def _decide_model(
         limit = active.memory_mb
         usable = [r for r in usable if r.memory_mb is not None and r.memory_mb <= limit]
     ctx = _Context(view, board, cfg, now, active, usable, predicted, figures, observed, since_swap)
-    ctx.swamped = _swamped(view, previous)
-    if state.over_since is not None and (now - state.over_since >= cfg.down_after_s or ctx.swamped):
+    if state.over_since is not None and (
+        now - state.over_since >= cfg.down_after_s or _swamped(view)
+    ):
         return _step_down(ctx, state, state.over_since)
     if board.thermal:
         return _cool_down(ctx), state
@@ -474,16 +468,19 @@ def _decide_model(
     return _step_up(ctx, state)
 
 
-def _swamped(view: ModelView, previous: ModelState) -> bool:
-    """The queue alone already holds more work than the objective allows, and it is not
-    draining (requests arrive at least as fast as the active variant answers them, or the
-    queue has not shrunk since the last decision): every request that joins it now will be
-    late. Nothing to wait for: that is no spike (a spike that has passed leaves no queue
-    behind), and each second of waiting costs a second of late answers."""
+def _swamped(view: ModelView) -> bool:
+    """The queue alone already holds more work than the objective allows, and requests
+    arrive at least as fast as the active variant answers them: every one that joins the
+    queue now will be late. Nothing to wait for: that is no spike (a spike that has passed
+    leaves no queue behind), and each second of waiting costs a second of late answers. A
+    variant that keeps up (utilization under 1) is draining its backlog already."""
     backlog, load = view.backlog_ms, view.utilization
-    if backlog is None or view.slo_p95_ms is None or backlog <= view.slo_p95_ms:
-        return False
-    return load is None or load >= 1.0 or view.queued >= previous.queued
+    return (
+        backlog is not None
+        and view.slo_p95_ms is not None
+        and backlog > view.slo_p95_ms
+        and (load is None or load >= 1.0)
+    )
 
 
 def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Decision, ModelState]:
@@ -494,7 +491,7 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
     cause = "cpu" if ctx.board.cpu_contended else "latency"
     over_for = ctx.now - over_since
     cheaper = ctx.cheaper_in_latency()
-    swamped = ctx.swamped
+    swamped = _swamped(view)
     held_for = f"for {over_for:.0f} s"
     if over_for < cfg.down_after_s:
         held_for = f"with {view.backlog_ms:.0f} ms of work queued"
