@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.batching import Completed, Outcome
 from agent.config import ModelsConfig
@@ -22,11 +21,8 @@ from agent.protocol import InferenceRequest
 from agent.repository import scan
 from agent.runtime import load_variant
 from agent.session import SessionSettings
-from tests import onnx_models
+from tests import onnx_models, tflite_models
 from tests.conftest import Probe, RunningAgent, body
-
-pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed")
-from tests import tflite_models
 from tests.tflite_models import scale_tflite
 
 SETTINGS = SessionSettings(threads=1)

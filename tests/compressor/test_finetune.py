@@ -12,12 +12,9 @@ from onnx import numpy_helper
 from compressor.data import load_dataset
 from compressor.errors import UnsupportedModelError
 from compressor.evaluate import score
+from compressor.finetune import FinetuneSettings, finetune
 from compressor.model import load_model
 from compressor.prune.structured import prune_structured
-
-pytest.importorskip("torch", reason="fine-tuning needs the train extra (torch)")
-
-from compressor.finetune import FinetuneSettings, finetune
 
 
 def test_finetune_moves_closer_to_the_teacher_and_keeps_the_graph(

@@ -256,7 +256,6 @@ def test_conv_net_plans_students_and_per_tensor_int8(
 ) -> None:
     """With fine-tuning asked for, a conv net's plan has narrower students (fp32 and int8)
     beside the fine-tuned pruned variants, and static int8 both per channel and per tensor."""
-    pytest.importorskip("torch", reason="students need the train extra (torch)")
     model = load_model(residual_cnn)
     recipe = Recipe(prune_ratios=(0.5,), calibrations=(Calibration.MINMAX,), finetune=True)
     names = {c.name for c in plan(model, load_dataset(residual_calib, model.signature), recipe)}

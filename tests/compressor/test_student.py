@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-import pytest
 from onnx import numpy_helper
 
 from compressor.data import load_dataset
@@ -13,9 +12,6 @@ from compressor.evaluate import score
 from compressor.finetune import FinetuneSettings
 from compressor.model import load_model, save_model
 from compressor.prune.structured import prune_groups
-
-pytest.importorskip("torch", reason="conv students need the train extra (torch)")
-
 from compressor.student import conv_student, reinitialise
 
 

@@ -11,13 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import structlog
+import torch  # the train extra, which dev installs: a missing torch fails here
 
 from agent.manifest import MANIFEST_FILE, read_manifest
 from compressor.cli import main
 from compressor.errors import CompressorError, ModelLoadError
 from compressor.torch_import import examples_from_npz, export_to_onnx
-
-torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed")
 
 FAST_TIMING = ["--threads", "1", "--batch", "8", "--rounds", "1", "--no-memory"]
 
