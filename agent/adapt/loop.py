@@ -32,6 +32,7 @@ from agent.adapt.snapshot import ResourceSnapshot
 from agent.config import AdaptConfig
 from agent.errors import EdgeAgentError
 from agent.manifest import quality
+from agent.metrics import ModelStats
 from agent.models import ModelManager, ServedModel
 
 log = structlog.get_logger(__name__)
@@ -172,8 +173,7 @@ class Adapter:
             observed_count=figures.count if figures is not None else 0,
             queued=model.queue.depth,
             service_ms=service_ms,
-            # Over the hold a step down waits for: a burst shows within it.
-            arrival_per_s=model.stats.arrival_rate(max(cfg.down_after_s, cfg.interval_s)),
+            arrival_per_s=arrival_estimate(model.stats, cfg),
             pinned=self._pinned(model.name),
             fleet=self._fleet is not None,
             last_swap_at=swap.at if swap is not None else None,
@@ -189,9 +189,7 @@ class Adapter:
         # when it is calm (enough to notice a model slower here than its manifest says).
         history = self._history()
         latest = history[-1] if history else None
-        pressed = latest is not None and (
-            cpu_contended(latest, cfg) or _hot(latest, cfg)
-        )
+        pressed = latest is not None and (cpu_contended(latest, cfg) or _hot(latest, cfg))
         every = cfg.probe_interval_s if pressed else CALM_PROBE_FACTOR * cfg.probe_interval_s
         probed = 0
         for offset in range(len(served)):
@@ -199,10 +197,7 @@ class Adapter:
             if probed >= PROBES_PER_TICK:
                 break
             active = model.active_name
-            if (
-                active is None
-                or now - self._last_probe.get(model.name, -1e9) < every
-            ):
+            if active is None or now - self._last_probe.get(model.name, -1e9) < every:
                 continue
             recent = model.stats.variant_figures(active, cfg.latency_window_s, now)
             if recent.count - recent.probes >= cfg.min_samples:
@@ -312,3 +307,14 @@ class Adapter:
         with self._lock:
             decision = self._decisions.get(model)
         return decision.explanation if decision is not None else None
+
+
+def arrival_estimate(stats: ModelStats, cfg: AdaptConfig, now: float | None = None) -> float:
+    """The arrival rate the policy judges a queue by: the faster of the last second's and
+    the rate over the hold a step down waits for. A burst shows in full at the next tick
+    (averaged over the hold, its first second reads as a third of itself, and the policy
+    would step to a rung that falls behind it a second later); it is forgotten only once
+    both have calmed."""
+    hold = max(cfg.down_after_s, cfg.interval_s)
+    recent = max(1.0, cfg.interval_s)
+    return max(stats.arrival_rate(recent, now), stats.arrival_rate(hold, now))

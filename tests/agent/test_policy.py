@@ -8,6 +8,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import pytest
+
+from agent.adapt.loop import arrival_estimate
 from agent.adapt.policy import (
     Decision,
     ModelView,
@@ -20,6 +23,7 @@ from agent.adapt.policy import (
 )
 from agent.adapt.snapshot import ResourceSnapshot
 from agent.config import AdaptConfig
+from agent.metrics import ModelStats
 
 CFG = AdaptConfig(down_after_s=3.0, up_after_s=20.0, cooldown_s=10.0, interval_s=1.0)
 
@@ -430,3 +434,31 @@ def test_a_queue_that_dominates_the_p95_is_predicted_to_drain_on_a_faster_rung()
     predicted = predict(view)
     assert predicted["pruned-int8"] == 1.0 + (4.0 + 35.0) * 1.0 / 4.0
     assert predicted["tiny"] is not None and predicted["tiny"] < 12.0 * CFG.down_margin
+
+
+def test_the_arrival_rate_shows_a_burst_at_the_next_tick_and_keeps_it_for_the_hold() -> (
+    None
+):
+    """60 requests/s for 10 s, then 450/s: one second into the burst the policy reads 450/s,
+    not the hold's average (190/s), at which int8 would have looked as if it kept up; a
+    second after the burst it still reads the hold's rate, and only after the whole hold
+    the calm one."""
+    stats = ModelStats()
+    cfg = AdaptConfig(down_after_s=3.0, interval_s=1.0)
+    t = 0.0
+
+    def arrive(rate: float, seconds: float) -> None:
+        nonlocal t
+        for _ in range(round(rate * seconds)):
+            t += 1.0 / rate
+            stats.arrived(now=t)
+
+    arrive(60.0, 10.0)
+    assert arrival_estimate(stats, cfg, now=t) == pytest.approx(60.0, abs=2.0)
+    arrive(450.0, 1.0)
+    assert arrival_estimate(stats, cfg, now=t) == pytest.approx(450.0, abs=5.0)
+    assert stats.arrival_rate(3.0, now=t) < 200.0  # what the hold alone would have said
+    arrive(60.0, 1.0)
+    assert arrival_estimate(stats, cfg, now=t) > 150.0
+    arrive(60.0, 3.0)
+    assert arrival_estimate(stats, cfg, now=t) == pytest.approx(60.0, abs=2.0)
