@@ -7,6 +7,7 @@ produces is something the agent accepts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -211,11 +212,18 @@ def quality(variant: Variant, position: int) -> float:
 
 
 def by_quality(variants: Sequence[Variant]) -> list[Variant]:
-    """The ladder, most accurate first by measured quality; ladder order on a tie. A
-    compressed rung may measure more accurate than the original (pruning and int8 can act
-    as regularisers): that is the one to serve when nothing is short."""
-    ranked = sorted(enumerate(variants), key=lambda item: -quality(item[1], item[0]))
-    return [variant for _position, variant in ranked]
+    """The ladder, most accurate first by measured quality. A compressed rung may measure
+    more accurate than the original (pruning and int8 can act as regularisers): that is the
+    one to serve when nothing is short. On a tie the cheaper in measured latency first (an
+    int8 rung as accurate as fp32 at a third of its cost is the better choice by every
+    figure), then ladder order."""
+
+    def rank(item: tuple[int, Variant]) -> tuple[float, float, int]:
+        position, variant = item
+        latency = variant.metrics.latency_ms
+        return (-quality(variant, position), latency if latency else math.inf, position)
+
+    return [variant for _position, variant in sorted(enumerate(variants), key=rank)]
 
 
 class Manifest(BaseModel):

@@ -127,7 +127,8 @@ def test_adapting_starts_on_the_most_accurate_rung_by_measured_quality(
     tmp_path: Path, make_manager: Callable[..., Any]
 ) -> None:
     """A compressed rung that measured more accurate than the original is where an adapting
-    agent starts (then falls back in quality order); without adapting, the ladder's first."""
+    agent starts (then falls back in quality order, the cheaper of two equally accurate
+    rungs first); without adapting, the ladder's first."""
     good = onnx_models.scale_model(tmp_path / "build" / "a.onnx", factor=3.0)
     folder = onnx_models.ladder_folder(
         tmp_path / "models" / "m",
@@ -136,8 +137,9 @@ def test_adapting_starts_on_the_most_accurate_rung_by_measured_quality(
         outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
     )
     manifest = json.loads((folder / "manifest.json").read_text())
-    for variant, accuracy in zip(manifest["variants"], (0.97, 0.96, 0.99, 0.90), strict=True):
-        variant["metrics"] = {"accuracy": accuracy}
+    measured = ((0.97, 4.0), (0.97, 1.5), (0.99, 1.0), (0.90, 0.5))
+    for variant, (accuracy, latency) in zip(manifest["variants"], measured, strict=True):
+        variant["metrics"] = {"accuracy": accuracy, "latency_ms": latency}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
     plain, _ = make_manager(tmp_path / "models")
@@ -147,7 +149,8 @@ def test_adapting_starts_on_the_most_accurate_rung_by_measured_quality(
 
     (folder / "pruned.onnx").write_bytes(b"tampered")
     fallback, recorder = make_manager(tmp_path / "models", quality_first=True)
-    assert fallback.get("m").active_name == "fp32"  # the next by quality, not "tiny"
+    # The next by quality, not "tiny"; of fp32 and int8, as accurate, the cheaper.
+    assert fallback.get("m").active_name == "int8"
     assert recorder.names() == ["variant_rejected", "model_loaded"]
 
 
