@@ -154,6 +154,7 @@ class BatchingQueue:
         self._running_since: dict[str, float] = {}  # worker name -> when its batch started
         self._local = threading.local()  # each worker's RunControl
         self._controls: list[RunControl] = []
+        self._alarm: tuple[int, Callable[[], None]] | None = None
         self._threads = [
             threading.Thread(target=self._work, name=f"model-{model}-{i}", daemon=True)
             for i in range(workers)
@@ -165,6 +166,12 @@ class BatchingQueue:
     def depth(self) -> int:
         """Requests waiting, not counting those running."""
         return max(0, self._queue.qsize() - (len(self._threads) if self._closed else 0))
+
+    def watch_depth(self, depth: int, alarm: Callable[[], None]) -> None:
+        """Call `alarm` for every request that joins `depth` or more waiting (0: never):
+        the adapter's cue that the queue is swamping the model, not to wait for its next
+        tick. It runs on the submitting thread: it must only set a flag."""
+        self._alarm = (depth, alarm) if depth > 0 else None
 
     @property
     def workers(self) -> int:
@@ -197,6 +204,9 @@ class BatchingQueue:
                 self._contended_at = job.enqueued
             self._queue.put_nowait(job)
         self._stats.arrived(job.enqueued)
+        alarm = self._alarm
+        if alarm is not None and waiting + 1 >= alarm[0]:
+            alarm[1]()
 
     def close(self, timeout: float) -> bool:
         """Stop taking jobs, finish the queued ones, stop the workers; False when they did

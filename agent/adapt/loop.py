@@ -42,6 +42,10 @@ FleetHook = Callable[[str, bool], None]
 """`hook(model, joined)`: leave (False) or rejoin (True) the model's fleet subscription."""
 
 PROBES_PER_TICK = 4
+RATE_WINDOW_S = 1.0
+"""The shortest window an arrival rate is read over (a tick can come sooner: alarms)."""
+ALARM_GAP_S = 0.1
+"""The least time between two ticks that a swamping queue's alarm brings forward."""
 CALM_PROBE_FACTOR = 5.0
 BASELINE_WINDOW_S = 60.0
 
@@ -81,6 +85,7 @@ class Adapter:
         self._probe_cursor = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a queue's depth alarm: tick now
         self._thread: threading.Thread | None = None
         self.ticks = 0
 
@@ -91,11 +96,24 @@ class Adapter:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._config.interval_s):
+        """A tick every `interval_s`, and sooner when a queue's depth alarm rings (at most
+        one per ALARM_GAP_S): a burst that swamps a model is acted on within a fraction of
+        a second, not at the next tick. The first tick comes at once: it arms the alarms.
+        Scheduled on the real clock, whatever `clock`."""
+        last = time.monotonic() - self._config.interval_s
+        while not self._stop.is_set():
+            if self._wake.wait(max(0.0, last + self._config.interval_s - time.monotonic())):
+                self._wake.clear()
+                if self._stop.wait(max(0.0, last + ALARM_GAP_S - time.monotonic())):
+                    break
+            if self._stop.is_set():
+                break
+            last = time.monotonic()
             try:
                 self.tick()
             except Exception:  # the loop must outlive any bug in one decision
@@ -108,7 +126,10 @@ class Adapter:
         now = self._clock()
         self._probe_idle(now)
         history = self._history()
-        views = [self._view(model) for model in self._manager.served()]
+        served = self._manager.served()
+        views = [self._view(model) for model in served]
+        for model, view in zip(served, views, strict=True):
+            model.queue.watch_depth(alarm_depth(view, model.queue.workers), self._wake.set)
         decisions, state = decide(history, views, self._config, self._state, self._clock())
         with self._lock:
             self._state = state
@@ -315,6 +336,19 @@ def arrival_estimate(stats: ModelStats, cfg: AdaptConfig, now: float | None = No
     (averaged over the hold, its first second reads as a third of itself, and the policy
     would step to a rung that falls behind it a second later); it is forgotten only once
     both have calmed."""
-    hold = max(cfg.down_after_s, cfg.interval_s)
-    recent = max(1.0, cfg.interval_s)
-    return max(stats.arrival_rate(recent, now), stats.arrival_rate(hold, now))
+    hold = max(cfg.down_after_s, RATE_WINDOW_S)
+    return max(stats.arrival_rate(RATE_WINDOW_S, now), stats.arrival_rate(hold, now))
+
+
+def alarm_depth(view: ModelView, workers: int) -> int:
+    """The queue depth at which the requests waiting hold more work than the model's
+    objective — the first half of a swamp (policy `_swamped`): the active variant's
+    observed time per request, else its measured latency shared by the workers. 0 (no
+    alarm) when either figure is missing."""
+    service = view.service_ms
+    active = view.rung(view.active)
+    if service is None and active is not None and active.latency_ms:
+        service = active.latency_ms / max(1, workers)
+    if view.slo_p95_ms is None or not service or service <= 0:
+        return 0
+    return max(2, math.floor(view.slo_p95_ms / service) + 1)

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.adapt.monitor import FakeSource, calm_snapshot
 from agent.adapt.snapshot import ResourceSnapshot
@@ -297,5 +300,100 @@ def test_a_fleet_member_leaves_the_shared_subscription_while_it_cannot_keep_up(
         assert infer(probe, config.mqtt.device_topic)["model_name"] == "lad"
         probe.close()
     finally:
+        agent.request_stop()
+        agent.stop(drain_timeout=10)
+
+
+BURST = 240
+WIDE = 1024  # MatMul width: 110 of them take about 20 ms at batch 1 on one thread
+
+
+def slow_ladder(models: Path) -> None:
+    """`slow`: a 20 ms rung (MatMul chain) and a light one, accuracy 0.98 and 0.90."""
+    build = models.parent / "build"
+    big = onnx_models.slow_model(build / "big.onnx", width=WIDE, layers=110)
+    small = onnx_models.slow_model(build / "small.onnx", width=WIDE, layers=12)
+    folder = onnx_models.ladder_folder(
+        models / "slow",
+        [("big", big), ("small", small)],
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, WIDE]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, WIDE]}],
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry, (accuracy, latency) in zip(
+        manifest["variants"], ((0.98, 20.0), (0.90, 1.0)), strict=True
+    ):
+        entry["metrics"] = {"accuracy": accuracy, "latency_ms": latency}
+    manifest["batching"] = False  # one request per run: a queue's work is its depth
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def send_burst(probe: Probe, topic: str, reply_to: str, count: int, seconds: float) -> None:
+    """`count` requests at an even pace over `seconds`, none waiting for its reply; each
+    request's correlation data is its number."""
+    payload = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, WIDE], "datatype": "FP32", "data": [0.0] * WIDE}]}
+    )
+    for n in range(count):
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = reply_to
+        properties.CorrelationData = str(n).encode()
+        probe.publish(topic, payload, properties)
+        time.sleep(seconds / count)
+
+
+def test_a_burst_that_swamps_the_queue_is_acted_on_at_once_not_at_the_next_tick(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Ticks 60 s apart and a 60 s hold: only the queue's depth alarm can bring the step
+    down forward. 240 requests in 1.2 s pile up behind a 20 ms rung against a 60 ms
+    objective; the model steps down to the light rung within seconds, for the swamped
+    queue, and every request is answered once."""
+    models = tmp_path / "models"
+    slow_ladder(models)
+    adapt = {
+        "interval_s": 60.0,
+        "down_after_s": 60.0,
+        "objectives": {"slow": {"slo_p95_ms": 60.0}},
+    }
+    config = agent_config(broker.port, models, adapt=adapt, models={"inline_max_ms": 0.0})
+    agent = Agent(config, resources=FakeSource(calm_snapshot))
+    agent.start()
+    probe = Probe(broker.port)
+    try:
+        assert agent.frontend is not None and agent.frontend.wait_connected(10)
+        assert agent.adapter is not None
+        deadline = time.monotonic() + 10
+        while agent.adapter.ticks < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.adapter.ticks == 1  # the first tick, at start: it arms the alarm
+        topic = config.mqtt.device_topic
+        probe.subscribe(f"{topic}/events")
+        reply_to = f"test/replies/{uuid.uuid4().hex[:8]}"
+        probe.subscribe(reply_to)
+        started = time.monotonic()
+        send_burst(probe, f"{topic}/infer/slow", reply_to, BURST, seconds=1.2)
+        swap: dict[str, Any] | None = None
+        answered: Counter[bytes] = Counter()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (swap is None or sum(answered.values()) < BURST):
+            try:
+                msg = probe.expect(timeout=max(0.05, deadline - time.monotonic()))
+            except AssertionError:
+                break
+            if msg.topic == reply_to:
+                answered[msg.properties.CorrelationData] += 1
+                assert "error" not in json.loads(msg.payload), msg.payload
+            elif json.loads(msg.payload)["event"] == "variant_swapped":
+                swap = json.loads(msg.payload)
+                took = time.monotonic() - started
+        assert swap is not None, f"no step down in {agent.adapter.ticks} ticks"
+        assert (swap["from"], swap["to"]) == ("big", "small")
+        assert "queued" in swap["figures"]["explanation"], swap
+        assert took < 20.0, f"stepped down after {took:.1f} s: that was a regular tick"
+        assert agent.adapter.ticks >= 2
+        assert len(answered) == BURST and set(answered.values()) == {1}
+    finally:
+        probe.close()
         agent.request_stop()
         agent.stop(drain_timeout=10)

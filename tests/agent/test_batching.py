@@ -275,3 +275,24 @@ def test_requests_in_flight_over_mqtt_are_each_answered_once(
         assert len(replies) == count and set(replies.values()) == {1}
     finally:
         probe.close()
+
+
+def test_the_depth_alarm_rings_for_each_request_that_finds_the_queue_that_deep(
+    serve: Callable[..., ServedModel],
+) -> None:
+    """With the only worker held, the alarm set at depth 3 stays quiet for the first two
+    requests that wait and rings for the third and each one after; depth 0 silences it."""
+    model = serve(onnx_models.scale_model)
+    rings: list[int] = []
+    model.queue.watch_depth(3, lambda: rings.append(model.queue.depth))
+    held, waiting = Outcomes(), Outcomes()
+    model.submit(req(x=np.ones((1, 4), np.float32)), held.blocking)
+    held.wait_for(1)
+    for n in range(5):
+        model.submit(req(x=np.full((1, 4), float(n), np.float32)), waiting.record)
+    assert rings == [3, 4, 5]
+    model.queue.watch_depth(0, lambda: rings.append(-1))
+    model.submit(req(x=np.ones((1, 4), np.float32)), waiting.record)
+    assert rings == [3, 4, 5]
+    held.release.set()
+    assert len(waiting.wait_for(6)) == 6
