@@ -453,7 +453,7 @@ def _decide_model(
         usable = [r for r in usable if r.memory_mb is not None and r.memory_mb <= limit]
     ctx = _Context(view, board, cfg, now, active, usable, predicted, figures, observed, since_swap)
     if state.over_since is not None and (
-        now - state.over_since >= cfg.down_after_s or _swamped(view)
+        now - state.over_since >= cfg.down_after_s or _falling_behind(view)
     ):
         return _step_down(ctx, state, state.over_since)
     if board.thermal:
@@ -466,6 +466,21 @@ def _decide_model(
         )
         return ctx.decision(view.active, "hold", why, state.shedding), state
     return _step_up(ctx, state)
+
+
+def _falling_behind(view: ModelView) -> bool:
+    """The queue alone already holds more work than the objective allows, and at today's
+    arrival rate the active variant would miss the objective even once that backlog had
+    drained (its settled wait, `_settled_wait_ms`, plus its own time, over the objective;
+    infinite when it cannot keep up at all, `_swamped`): no hold can help, so the step
+    down is taken at once. A queue that keeps up comfortably is draining its backlog
+    already; and without an arrival rate, a queue that deep is judged swamped."""
+    backlog, load, service = view.backlog_ms, view.utilization, view.service_ms
+    if backlog is None or view.slo_p95_ms is None or backlog <= view.slo_p95_ms:
+        return False
+    if load is None or service is None or load >= 1.0:
+        return True
+    return _settled_wait_ms(service, load) + service > view.slo_p95_ms
 
 
 def _swamped(view: ModelView) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from agent.adapt.loop import arrival_estimate
 from agent.adapt.policy import (
     Decision,
+    ModelState,
     ModelView,
     PolicyState,
     RungView,
@@ -436,9 +437,7 @@ def test_a_queue_that_dominates_the_p95_is_predicted_to_drain_on_a_faster_rung()
     assert predicted["tiny"] is not None and predicted["tiny"] < 12.0 * CFG.down_margin
 
 
-def test_the_arrival_rate_shows_a_burst_at_the_next_tick_and_keeps_it_for_the_hold() -> (
-    None
-):
+def test_the_arrival_rate_shows_a_burst_at_the_next_tick_and_keeps_it_for_the_hold() -> None:
     """60 requests/s for 10 s, then 450/s: one second into the burst the policy reads 450/s,
     not the hold's average (190/s), at which int8 would have looked as if it kept up; a
     second after the burst it still reads the hold's rate, and only after the whole hold
@@ -462,3 +461,38 @@ def test_the_arrival_rate_shows_a_burst_at_the_next_tick_and_keeps_it_for_the_ho
     assert arrival_estimate(stats, cfg, now=t) > 150.0
     arrive(60.0, 3.0)
     assert arrival_estimate(stats, cfg, now=t) == pytest.approx(60.0, abs=2.0)
+
+
+def test_a_queue_that_would_settle_over_the_objective_steps_down_without_waiting_out_the_hold() -> (
+    None
+):
+    """int8 (2 ms) with 20 requests queued, 1 s over a 12 ms objective: at 425 requests/s it
+    keeps up (85% busy) but would settle to a 11 ms wait, over the objective once its own
+    2 ms are added, so the step down comes now; at 150 requests/s (30% busy) the same
+    backlog drains and settles to under a millisecond, so the policy holds."""
+    ladder = LADDER
+    history = [snap(float(t)) for t in range(60)]
+    now = 59.0
+
+    def decision(arrivals: float) -> Decision:
+        view = ModelView(
+            name="m",
+            rungs=ladder,
+            active="int8",
+            slo_p95_ms=12.0,
+            observed_p95_ms=30.0,
+            observed_infer_p95_ms=2.0,
+            observed_queue_p95_ms=27.0,
+            observed_count=50,
+            queued=20,
+            service_ms=2.0,
+            arrival_per_s=arrivals,
+        )
+        state = PolicyState({"m": ModelState(over_since=now - 1.0)})
+        return decide(history, [view], CFG, state, now)[0]["m"]
+
+    behind = decision(425.0)
+    assert behind.swap and behind.desired in ("pruned-int8", "tiny"), behind
+    assert "queued" in behind.explanation
+    draining = decision(150.0)
+    assert not draining.swap and draining.reason == "hold", draining
