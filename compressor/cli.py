@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.manifest import MANIFEST_FILE, read_manifest
 from compressor.candidates import Recipe
 from compressor.data import Dataset, load_dataset
 from compressor.distill import DistillSettings, distill
@@ -35,6 +36,7 @@ from compressor.quantize import (
     quantize_static_int8,
 )
 from compressor.report import table
+from compressor.retime import retime
 from compressor.selection import DEFAULT_MAX_RUNGS, DEFAULT_MIN_STEP, Decision, Rules
 from compressor.session import agent_batch_size, agent_threads
 from compressor.torch_import import examples_from_npz, export_to_onnx, is_torch_model
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     _prune_parser(commands)
     _distill_parser(commands)
     _evaluate_parser(commands)
+    _retime_parser(commands)
     return parser
 
 
@@ -218,6 +221,20 @@ def _evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 def _data_args(p: argparse.ArgumentParser, calib_required: bool) -> None:
     p.add_argument("--calib", type=Path, required=calib_required, help="calibration .npz")
     p.add_argument("--eval", type=Path, help="evaluation .npz, with 'labels' for accuracy")
+
+
+def _retime_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "retime",
+        help="time a model folder's variants again on this machine and rewrite the latency "
+        "figures of its manifest (do it on the device that serves them)",
+    )
+    p.add_argument("folder", type=Path, help="a model folder with a manifest.json")
+    p.add_argument(
+        "--sample", type=Path, help="inputs to time on (.npz; default: zeros of the signature)"
+    )
+    _timing_args(p)
+    p.set_defaults(handler=_run_retime)
 
 
 def _budget_arg(p: argparse.ArgumentParser) -> None:
@@ -397,6 +414,27 @@ def _as_json(e: Evaluation, budget: Budget) -> dict[str, object]:
         "peak_rss_mb": e.peak_rss_mb,
         "within_budget": e.within(budget),
     }
+
+
+def _run_retime(args: argparse.Namespace) -> int:
+    from compressor.latency import LatencySettings  # noqa: PLC0415 -- this command only
+    from compressor.model import Signature  # noqa: PLC0415
+
+    manifest = read_manifest(args.folder / MANIFEST_FILE)
+    sample = None
+    if args.sample is not None:
+        signature = Signature(tuple(manifest.inputs), tuple(manifest.outputs))
+        sample = load_dataset(args.sample, signature)
+    settings = LatencySettings(
+        threads=args.threads if args.threads is not None else agent_threads(),
+        batch_size=args.batch,
+        rounds=args.rounds,
+    )
+    for row in retime(args.folder, settings, sample):
+        before = f"{row.before_ms:.3f}" if row.before_ms is not None else "-"
+        after = f"{row.after_ms:.3f}" if row.after_ms is not None else "not timed"
+        print(f"{row.name:<24} {before:>10} -> {after} ms")
+    return 0
 
 
 def _calibration(args: argparse.Namespace, model: OnnxModel) -> Dataset:

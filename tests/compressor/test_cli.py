@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import structlog
@@ -16,6 +17,7 @@ from agent.manifest import MANIFEST_FILE, read_manifest
 from compressor.cli import main
 from compressor.graph import op_counts
 from compressor.model import load_model
+from tests import onnx_models
 
 
 @pytest.fixture(autouse=True)
@@ -239,3 +241,57 @@ def test_console_script_ladder(
     assert done.stdout.startswith("variant")
     assert "candidate_built" in done.stderr and "step=" in done.stderr
     assert read_manifest(out / MANIFEST_FILE).variants[0].name == "fp32"
+
+
+def _two_rungs(tmp_path: Path) -> Path:
+    """A folder whose manifest says both rungs take 100 ms: a 60-MatMul chain and one Mul."""
+    build = tmp_path / "build"
+    slow = onnx_models.slow_model(build / "slow.onnx", width=256, layers=60)
+    fast = onnx_models.scale_model(build / "fast.onnx", width=256)
+    folder = onnx_models.ladder_folder(
+        tmp_path / "models" / "m",
+        [("slow", slow), ("fast", fast)],
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 256]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 256]}],
+    )
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    for entry, accuracy in zip(manifest["variants"], (0.97, 0.91), strict=True):
+        entry["metrics"] = {"accuracy": accuracy, "latency_ms": 100.0, "custom": 7.0}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return folder
+
+
+def test_retime_rewrites_the_latencies_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`retime` times the rungs on this machine: the chain comes out slower than the single
+    Mul, the ratios are to the first rung, and accuracies, hashes and unknown figures stay."""
+    folder = _two_rungs(tmp_path)
+    before = read_manifest(folder / MANIFEST_FILE)
+    assert main(["retime", str(folder), "--threads", "1", "--batch", "4", "--rounds", "1"]) == 0
+    after = read_manifest(folder / MANIFEST_FILE)
+    slow, fast = after.variants
+    assert slow.metrics.latency_ms is not None and fast.metrics.latency_ms is not None
+    assert fast.metrics.latency_ms < slow.metrics.latency_ms < 100.0
+    extra = slow.metrics.model_extra or {}
+    assert extra["latency_ratio"] == 1.0 and extra["custom"] == 7.0
+    assert "batch_latency_ms" in extra
+    assert [(v.sha256, v.metrics.accuracy) for v in after.variants] == [
+        (v.sha256, v.metrics.accuracy) for v in before.variants
+    ]
+    out = capsys.readouterr().out
+    assert "slow" in out and "100.000 ->" in out
+
+
+def test_retime_with_a_sample_that_does_not_fit_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sample file whose input is named otherwise fails with one line and exit 1, and the
+    manifest is left as it was."""
+    folder = _two_rungs(tmp_path)
+    before = (folder / MANIFEST_FILE).read_bytes()
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, other=np.zeros((1, 256), np.float32))
+    assert main(["retime", str(folder), "--sample", str(sample)]) == 1
+    assert "missing input(s) ['x']" in capsys.readouterr().err
+    assert (folder / MANIFEST_FILE).read_bytes() == before
