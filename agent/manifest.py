@@ -6,6 +6,7 @@ produces is something the agent accepts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,6 +21,8 @@ from agent.datatypes import Datatype
 from agent.errors import ManifestError
 
 MANIFEST_FILE = "manifest.json"
+TIE_GAIN = 0.15
+"""How much cheaper an equally accurate rung must be to be served first (by_quality)."""
 
 # A model or variant name becomes an MQTT topic level and a file name: keep it plain.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -214,16 +217,26 @@ def quality(variant: Variant, position: int) -> float:
 def by_quality(variants: Sequence[Variant]) -> list[Variant]:
     """The ladder, most accurate first by measured quality. A compressed rung may measure
     more accurate than the original (pruning and int8 can act as regularisers): that is the
-    one to serve when nothing is short. On a tie the cheaper in measured latency first (an
+    one to serve when nothing is short. Of equally accurate rungs, one measured clearly
+    cheaper (by TIE_GAIN in latency) than the first of them in ladder order goes first (an
     int8 rung as accurate as fp32 at a third of its cost is the better choice by every
-    figure), then ladder order."""
-
-    def rank(item: tuple[int, Variant]) -> tuple[float, float, int]:
-        position, variant = item
-        latency = variant.metrics.latency_ms
-        return (-quality(variant, position), latency if latency else math.inf, position)
-
-    return [variant for _position, variant in sorted(enumerate(variants), key=rank)]
+    figure; a few percent apart is timing noise); otherwise ladder order."""
+    ranked = sorted(enumerate(variants), key=lambda item: -quality(item[1], item[0]))
+    out: list[Variant] = []
+    for _quality, group in itertools.groupby(ranked, key=lambda item: quality(item[1], item[0])):
+        tied = [variant for _position, variant in group]
+        timed = [v for v in tied if v.metrics.latency_ms]
+        first = tied[0].metrics.latency_ms
+        cheapest = min(timed, key=lambda v: v.metrics.latency_ms or math.inf, default=None)
+        if (
+            first
+            and cheapest is not None
+            and (cheapest.metrics.latency_ms or math.inf) <= first * (1.0 - TIE_GAIN)
+        ):
+            tied.remove(cheapest)
+            tied.insert(0, cheapest)
+        out += tied
+    return out
 
 
 class Manifest(BaseModel):

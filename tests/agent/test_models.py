@@ -23,6 +23,7 @@ from agent.errors import (
     Overloaded,
     RequestExpired,
 )
+from agent.manifest import Variant, VariantMetrics, by_quality
 from agent.models import ModelManager, ServedModel
 from agent.protocol import InferenceRequest, RequestedOutput
 from agent.repository import scan
@@ -152,6 +153,23 @@ def test_adapting_starts_on_the_most_accurate_rung_by_measured_quality(
     # The next by quality, not "tiny"; of fp32 and int8, as accurate, the cheaper.
     assert fallback.get("m").active_name == "int8"
     assert recorder.names() == ["variant_rejected", "model_loaded"]
+
+
+def test_of_equally_accurate_rungs_only_a_clearly_cheaper_one_goes_first() -> None:
+    """A tie in accuracy goes to a rung at least 15% cheaper than the ladder's first of
+    them (int8 at a third of fp32's time); a few percent is timing noise and keeps ladder
+    order; the more accurate rung still goes first."""
+
+    def rung(name: str, accuracy: float, latency: float) -> Variant:
+        metrics = VariantMetrics(accuracy=accuracy, latency_ms=latency)
+        return Variant(name=name, file=f"{name}.onnx", metrics=metrics)
+
+    clear = [rung("fp32", 0.98, 5.5), rung("int8", 0.98, 1.6), rung("tiny", 0.9, 0.2)]
+    assert [v.name for v in by_quality(clear)] == ["int8", "fp32", "tiny"]
+    noise = [rung("fp32", 0.975, 0.0089), rung("pruned50", 0.975, 0.0081)]
+    assert [v.name for v in by_quality(noise)] == ["fp32", "pruned50"]
+    better = [rung("fp32", 0.97, 5.5), rung("pruned", 0.99, 1.0), rung("int8", 0.99, 0.3)]
+    assert [v.name for v in by_quality(better)] == ["int8", "pruned", "fp32"]
 
 
 def test_a_model_without_any_loadable_variant_is_rejected_and_others_serve(
