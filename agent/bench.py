@@ -70,6 +70,16 @@ class Figures:
     cpu_ms_per_request: float | None = None
     """The server process's CPU time over the measured window, per request answered."""
 
+    @classmethod
+    def of(
+        cls, name: str, latencies: list[float], per_s: float, cpu_s: float | None = None
+    ) -> Figures:
+        """The figures of `latencies` (ms), with the server's CPU seconds over them."""
+        ordered = sorted(latencies)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        cpu_ms = None if cpu_s is None else cpu_s * 1000.0 / len(ordered)
+        return cls(name, statistics.median(ordered), p99, per_s, len(ordered), cpu_ms)
+
 
 @dataclass
 class Start:
@@ -163,9 +173,9 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
                 header_length,
                 args.start_rounds,
             )
-            with _process(echo) as echo_process, _process(command, env) as agent_process:
-                _wait_for(lambda: _answers(mqtt, echo_topic, payload, header_length), 30)
-                _wait_for(lambda: _answers(mqtt, agent_topic, payload, header_length), 60)
+            with ChildProcess(echo) as echo_process, ChildProcess(command, env) as agent_process:
+                wait_for(lambda: answers(mqtt, echo_topic, payload, header_length), 30)
+                wait_for(lambda: answers(mqtt, agent_topic, payload, header_length), 60)
                 progress(
                     f"bare MQTT 5 echo and edge-agent side by side, in {args.rounds} "
                     f"alternating rounds: {args.requests} sequential requests each, then "
@@ -361,7 +371,7 @@ def _bench_onnxruntime(
         variant.run(inputs)
         latencies.append((time.perf_counter() - t0) * 1000.0)
     elapsed = time.perf_counter() - start
-    return _figures("onnxruntime", latencies, count / elapsed)
+    return Figures.of("onnxruntime", latencies, count / elapsed)
 
 
 def _bench_mqtt(
@@ -405,7 +415,7 @@ def _bench_mqtt(
         for _ in range(args.rounds):
             for name, topic in topics.items():
                 cpu_start = process_cpu_seconds(pids[name])
-                done, elapsed = _in_flight(
+                done, elapsed = in_flight(
                     name,
                     requester,
                     topic,
@@ -419,10 +429,10 @@ def _bench_mqtt(
                 flight_cpu[name] += process_cpu_seconds(pids[name]) - cpu_start
     results = {}
     for name in topics:
-        results[f"{name}_seq"] = _figures(
+        results[f"{name}_seq"] = Figures.of(
             f"{name}_seq", latencies[name], len(latencies[name]) / seconds[name], cpu[name]
         )
-        results[f"{name}_conc"] = _figures(
+        results[f"{name}_conc"] = Figures.of(
             f"{name}_conc",
             flight[name],
             len(flight[name]) / flight_seconds[name],
@@ -431,7 +441,7 @@ def _bench_mqtt(
     return results
 
 
-def _in_flight(
+def in_flight(
     name: str,
     requester: Any,
     topic: str,
@@ -497,7 +507,7 @@ def _bench_starts(
         for _ in range(rounds):
             for name, (command, topic, env) in servers.items():
                 start_s, cpu_s, memory = _first_answer(
-                    name, requester, _process(command, env), topic, payload, header_length
+                    name, requester, ChildProcess(command, env), topic, payload, header_length
                 )
                 seconds[name].append(start_s)
                 cpu[name].append(cpu_s)
@@ -517,7 +527,7 @@ def _bench_starts(
 def _first_answer(
     name: str,
     requester: Any,
-    server: _process,
+    server: ChildProcess,
     topic: str,
     payload: bytes,
     header_length: int | None,
@@ -655,16 +665,8 @@ def _check_reply(name: str, payload: bytes | bytearray, header_length: int | Non
         raise RuntimeError(f"the agent answered with an error: {header['error']}")
 
 
-def _figures(
-    name: str, latencies: list[float], per_s: float, cpu_s: float | None = None
-) -> Figures:
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    cpu_ms = None if cpu_s is None else cpu_s * 1000.0 / len(ordered)
-    return Figures(name, statistics.median(ordered), p99, per_s, len(ordered), cpu_ms)
-
-
-def _answers(mqtt: MqttConfig, topic: str, payload: bytes, header_length: int | None) -> bool:
+def answers(mqtt: MqttConfig, topic: str, payload: bytes, header_length: int | None) -> bool:
+    """Whether a server answers one request on `topic` within 2 s (a fresh client)."""
     from agent.mqtt.requester import Requester, RequesterError  # noqa: PLC0415
 
     try:
@@ -676,7 +678,8 @@ def _answers(mqtt: MqttConfig, topic: str, payload: bytes, header_length: int | 
     return True
 
 
-def _wait_for(ready: Callable[[], bool], timeout: float) -> None:
+def wait_for(ready: Callable[[], bool], timeout: float) -> None:
+    """Poll `ready` every 0.2 s until it is true; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -685,7 +688,7 @@ def _wait_for(ready: Callable[[], bool], timeout: float) -> None:
     raise TimeoutError(f"not ready within {timeout} s")
 
 
-class _process:  # noqa: N801  (used as a context manager, reads like a function)
+class ChildProcess:
     """A child process for the duration of a `with` block."""
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
