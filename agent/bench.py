@@ -10,6 +10,9 @@ ratios to the floors. Before that, in alternating rounds, each server is started
 timed to its first answer, then its idle memory is read: the bare echo and a bare
 onnxruntime server (the same session options, in a python that imports only numpy,
 onnxruntime and paho) are the floors of the agent's start-up and footprint.
+With `--shm`, last, a client on the same board passes the tensors through shared memory
+(agent/bench_shm.py), timed round trip by round trip beside raw onnxruntime on the same
+inputs and the echo of its request; only the measured agent has shared memory on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from agent import bench_shm
 from agent.adapt.monitor import ProcessMemory, process_cpu_seconds, process_memory, usable_cpus
 from agent.broker import BrokerError, MosquittoBroker, free_port
 from agent.config import AgentConfig, MqttConfig
@@ -49,6 +53,8 @@ ECHO_TOPIC = "bench/echo"
 # The issue 10 targets, with the demo model.
 START_TARGET_S = 0.3
 IDLE_RSS_TARGET_MB = 60.0
+SHM_TARGET = 1.05
+"""A request through shared memory, over raw onnxruntime on the same inputs."""
 # How often a request is sent to a server that is starting, until it answers one.
 FIRST_ANSWER_RESEND_S = 0.005
 START_TIMEOUT_S = 60.0
@@ -110,7 +116,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
     model_dir: Path = args.model_dir.resolve()
     source = read_model(model_dir, model_dir.parent)
     threads = config.models.threads or usable_cpus()
-    settings = SessionSettings(threads=threads)
+    settings = SessionSettings(threads=threads, spin=config.models.spin)
     variant_path = verify_variant(source, source.variants[0], source.folder.parent)
     variant = LoadedVariant.load(
         source.name,
@@ -131,7 +137,8 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
         f"{threads} thread(s)"
     )
     raw = _bench_onnxruntime(variant, inputs, args.requests)
-    variant.close()
+    if not args.shm:
+        variant.close()  # else the floor of the shared-memory stage, closed at the end
 
     port = free_port()
     broker = MosquittoBroker(port)
@@ -173,7 +180,12 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
                 header_length,
                 args.start_rounds,
             )
-            with ChildProcess(echo) as echo_process, ChildProcess(command, env) as agent_process:
+            # Shared memory is off by default: on for the measured agent only, with --shm.
+            served = {**env, "EDGE_AGENT_SHM__ENABLED": "true"} if args.shm else env
+            with (
+                ChildProcess(echo) as echo_process,
+                ChildProcess(command, served) as agent_process,
+            ):
                 wait_for(lambda: answers(mqtt, echo_topic, payload, header_length), 30)
                 wait_for(lambda: answers(mqtt, agent_topic, payload, header_length), 60)
                 progress(
@@ -189,11 +201,94 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
                     header_length,
                     args,
                 )
+                shm = None
+                if args.shm:
+                    progress(
+                        f"shared memory: {args.shm_requests} requests each to onnxruntime, "
+                        "the echo of the request and edge-agent (inputs in place, inputs "
+                        "written by the client), in turn"
+                    )
+                    shm = _bench_shm(
+                        mqtt,
+                        source.name,
+                        variant,
+                        inputs,
+                        {"echo": echo_process.pid, "agent": agent_process.pid},
+                        args.shm_requests,
+                    )
     finally:
+        variant.close()
         broker.stop()
-    return _report(
+    report = _report(
         args, source.name, source.variants[0].name, payload, threads, raw, results, starts
     )
+    if shm is not None:
+        report["shm"] = _shm_report(*shm, config)
+    return report
+
+
+def _bench_shm(
+    mqtt: MqttConfig,
+    model: str,
+    variant: LoadedVariant,
+    inputs: dict[str, np.ndarray],
+    pids: dict[str, int],
+    requests: int,
+) -> tuple[dict[str, Figures], int]:
+    """The shared-memory stage's figures, and its request's size in bytes. The agent's CPU
+    time is shared evenly between its two targets (both are the same request to it)."""
+    from agent.mqtt.requester import Requester  # noqa: PLC0415
+
+    with Requester(mqtt, protocol="5") as requester:
+        requester.connect()
+        run = bench_shm.measure(
+            requester,
+            f"{mqtt.prefix}/{mqtt.device_id}",
+            model,
+            variant,
+            inputs,
+            f"{ECHO_TOPIC}/shm",
+            requests,
+            lambda server: process_cpu_seconds(pids[server]),
+        )
+    cpu_s = {
+        bench_shm.ONNXRUNTIME: None,
+        bench_shm.ECHO: run.cpu_s["echo"],
+        bench_shm.IN_PLACE: run.cpu_s["agent"] / 2,
+        bench_shm.WRITES: run.cpu_s["agent"] / 2,
+    }
+    figures = {
+        name: Figures.of(name, values, len(values) * 1000.0 / sum(values), cpu_s[name])
+        for name, values in run.latencies_ms.items()
+    }
+    return figures, run.request_bytes
+
+
+def _shm_report(
+    figures: dict[str, Figures], request_bytes: int, config: AgentConfig
+) -> dict[str, Any]:
+    """The shared-memory figures, and the agent's ratios to raw onnxruntime (the issue's
+    target) and to onnxruntime plus the echo of the request (what no MQTT server can beat)."""
+    floor = figures[bench_shm.ONNXRUNTIME].p50_ms
+    transport = figures[bench_shm.ECHO].p50_ms
+    ratios: dict[str, float] = {}
+    for name in (bench_shm.IN_PLACE, bench_shm.WRITES):
+        p50 = figures[name].p50_ms
+        ratios[f"{name}_over_onnxruntime"] = p50 / floor
+        ratios[f"{name}_over_onnxruntime_plus_echo"] = p50 / (floor + transport)
+        ratios[f"{name}_minus_onnxruntime_ms"] = p50 - floor
+    return {
+        "requests": figures[bench_shm.ONNXRUNTIME].count,
+        "request_bytes": request_bytes,
+        "gap_ms": bench_shm.GAP_S * 1000.0,
+        "zero_copy": config.shm.zero_copy,
+        **{name: asdict(value) for name, value in figures.items()},
+        "ratios": ratios,
+        "targets": {
+            f"{name}_over_onnxruntime": _target(ratios[f"{name}_over_onnxruntime"], high=SHM_TARGET)
+            for name in (bench_shm.IN_PLACE, bench_shm.WRITES)
+        },
+    }
 
 
 def _report(
@@ -293,8 +388,43 @@ def render(report: dict[str, Any]) -> str:
         f"sequential, {_times(ratios['agent_cpu_over_echo_cpu_in_flight'])} in flight",
         "",
         *_render_starts(report),
+        *(_render_shm(report["shm"]) if "shm" in report else []),
     ]
     return "\n".join(lines)
+
+
+def _render_shm(shm: dict[str, Any]) -> list[str]:
+    names = {
+        bench_shm.ONNXRUNTIME: "onnxruntime session.run (floor)",
+        bench_shm.ECHO: "bare MQTT echo of the shm request",
+        bench_shm.IN_PLACE: "edge-agent, shm, inputs in place",
+        bench_shm.WRITES: "edge-agent, shm, client writes inputs",
+    }
+    floor = shm[bench_shm.ONNXRUNTIME]["p50_ms"]
+    lines = [
+        "",
+        f"shared memory ({'zero-copy' if shm['zero_copy'] else 'copy'} mode): "
+        f"{shm['requests']} requests each, in turn, {shm['gap_ms']:g} ms apart; a request "
+        f"of {shm['request_bytes']} bytes names the regions",
+        f"{'':38} {'p50 ms':>9} {'p99 ms':>9} {'x ort p50':>10} {'CPU ms/req':>11}",
+    ]
+    for key, name in names.items():
+        figures = shm[key]
+        cpu = figures["cpu_ms_per_request"]
+        lines.append(
+            f"{name:38} {figures['p50_ms']:9.3f} {figures['p99_ms']:9.3f} "
+            f"{figures['p50_ms'] / floor:9.2f}x {'' if cpu is None else f'{cpu:11.3f}'}"
+        )
+    ratios, targets = shm["ratios"], shm["targets"]
+    lines.append("")
+    for key, label in ((bench_shm.IN_PLACE, "inputs in place"), (bench_shm.WRITES, "writing")):
+        lines.append(
+            f"agent through shm, {label}: {ratios[f'{key}_over_onnxruntime']:.2f}x onnxruntime "
+            f"(+{ratios[f'{key}_minus_onnxruntime_ms']:.3f} ms; target <= {SHM_TARGET}x: "
+            f"{_verdict(targets[f'{key}_over_onnxruntime'])}), "
+            f"{ratios[f'{key}_over_onnxruntime_plus_echo']:.2f}x onnxruntime + echo"
+        )
+    return lines
 
 
 def _render_starts(report: dict[str, Any]) -> list[str]:
