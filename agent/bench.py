@@ -126,7 +126,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
         source.manifest.inputs if source.manifest else None,
         source.manifest.outputs if source.manifest else None,
     )
-    inputs = _sample_inputs(variant, args.batch)
+    inputs = sample_inputs(variant, args.batch)
     payload, header_length = encode_request(
         inputs, "b", binary=args.binary, binary_outputs=args.binary
     )
@@ -163,7 +163,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
             echo = _floor_command(port)
             np.savez(Path(tmp) / "inputs.npz", **inputs)  # type: ignore[arg-type]
             bare = _floor_command(
-                port, _floor_model(variant_path, settings, Path(tmp) / "inputs.npz")
+                port, floor_model(variant_path, settings, Path(tmp) / "inputs.npz")
             )
             progress(
                 f"start to first answer and idle memory, in {args.start_rounds} alternating "
@@ -477,7 +477,7 @@ def _progress(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def _sample_inputs(variant: LoadedVariant, batch: int) -> dict[str, np.ndarray]:
+def sample_inputs(variant: LoadedVariant, batch: int) -> dict[str, np.ndarray]:
     """One request's inputs: random values 0..16 (pixel-like) in the variant's signature."""
     rng = np.random.default_rng(0)
     inputs = {}
@@ -699,17 +699,20 @@ def _median(memories: list[ProcessMemory]) -> ProcessMemory:
 
 
 def _floor_command(port: int, model: dict[str, Any] | None = None) -> list[str]:
-    """The bare MQTT 5 echo, or with `model` (see _floor_model) the bare onnxruntime server."""
+    """The bare MQTT 5 echo, or with `model` (see floor_model) the bare onnxruntime server."""
     return [sys.executable, "-c", _FLOOR_SERVER, str(port), f"{ECHO_TOPIC}/+", json.dumps(model)]
 
 
-def _floor_model(path: Path, settings: SessionSettings, inputs: Path) -> dict[str, Any]:
-    """What the bare onnxruntime server loads: the variant, the agent's session options
-    (as plain values: the floor must not import the agent to build them) and the inputs."""
+def floor_model(
+    path: Path, settings: SessionSettings, inputs: Path | None = None
+) -> dict[str, Any]:
+    """What a bare onnxruntime server loads (in JSON; OPEN_FLOOR_SESSION opens it): the
+    variant, the agent's session options (as plain values: a floor must not import the agent
+    to build them) and the file of the inputs it runs on, if any."""
     options = session_options(settings)
     return {
         "path": str(path),
-        "inputs": str(inputs),
+        "inputs": None if inputs is None else str(inputs),
         "options": {name: _plain(getattr(options, name)) for name in _FLOOR_OPTIONS},
         "config": session_config(settings),
     }
@@ -729,11 +732,30 @@ _FLOOR_OPTIONS = (
     "log_severity_level",
 )
 
+OPEN_FLOOR_SESSION = """
+def open_floor_session(model):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    for name, value in model["options"].items():
+        kind = type(getattr(options, name))
+        setattr(options, name, kind.__members__[value] if hasattr(kind, "__members__") else value)
+    for key, value in model["config"].items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(
+        model["path"], sess_options=options, providers=["CPUExecutionProvider"]
+    )
+"""
+"""Python source of `open_floor_session(model)`: the onnxruntime session of a floor_model()
+with the agent's options, for servers that must not import the agent (the floors here, the
+peers of tools/bench_peers.py)."""
+
 # The floors, each in a python of its own that imports only what it needs (`python -c`):
 # paho for the echo; numpy and onnxruntime too for the bare onnxruntime server, which runs
 # the session on the bench's inputs for each request before echoing it. Both hand their
 # start-up pages back after their first answer, as the agent does once ready.
-_FLOOR_SERVER = """
+_FLOOR_SERVER = (
+    OPEN_FLOOR_SESSION
+    + """
 import json, os, socket, sys
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -745,16 +767,7 @@ port, topics, model = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 work = None
 if model:
     import numpy as np
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    for name, value in model["options"].items():
-        kind = type(getattr(options, name))
-        setattr(options, name, kind.__members__[value] if hasattr(kind, "__members__") else value)
-    for key, value in model["config"].items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(
-        model["path"], sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    session = open_floor_session(model)
     with np.load(model["inputs"]) as data:
         feeds = {name: data[name] for name in data.files}
     session.run(None, feeds)  # warmed up, as the agent's variants are
@@ -785,6 +798,7 @@ client.on_connect = lambda c, *_: c.subscribe(topics, qos=1)
 client.connect("127.0.0.1", port)
 client.loop_forever()
 """
+)
 
 
 def _check_reply(name: str, payload: bytes | bytearray, header_length: int | None) -> None:
@@ -819,14 +833,17 @@ def wait_for(ready: Callable[[], bool], timeout: float) -> None:
 
 
 class ChildProcess:
-    """A child process for the duration of a `with` block."""
+    """A child process for the duration of a `with` block (`stdout`: where its output goes,
+    as subprocess takes it; by default this process's)."""
 
-    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
-        self._command, self._env = command, env
+    def __init__(
+        self, command: list[str], env: dict[str, str] | None = None, stdout: Any = None
+    ) -> None:
+        self._command, self._env, self._stdout = command, env, stdout
         self._child: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> subprocess.Popen[bytes]:
-        self._child = subprocess.Popen(self._command, env=self._env)
+        self._child = subprocess.Popen(self._command, env=self._env, stdout=self._stdout)
         return self._child
 
     def __exit__(self, *_exc: object) -> None:

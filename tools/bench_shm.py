@@ -26,8 +26,10 @@ from tests.onnx_models import cnn_model, ladder_folder
 
 CLASSES = 1000
 # A run of the CNN takes about 15 ms here: fewer requests than the demo model's defaults.
-SCALED = ("--requests", "100", "--rounds", "4", "--duration", "2", "--concurrency", "4")
-SCALED += ("--start-rounds", "1", "--shm-requests", "200")
+SCALED = [
+    *("--requests", "100", "--rounds", "4", "--duration", "2", "--concurrency", "4"),
+    *("--start-rounds", "1", "--shm-requests", "200"),
+]
 
 
 def main() -> int:
