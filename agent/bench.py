@@ -10,6 +10,9 @@ ratios to the floors. Before that, in alternating rounds, each server is started
 timed to its first answer, then its idle memory is read: the bare echo and a bare
 onnxruntime server (the same session options, in a python that imports only numpy,
 onnxruntime and paho) are the floors of the agent's start-up and footprint.
+With `--shm`, last, a client on the same board passes the tensors through shared memory
+(agent/bench_shm.py), timed round trip by round trip beside raw onnxruntime on the same
+inputs and the echo of its request; only the measured agent has shared memory on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from agent import bench_shm
 from agent.adapt.monitor import ProcessMemory, process_cpu_seconds, process_memory, usable_cpus
 from agent.broker import BrokerError, MosquittoBroker, free_port
 from agent.config import AgentConfig, MqttConfig
@@ -49,6 +53,8 @@ ECHO_TOPIC = "bench/echo"
 # The issue 10 targets, with the demo model.
 START_TARGET_S = 0.3
 IDLE_RSS_TARGET_MB = 60.0
+SHM_TARGET = 1.05
+"""A request through shared memory, over raw onnxruntime on the same inputs."""
 # How often a request is sent to a server that is starting, until it answers one.
 FIRST_ANSWER_RESEND_S = 0.005
 START_TIMEOUT_S = 60.0
@@ -69,6 +75,16 @@ class Figures:
     count: int
     cpu_ms_per_request: float | None = None
     """The server process's CPU time over the measured window, per request answered."""
+
+    @classmethod
+    def of(
+        cls, name: str, latencies: list[float], per_s: float, cpu_s: float | None = None
+    ) -> Figures:
+        """The figures of `latencies` (ms), with the server's CPU seconds over them."""
+        ordered = sorted(latencies)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        cpu_ms = None if cpu_s is None else cpu_s * 1000.0 / len(ordered)
+        return cls(name, statistics.median(ordered), p99, per_s, len(ordered), cpu_ms)
 
 
 @dataclass
@@ -100,7 +116,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
     model_dir: Path = args.model_dir.resolve()
     source = read_model(model_dir, model_dir.parent)
     threads = config.models.threads or usable_cpus()
-    settings = SessionSettings(threads=threads)
+    settings = SessionSettings(threads=threads, spin=config.models.spin)
     variant_path = verify_variant(source, source.variants[0], source.folder.parent)
     variant = LoadedVariant.load(
         source.name,
@@ -110,7 +126,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
         source.manifest.inputs if source.manifest else None,
         source.manifest.outputs if source.manifest else None,
     )
-    inputs = _sample_inputs(variant, args.batch)
+    inputs = sample_inputs(variant, args.batch)
     payload, header_length = encode_request(
         inputs, "b", binary=args.binary, binary_outputs=args.binary
     )
@@ -121,7 +137,8 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
         f"{threads} thread(s)"
     )
     raw = _bench_onnxruntime(variant, inputs, args.requests)
-    variant.close()
+    if not args.shm:
+        variant.close()  # else the floor of the shared-memory stage, closed at the end
 
     port = free_port()
     broker = MosquittoBroker(port)
@@ -146,7 +163,7 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
             echo = _floor_command(port)
             np.savez(Path(tmp) / "inputs.npz", **inputs)  # type: ignore[arg-type]
             bare = _floor_command(
-                port, _floor_model(variant_path, settings, Path(tmp) / "inputs.npz")
+                port, floor_model(variant_path, settings, Path(tmp) / "inputs.npz")
             )
             progress(
                 f"start to first answer and idle memory, in {args.start_rounds} alternating "
@@ -163,9 +180,14 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
                 header_length,
                 args.start_rounds,
             )
-            with _process(echo) as echo_process, _process(command, env) as agent_process:
-                _wait_for(lambda: _answers(mqtt, echo_topic, payload, header_length), 30)
-                _wait_for(lambda: _answers(mqtt, agent_topic, payload, header_length), 60)
+            # Shared memory is off by default: on for the measured agent only, with --shm.
+            served = {**env, "EDGE_AGENT_SHM__ENABLED": "true"} if args.shm else env
+            with (
+                ChildProcess(echo) as echo_process,
+                ChildProcess(command, served) as agent_process,
+            ):
+                wait_for(lambda: answers(mqtt, echo_topic, payload, header_length), 30)
+                wait_for(lambda: answers(mqtt, agent_topic, payload, header_length), 60)
                 progress(
                     f"bare MQTT 5 echo and edge-agent side by side, in {args.rounds} "
                     f"alternating rounds: {args.requests} sequential requests each, then "
@@ -179,11 +201,94 @@ def run_bench(args: argparse.Namespace, config: AgentConfig) -> dict[str, Any]:
                     header_length,
                     args,
                 )
+                shm = None
+                if args.shm:
+                    progress(
+                        f"shared memory: {args.shm_requests} requests each to onnxruntime, "
+                        "the echo of the request and edge-agent (inputs in place, inputs "
+                        "written by the client), in turn"
+                    )
+                    shm = _bench_shm(
+                        mqtt,
+                        source.name,
+                        variant,
+                        inputs,
+                        {"echo": echo_process.pid, "agent": agent_process.pid},
+                        args.shm_requests,
+                    )
     finally:
+        variant.close()
         broker.stop()
-    return _report(
+    report = _report(
         args, source.name, source.variants[0].name, payload, threads, raw, results, starts
     )
+    if shm is not None:
+        report["shm"] = _shm_report(*shm, config)
+    return report
+
+
+def _bench_shm(
+    mqtt: MqttConfig,
+    model: str,
+    variant: LoadedVariant,
+    inputs: dict[str, np.ndarray],
+    pids: dict[str, int],
+    requests: int,
+) -> tuple[dict[str, Figures], int]:
+    """The shared-memory stage's figures, and its request's size in bytes. The agent's CPU
+    time is shared evenly between its two targets (both are the same request to it)."""
+    from agent.mqtt.requester import Requester  # noqa: PLC0415
+
+    with Requester(mqtt, protocol="5") as requester:
+        requester.connect()
+        run = bench_shm.measure(
+            requester,
+            f"{mqtt.prefix}/{mqtt.device_id}",
+            model,
+            variant,
+            inputs,
+            f"{ECHO_TOPIC}/shm",
+            requests,
+            lambda server: process_cpu_seconds(pids[server]),
+        )
+    cpu_s = {
+        bench_shm.ONNXRUNTIME: None,
+        bench_shm.ECHO: run.cpu_s["echo"],
+        bench_shm.IN_PLACE: run.cpu_s["agent"] / 2,
+        bench_shm.WRITES: run.cpu_s["agent"] / 2,
+    }
+    figures = {
+        name: Figures.of(name, values, len(values) * 1000.0 / sum(values), cpu_s[name])
+        for name, values in run.latencies_ms.items()
+    }
+    return figures, run.request_bytes
+
+
+def _shm_report(
+    figures: dict[str, Figures], request_bytes: int, config: AgentConfig
+) -> dict[str, Any]:
+    """The shared-memory figures, and the agent's ratios to raw onnxruntime (the issue's
+    target) and to onnxruntime plus the echo of the request (what no MQTT server can beat)."""
+    floor = figures[bench_shm.ONNXRUNTIME].p50_ms
+    transport = figures[bench_shm.ECHO].p50_ms
+    ratios: dict[str, float] = {}
+    for name in (bench_shm.IN_PLACE, bench_shm.WRITES):
+        p50 = figures[name].p50_ms
+        ratios[f"{name}_over_onnxruntime"] = p50 / floor
+        ratios[f"{name}_over_onnxruntime_plus_echo"] = p50 / (floor + transport)
+        ratios[f"{name}_minus_onnxruntime_ms"] = p50 - floor
+    return {
+        "requests": figures[bench_shm.ONNXRUNTIME].count,
+        "request_bytes": request_bytes,
+        "gap_ms": bench_shm.GAP_S * 1000.0,
+        "zero_copy": config.shm.zero_copy,
+        **{name: asdict(value) for name, value in figures.items()},
+        "ratios": ratios,
+        "targets": {
+            f"{name}_over_onnxruntime": _target(ratios[f"{name}_over_onnxruntime"], high=SHM_TARGET)
+            for name in (bench_shm.IN_PLACE, bench_shm.WRITES)
+        },
+    }
 
 
 def _report(
@@ -283,8 +388,43 @@ def render(report: dict[str, Any]) -> str:
         f"sequential, {_times(ratios['agent_cpu_over_echo_cpu_in_flight'])} in flight",
         "",
         *_render_starts(report),
+        *(_render_shm(report["shm"]) if "shm" in report else []),
     ]
     return "\n".join(lines)
+
+
+def _render_shm(shm: dict[str, Any]) -> list[str]:
+    names = {
+        bench_shm.ONNXRUNTIME: "onnxruntime session.run (floor)",
+        bench_shm.ECHO: "bare MQTT echo of the shm request",
+        bench_shm.IN_PLACE: "edge-agent, shm, inputs in place",
+        bench_shm.WRITES: "edge-agent, shm, client writes inputs",
+    }
+    floor = shm[bench_shm.ONNXRUNTIME]["p50_ms"]
+    lines = [
+        "",
+        f"shared memory ({'zero-copy' if shm['zero_copy'] else 'copy'} mode): "
+        f"{shm['requests']} requests each, in turn, {shm['gap_ms']:g} ms apart; a request "
+        f"of {shm['request_bytes']} bytes names the regions",
+        f"{'':38} {'p50 ms':>9} {'p99 ms':>9} {'x ort p50':>10} {'CPU ms/req':>11}",
+    ]
+    for key, name in names.items():
+        figures = shm[key]
+        cpu = figures["cpu_ms_per_request"]
+        lines.append(
+            f"{name:38} {figures['p50_ms']:9.3f} {figures['p99_ms']:9.3f} "
+            f"{figures['p50_ms'] / floor:9.2f}x {'' if cpu is None else f'{cpu:11.3f}'}"
+        )
+    ratios, targets = shm["ratios"], shm["targets"]
+    lines.append("")
+    for key, label in ((bench_shm.IN_PLACE, "inputs in place"), (bench_shm.WRITES, "writing")):
+        lines.append(
+            f"agent through shm, {label}: {ratios[f'{key}_over_onnxruntime']:.2f}x onnxruntime "
+            f"(+{ratios[f'{key}_minus_onnxruntime_ms']:.3f} ms; target <= {SHM_TARGET}x: "
+            f"{_verdict(targets[f'{key}_over_onnxruntime'])}), "
+            f"{ratios[f'{key}_over_onnxruntime_plus_echo']:.2f}x onnxruntime + echo"
+        )
+    return lines
 
 
 def _render_starts(report: dict[str, Any]) -> list[str]:
@@ -337,7 +477,7 @@ def _progress(quiet: bool) -> Callable[[str], None]:
     return say
 
 
-def _sample_inputs(variant: LoadedVariant, batch: int) -> dict[str, np.ndarray]:
+def sample_inputs(variant: LoadedVariant, batch: int) -> dict[str, np.ndarray]:
     """One request's inputs: random values 0..16 (pixel-like) in the variant's signature."""
     rng = np.random.default_rng(0)
     inputs = {}
@@ -361,7 +501,7 @@ def _bench_onnxruntime(
         variant.run(inputs)
         latencies.append((time.perf_counter() - t0) * 1000.0)
     elapsed = time.perf_counter() - start
-    return _figures("onnxruntime", latencies, count / elapsed)
+    return Figures.of("onnxruntime", latencies, count / elapsed)
 
 
 def _bench_mqtt(
@@ -405,7 +545,7 @@ def _bench_mqtt(
         for _ in range(args.rounds):
             for name, topic in topics.items():
                 cpu_start = process_cpu_seconds(pids[name])
-                done, elapsed = _in_flight(
+                done, elapsed = in_flight(
                     name,
                     requester,
                     topic,
@@ -419,10 +559,10 @@ def _bench_mqtt(
                 flight_cpu[name] += process_cpu_seconds(pids[name]) - cpu_start
     results = {}
     for name in topics:
-        results[f"{name}_seq"] = _figures(
+        results[f"{name}_seq"] = Figures.of(
             f"{name}_seq", latencies[name], len(latencies[name]) / seconds[name], cpu[name]
         )
-        results[f"{name}_conc"] = _figures(
+        results[f"{name}_conc"] = Figures.of(
             f"{name}_conc",
             flight[name],
             len(flight[name]) / flight_seconds[name],
@@ -431,7 +571,7 @@ def _bench_mqtt(
     return results
 
 
-def _in_flight(
+def in_flight(
     name: str,
     requester: Any,
     topic: str,
@@ -497,7 +637,7 @@ def _bench_starts(
         for _ in range(rounds):
             for name, (command, topic, env) in servers.items():
                 start_s, cpu_s, memory = _first_answer(
-                    name, requester, _process(command, env), topic, payload, header_length
+                    name, requester, ChildProcess(command, env), topic, payload, header_length
                 )
                 seconds[name].append(start_s)
                 cpu[name].append(cpu_s)
@@ -517,7 +657,7 @@ def _bench_starts(
 def _first_answer(
     name: str,
     requester: Any,
-    server: _process,
+    server: ChildProcess,
     topic: str,
     payload: bytes,
     header_length: int | None,
@@ -559,17 +699,20 @@ def _median(memories: list[ProcessMemory]) -> ProcessMemory:
 
 
 def _floor_command(port: int, model: dict[str, Any] | None = None) -> list[str]:
-    """The bare MQTT 5 echo, or with `model` (see _floor_model) the bare onnxruntime server."""
+    """The bare MQTT 5 echo, or with `model` (see floor_model) the bare onnxruntime server."""
     return [sys.executable, "-c", _FLOOR_SERVER, str(port), f"{ECHO_TOPIC}/+", json.dumps(model)]
 
 
-def _floor_model(path: Path, settings: SessionSettings, inputs: Path) -> dict[str, Any]:
-    """What the bare onnxruntime server loads: the variant, the agent's session options
-    (as plain values: the floor must not import the agent to build them) and the inputs."""
+def floor_model(
+    path: Path, settings: SessionSettings, inputs: Path | None = None
+) -> dict[str, Any]:
+    """What a bare onnxruntime server loads (in JSON; OPEN_FLOOR_SESSION opens it): the
+    variant, the agent's session options (as plain values: a floor must not import the agent
+    to build them) and the file of the inputs it runs on, if any."""
     options = session_options(settings)
     return {
         "path": str(path),
-        "inputs": str(inputs),
+        "inputs": None if inputs is None else str(inputs),
         "options": {name: _plain(getattr(options, name)) for name in _FLOOR_OPTIONS},
         "config": session_config(settings),
     }
@@ -589,11 +732,30 @@ _FLOOR_OPTIONS = (
     "log_severity_level",
 )
 
+OPEN_FLOOR_SESSION = """
+def open_floor_session(model):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    for name, value in model["options"].items():
+        kind = type(getattr(options, name))
+        setattr(options, name, kind.__members__[value] if hasattr(kind, "__members__") else value)
+    for key, value in model["config"].items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(
+        model["path"], sess_options=options, providers=["CPUExecutionProvider"]
+    )
+"""
+"""Python source of `open_floor_session(model)`: the onnxruntime session of a floor_model()
+with the agent's options, for servers that must not import the agent (the floors here, the
+peers of tools/bench_peers.py)."""
+
 # The floors, each in a python of its own that imports only what it needs (`python -c`):
 # paho for the echo; numpy and onnxruntime too for the bare onnxruntime server, which runs
 # the session on the bench's inputs for each request before echoing it. Both hand their
 # start-up pages back after their first answer, as the agent does once ready.
-_FLOOR_SERVER = """
+_FLOOR_SERVER = (
+    OPEN_FLOOR_SESSION
+    + """
 import json, os, socket, sys
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -605,16 +767,7 @@ port, topics, model = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 work = None
 if model:
     import numpy as np
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    for name, value in model["options"].items():
-        kind = type(getattr(options, name))
-        setattr(options, name, kind.__members__[value] if hasattr(kind, "__members__") else value)
-    for key, value in model["config"].items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(
-        model["path"], sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    session = open_floor_session(model)
     with np.load(model["inputs"]) as data:
         feeds = {name: data[name] for name in data.files}
     session.run(None, feeds)  # warmed up, as the agent's variants are
@@ -645,6 +798,7 @@ client.on_connect = lambda c, *_: c.subscribe(topics, qos=1)
 client.connect("127.0.0.1", port)
 client.loop_forever()
 """
+)
 
 
 def _check_reply(name: str, payload: bytes | bytearray, header_length: int | None) -> None:
@@ -655,16 +809,8 @@ def _check_reply(name: str, payload: bytes | bytearray, header_length: int | Non
         raise RuntimeError(f"the agent answered with an error: {header['error']}")
 
 
-def _figures(
-    name: str, latencies: list[float], per_s: float, cpu_s: float | None = None
-) -> Figures:
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    cpu_ms = None if cpu_s is None else cpu_s * 1000.0 / len(ordered)
-    return Figures(name, statistics.median(ordered), p99, per_s, len(ordered), cpu_ms)
-
-
-def _answers(mqtt: MqttConfig, topic: str, payload: bytes, header_length: int | None) -> bool:
+def answers(mqtt: MqttConfig, topic: str, payload: bytes, header_length: int | None) -> bool:
+    """Whether a server answers one request on `topic` within 2 s (a fresh client)."""
     from agent.mqtt.requester import Requester, RequesterError  # noqa: PLC0415
 
     try:
@@ -676,7 +822,8 @@ def _answers(mqtt: MqttConfig, topic: str, payload: bytes, header_length: int | 
     return True
 
 
-def _wait_for(ready: Callable[[], bool], timeout: float) -> None:
+def wait_for(ready: Callable[[], bool], timeout: float) -> None:
+    """Poll `ready` every 0.2 s until it is true; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -685,15 +832,18 @@ def _wait_for(ready: Callable[[], bool], timeout: float) -> None:
     raise TimeoutError(f"not ready within {timeout} s")
 
 
-class _process:  # noqa: N801  (used as a context manager, reads like a function)
-    """A child process for the duration of a `with` block."""
+class ChildProcess:
+    """A child process for the duration of a `with` block (`stdout`: where its output goes,
+    as subprocess takes it; by default this process's)."""
 
-    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
-        self._command, self._env = command, env
+    def __init__(
+        self, command: list[str], env: dict[str, str] | None = None, stdout: Any = None
+    ) -> None:
+        self._command, self._env, self._stdout = command, env, stdout
         self._child: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> subprocess.Popen[bytes]:
-        self._child = subprocess.Popen(self._command, env=self._env)
+        self._child = subprocess.Popen(self._command, env=self._env, stdout=self._stdout)
         return self._child
 
     def __exit__(self, *_exc: object) -> None:

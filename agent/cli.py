@@ -137,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
         help="start each server (echo, bare onnxruntime, agent) this many times",
     )
     bench.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
+    bench.add_argument(
+        "--shm",
+        action="store_true",
+        help="also time requests through shared memory beside raw onnxruntime",
+    )
+    bench.add_argument(
+        "--shm-requests", type=int, default=200, help="requests to each target with --shm"
+    )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_service_commands(sub)
     return parser

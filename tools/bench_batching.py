@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.adapt.monitor import usable_cpus
-from agent.bench import _answers, _figures, _in_flight, _process, _wait_for
+from agent.bench import ChildProcess, Figures, answers, in_flight, wait_for
 from agent.broker import MosquittoBroker, free_port
 from agent.config import MqttConfig
 from agent.datatypes import NUMPY_DTYPES
@@ -134,11 +134,11 @@ def _bench_agents(
     command += ["--models-dir", str(folder), "--device-id"]
     topics = {agent: f"edge/{agent}/infer/{name}" for agent in AGENTS}
     with (
-        _process([*command, "single"], {**env, **AGENTS["single"]}),
-        _process([*command, "stacked"], {**env, **AGENTS["stacked"]}),
+        ChildProcess([*command, "single"], {**env, **AGENTS["single"]}),
+        ChildProcess([*command, "stacked"], {**env, **AGENTS["stacked"]}),
     ):
         for topic in topics.values():
-            _wait_for(lambda t=topic: _answers(mqtt, t, payload, header_length), 60)
+            wait_for(lambda t=topic: answers(mqtt, t, payload, header_length), 60)
         results: dict[str, Any] = {}
         with Requester(mqtt, protocol="5") as requester:
             requester.connect()
@@ -155,7 +155,7 @@ def _bench_agents(
                 seconds = dict.fromkeys(AGENTS, 0.0)
                 for _ in range(args.rounds):
                     for agent, topic in topics.items():
-                        done, elapsed = _in_flight(
+                        done, elapsed = in_flight(
                             agent,
                             requester,
                             topic,
@@ -167,7 +167,7 @@ def _bench_agents(
                         latencies[agent] += done
                         seconds[agent] += elapsed
                 results[str(concurrency)] = {
-                    agent: vars(_figures(agent, latencies[agent], len(latencies[agent]) / s))
+                    agent: vars(Figures.of(agent, latencies[agent], len(latencies[agent]) / s))
                     for agent, s in seconds.items()
                 }
             reply = requester.request("edge/stacked/control/models", b"{}", None, timeout=10)

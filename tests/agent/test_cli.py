@@ -352,3 +352,28 @@ def test_bench_runs_and_prints_its_ratios() -> None:
         assert re.search(rf"^{re.escape(row)}.*\d", text, re.MULTILINE), text
     assert re.search(r"agent start: [\d.]+ s, [\d.]+x the bare server's", text), text
     assert re.search(r"agent idle RSS: [\d.]+ MiB, [\d.]+x the bare server's", text), text
+
+
+def test_bench_shm_times_shared_memory_beside_onnxruntime() -> None:
+    """`edge-agent bench --shm` (tiny run) also times requests through shared memory, with
+    the inputs in place and written by the client, beside raw onnxruntime on the same inputs
+    and the echo of the request, and prints each as a ratio to onnxruntime. No timing is
+    asserted."""
+    result = edge_agent(
+        "bench",
+        *("--model-dir", str(REPO / "models" / "digits"), *BENCH_TINY),
+        *("--start-rounds", "1", "--shm", "--shm-requests", "10", "--json"),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    shm = json.loads(result.stdout)["shm"]
+    for target in ("onnxruntime", "echo", "shm_in_place", "shm_writes_inputs"):
+        assert shm[target]["count"] == 10
+    for server in ("echo", "shm_in_place", "shm_writes_inputs"):  # CPU time counts in ticks
+        assert shm[server]["cpu_ms_per_request"] >= 0
+    for path in ("shm_in_place", "shm_writes_inputs"):
+        assert shm["ratios"][f"{path}_over_onnxruntime"] > 0
+        assert shm["targets"][f"{path}_over_onnxruntime"]["max"] == 1.05
+    text = render(json.loads(result.stdout))
+    assert re.search(r"^edge-agent, shm, inputs in place +[\d.]+ +[\d.]+ +[\d.]+x", text, re.M)
+    assert re.search(r"^agent through shm, inputs in place: [\d.]+x onnxruntime", text, re.M)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from agent.runtime import load_variant
 from agent.session import SessionSettings
 from tests import onnx_models, tflite_models
 from tests.conftest import Probe, RunningAgent, body
+from tests.swapping import swap_under_load
 from tests.tflite_models import scale_tflite
 
 SETTINGS = SessionSettings(threads=1)
@@ -78,32 +78,19 @@ def test_a_ladder_of_an_onnx_and_a_tflite_rung_swaps_under_load(tmp_path: Path) 
     factors = {"fp32": 2.0, "lite": 3.0}
     results: list[Outcome] = []
     lock = threading.Lock()
-    stop = threading.Event()
-    sent = [0]
+    x = np.ones((1, 4), np.float32)
 
     def done(outcome: Outcome) -> None:
         with lock:
             results.append(outcome)
 
-    def client() -> None:
-        x = np.ones((1, 4), np.float32)
-        while not stop.is_set():
-            try:
-                manager.submit("mix", InferenceRequest(None, {"x": x}, {"x": "FP32"}), done)
-            except EdgeAgentError:  # a full queue: retry a little later
-                time.sleep(0.001)
-                continue
-            sent[0] += 1
-            time.sleep(0.0002)
+    def send(_n: int) -> None:
+        manager.submit("mix", InferenceRequest(None, {"x": x}, {"x": "FP32"}), done)
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    for i in range(30):
-        manager.switch("mix", ["lite", "fp32"][i % 2], reason="test")
-    stop.set()
-    thread.join(10)
+    # EdgeAgentError on submit: a full queue, retried a little later.
+    sent = swap_under_load(manager, "mix", ["lite", "fp32"], 30, send, 0.0002, EdgeAgentError)
     manager.close(10)
-    assert len(results) == sent[0] > 0
+    assert len(results) == sent > 0
     for outcome in results:
         assert isinstance(outcome, Completed), outcome
         assert np.all(outcome.outputs["y"] == factors[outcome.variant] + 1.0)

@@ -24,6 +24,7 @@ from agent.repository import read_model, scan
 from agent.session import SessionSettings
 from tests import onnx_models
 from tests.service.busy_model import busy_model
+from tests.swapping import swap_under_load
 
 SIGNATURE = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -203,22 +204,11 @@ def test_requests_queued_during_a_break_before_make_gap_are_served_after_it(
     manager, events = manager_for(scale_ladder(tmp_path, memory=50.0))
     manager.headroom_mb = lambda: 0.0  # no room at all: measured or not, unload first
     answers = Answers()
-    stop = threading.Event()
-    sent = [0]
 
-    def client() -> None:
-        while not stop.is_set():
-            manager.submit("lad", request(2.0), answers.callback(sent[0]))
-            sent[0] += 1
-            time.sleep(0.0005)
+    def send(n: int) -> None:
+        manager.submit("lad", request(2.0), answers.callback(n))
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    for i in range(20):
-        manager.switch("lad", ["b", "a"][i % 2], reason="test")
-    stop.set()
-    thread.join(10)
-    answers.wait(sent[0])
+    answers.wait(swap_under_load(manager, "lad", ["b", "a"], 20, send, 0.0005))
     assert all(isinstance(o[0], Completed) and len(o) == 1 for o in answers.by_id.values())
     assert {s["mode"] for s in events.named("variant_swapped")} == {"break-before-make"}
 
