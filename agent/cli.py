@@ -201,6 +201,11 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
         agent.start()
         agent.run_until_stopped()
         agent.stop()
+        # Stopped: a further stop signal has nothing left to stop. Ignored, it cannot kill
+        # the interpreter while it finalises (Python puts back the default action of the
+        # signals it handled then: SIGTERM in a storm of them would end us with -15).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
     except ConfigError as exc:
         log.error("config_invalid", error=str(exc))
         return EX_CONFIG
