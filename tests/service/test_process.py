@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.broker import MosquittoBroker
 from tests.conftest import Probe
@@ -98,6 +100,23 @@ def send_busy(probe: Probe, agent: AgentProcess, count: int, steps: int) -> None
         probe.publish(f"{agent.device_topic}/infer/busy", json.dumps(body))
 
 
+def held_all(probe: Probe, agent: AgentProcess) -> list[dict[str, Any]]:
+    """Wait until the agent holds every request sent so far: messages from one client
+    arrive in order, so once a control request sent after them is answered, it has them
+    all (on a loaded machine that can take longer than any sleep). Returns the replies to
+    them that came first."""
+    ack = f"{probe.reply_topic}/ack"
+    probe.subscribe(ack)
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = ack
+    probe.publish(f"{agent.device_topic}/control/models", "{}", properties)
+    early: list[dict[str, Any]] = []
+    while (msg := probe.expect(timeout=15)).topic != ack:
+        if msg.topic == probe.reply_topic:
+            early.append(json.loads(msg.payload))
+    return early
+
+
 def replies(probe: Probe, within: float, count: int | None = None) -> list[dict[str, Any]]:
     """The replies that arrive within `within` seconds (or until `count` have)."""
     got: list[dict[str, Any]] = []
@@ -171,14 +190,14 @@ def test_sigterm_waits_no_longer_than_the_stop_timeout(
     notify_socket.wait_for("READY", "1", timeout=30)
     wait_subscribed(probe, agent.device_topic)
     send_busy(probe, agent, count=20, steps=HALF_SECOND)
-    time.sleep(0.3)
+    early = held_all(probe, agent)
     signalled = time.monotonic()
     agent.process.send_signal(signal.SIGTERM)
     assert agent.exit_code(timeout=15) == 0
     took = time.monotonic() - signalled
     assert took < 5.0, took
     # Published before the exit; on a loaded machine the broker may take a moment more.
-    answered = replies(probe, within=10, count=20)
+    answered = early + replies(probe, within=10, count=20 - len(early))
     assert len(answered) == 20
     stopping = [r for r in answered if r.get("code") == 503 and "stopping" in r["error"]]
     assert 0 < len(stopping) < 20
