@@ -28,9 +28,12 @@ def main() -> int:
 
 
 def prepare_imports() -> None:
-    """Import structlog without its optional extras and keep pydantic from scanning for
-    plugins; a user's own PYDANTIC_DISABLE_PLUGINS setting is kept."""
+    """Import structlog without its optional extras, keep pydantic from scanning for
+    plugins and numpy's OpenBLAS from starting threads; a user's own settings of
+    PYDANTIC_DISABLE_PLUGINS and OPENBLAS_NUM_THREADS are kept."""
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    # Read once, when numpy loads OpenBLAS: 50 ms of CPU and a buffer per thread otherwise.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import_without("structlog", STRUCTLOG_EXTRAS)
 
 
