@@ -126,6 +126,8 @@ class Agent:
         self.loader.rescan()
         self.loader.before_load = None
         self._warn_unhonoured_pins()
+        if self.config.adapt.enabled:
+            self.control.expect_adapter()  # see _start_adapting
         self.frontend = MqttFrontend(
             self.config.mqtt,
             self.manager,
