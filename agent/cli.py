@@ -21,7 +21,6 @@ import numpy as np
 import structlog
 
 from agent import __version__
-from agent.broker import BrokerError, local_broker
 from agent.config import AgentConfig, load_config, read_password
 from agent.errors import ConfigError, InvalidRequest
 from agent.logs import configure_logging
@@ -175,6 +174,8 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     broker = None
     if args.embedded_broker:
+        from agent.broker import BrokerError, local_broker  # noqa: PLC0415  (only for this)
+
         broker = local_broker(args.embedded_broker, config.mqtt.port, "127.0.0.1")
         try:
             broker.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -485,6 +484,8 @@ def load_config(
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = Path(env[f"{ENV_PREFIX}CONFIG"])
     if path is not None:
+        import tomllib  # noqa: PLC0415  (only a file needs the parser)
+
         try:
             with path.open("rb") as f:
                 data = tomllib.load(f)

@@ -8,6 +8,7 @@ broker's ACL enforces): each user sees and uses only the regions it registered.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 Command = Callable[[dict[str, Any]], dict[str, Any]]
 OwnedCommand = Callable[[dict[str, Any], str | None], dict[str, Any]]
+
+# How long control/adapt waits for an adapter that the agent is still starting.
+ADAPTER_WAIT_S = 10.0
 
 
 class ControlCommands:
@@ -44,10 +48,27 @@ class ControlCommands:
                 shm_status=self.shm_status,
             )
         # Set by the agent when the policy runs (adapt.enabled).
-        self.adapter: Adapter | None = None
+        self._adapter: Adapter | None = None
+        self._adapter_set = threading.Event()
+        self._adapter_set.set()  # none is expected until expect_adapter()
         self._state = state
         if state is not None:
             self._commands.update(pin=self.pin, unpin=self.unpin)
+
+    @property
+    def adapter(self) -> Adapter | None:
+        return self._adapter
+
+    @adapter.setter
+    def adapter(self, adapter: Adapter | None) -> None:
+        self._adapter = adapter
+        self._adapter_set.set()
+
+    def expect_adapter(self) -> None:
+        """The policy runs but its adapter comes a moment later (the agent starts it once
+        it serves): until it is set, control/adapt waits for it instead of answering that
+        adapting is off."""
+        self._adapter_set.clear()
 
     @property
     def names(self) -> list[str]:
@@ -80,6 +101,7 @@ class ControlCommands:
         """The policy's view: per model the active and desired variant, the reason, the
         figures behind it, the time since the last swap and each variant's predicted p95
         (or only the model named in `model`)."""
+        self._adapter_set.wait(ADAPTER_WAIT_S)
         if self.adapter is None:
             return {"enabled": False, "models": {}}
         view = self.adapter.view()

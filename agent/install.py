@@ -22,7 +22,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from agent.config import example_toml
@@ -429,6 +428,8 @@ def _install_source() -> str | None:
     pyproject = checkout / "pyproject.toml"
     if pyproject.is_file() and 'name = "edge-agent"' in pyproject.read_text():
         return str(checkout)
+    from importlib import metadata  # noqa: PLC0415  (`edge-agent run` builds this parser too)
+
     for distribution in metadata.distributions(name="edge-agent"):
         if Path(str(distribution.locate_file("agent/install.py"))).resolve() != here:
             continue  # another copy on the path, not the one running

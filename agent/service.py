@@ -12,12 +12,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from agent import __version__
-from agent.adapt.loop import Adapter
 from agent.adapt.monitor import ResourceMonitor, ResourceSampler, SnapshotSource, usable_cpus
 from agent.adapt.procstat import release_file_pages
 from agent.coalesce import Coalescer
@@ -35,7 +34,12 @@ from agent.session import SessionSettings
 from agent.shm import SharedMemoryRegistry
 from agent.state import StateStore
 from agent.supervisor import Supervisor
-from agent.watcher import ModelWatcher
+
+if TYPE_CHECKING:
+    # Imported in start() once the front end is connecting: the policy, psutil and watchdog
+    # are not needed for a first answer, and importing them took a sixth of the time to it.
+    from agent.adapt.loop import Adapter
+    from agent.watcher import ModelWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -112,13 +116,7 @@ class Agent:
         self.state.load()
         self.manager.preferred = self.state.preferred
         adapt = self.config.adapt
-        self.sampler = ResourceSampler(
-            self._resources or ResourceMonitor(),
-            adapt.interval_s,
-            history_size=max(16, int(adapt.history_s / adapt.interval_s)),
-        )
-        self.sampler.start()
-        self.manager.headroom_mb = self._headroom_mb
+        self.manager.headroom_mb = self._headroom_mb  # None until the sampler's first sample
         self.manager.drain_timeout_s = adapt.drain_timeout_s
         self.manager.quality_first = adapt.enabled
         self._status_updates.start()
@@ -128,6 +126,8 @@ class Agent:
         self.loader.rescan()
         self.loader.before_load = None
         self._warn_unhonoured_pins()
+        if self.config.adapt.enabled:
+            self.control.expect_adapter()  # see _start_adapting
         self.frontend = MqttFrontend(
             self.config.mqtt,
             self.manager,
@@ -137,18 +137,10 @@ class Agent:
             password=read_password(self.config.mqtt),
         )
         self.frontend.start()
-        if self.config.adapt.enabled:
-            self.adapter = Adapter(
-                self.manager,
-                self.config.adapt,
-                self.sampler.history.all,
-                pinned=self.state.pinned,
-                emit=self.events.emit,
-                fleet=self._fleet_hook(),
-            )
-            self.control.adapter = self.adapter
-            self.adapter.start()
+        self._start_adapting()
         if self.config.models.watch:
+            from agent.watcher import ModelWatcher  # noqa: PLC0415  (see TYPE_CHECKING above)
+
             self.watcher = ModelWatcher(
                 models_dir,
                 self._on_models_changed,
@@ -159,6 +151,30 @@ class Agent:
         self._started = True
         self.supervisor = Supervisor(self, self.notifier, watchdog_interval())
         self.supervisor.start()
+
+    def _start_adapting(self) -> None:
+        """The resource sampler (metrics and policy) and, when enabled, the policy's loop."""
+        adapt = self.config.adapt
+        self.sampler = ResourceSampler(
+            self._resources or ResourceMonitor(),
+            adapt.interval_s,
+            history_size=max(16, int(adapt.history_s / adapt.interval_s)),
+        )
+        self.sampler.start()
+        if not adapt.enabled:
+            return
+        from agent.adapt.loop import Adapter  # noqa: PLC0415  (see TYPE_CHECKING above)
+
+        self.adapter = Adapter(
+            self.manager,
+            adapt,
+            self.sampler.history.all,
+            pinned=self.state.pinned,
+            emit=self.events.emit,
+            fleet=self._fleet_hook(),
+        )
+        self.control.adapter = self.adapter
+        self.adapter.start()
 
     def status(self) -> dict[str, Any]:
         """The retained status body: who we are and what we serve."""

@@ -15,13 +15,18 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import psutil
 import structlog
 
 from agent.adapt.snapshot import ResourceSnapshot
 from agent.errors import ConfigError
+
+# psutil is imported where it is read, not with this module: `edge-agent run` needs
+# usable_cpus() (affinity and cgroup files) before it loads its models, and psutil (its
+# import costs a tenth of the time to the first answer) only once it serves and samples.
+if TYPE_CHECKING:
+    import psutil
 
 log = structlog.get_logger(__name__)
 
@@ -288,6 +293,8 @@ class ResourceMonitor:
         elapsed = None if self._previous_t is None else now - self._previous_t
         self._previous_t = now
         last = self._last
+        import psutil  # noqa: PLC0415  (where it is read: see the top)
+
         memory = self._guard("memory", psutil.virtual_memory, None)
         self._guard("cgroups", self._refresh_cgroups, None)
         no_psi: dict[str, float] = {}
@@ -340,6 +347,12 @@ class ResourceMonitor:
         self._last = snapshot
         return snapshot
 
+    def cpu_quota_cores(self) -> float | None:
+        """The tightest cgroup CPU quota on the way to the root, in cores (None: none), read
+        on its own: a whole sample costs more (psutil, sensors) and is not needed for it."""
+        self._guard("cgroups", self._refresh_cgroups, None)
+        return self._guard("cgroup_cpu", self._cpu_limit, _CpuLimit(None, None)).cores
+
     def _guard(self, figure: str, read: Callable[[], T], default: T) -> T:
         """One figure's read; a failure gives `default` and is logged once per figure."""
         try:
@@ -351,11 +364,15 @@ class ResourceMonitor:
             return default
 
     def _own_process(self) -> psutil.Process:
+        import psutil  # noqa: PLC0415  (where it is read: see the top)
+
         if self._process is None or self._process.pid != os.getpid():
             self._process = psutil.Process(os.getpid())
         return self._process
 
     def _system_cpu(self) -> float:
+        import psutil  # noqa: PLC0415  (where it is read: see the top)
+
         times = psutil.cpu_times()
         # Same accounting as psutil.cpu_percent, but with this monitor's own baseline: that
         # function keeps one module-wide baseline that any other caller would move.
@@ -510,7 +527,7 @@ def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2
     `cpu.max` or v1 `cpu.cfs_quota_us`, the smallest on the path to the root)."""
     cpus = _usable_cpus()
-    quota = ResourceMonitor().sample().cgroup_cpu_quota_cores
+    quota = ResourceMonitor().cpu_quota_cores()
     if quota is not None:
         cpus = min(cpus, max(1, int(quota)))
     return cpus
@@ -530,6 +547,8 @@ class ProcessMemory:
 
 def process_memory(pid: int) -> ProcessMemory:
     """RSS, anonymous RSS, USS and PSS of process `pid` (psutil's memory_full_info)."""
+    import psutil  # noqa: PLC0415  (where it is read: see the top)
+
     full = psutil.Process(pid).memory_full_info()
     mb = 1024.0 * 1024.0
     return ProcessMemory(
@@ -542,6 +561,8 @@ def process_memory(pid: int) -> ProcessMemory:
 
 def process_cpu_seconds(pid: int) -> float:
     """User plus system CPU time that process `pid` has used so far, in seconds."""
+    import psutil  # noqa: PLC0415  (where it is read: see the top)
+
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
 
@@ -550,11 +571,15 @@ def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(os.getpid()))
     except AttributeError:  # not Linux: no affinity masks
+        import psutil  # noqa: PLC0415  (where it is read: see the top)
+
         return psutil.cpu_count() or 1
 
 
 def _cpu_temperature() -> tuple[float | None, float | None]:
     """(hottest CPU sensor reading, its high or critical trip point) in °C."""
+    import psutil  # noqa: PLC0415  (where it is read: see the top)
+
     reader = getattr(psutil, "sensors_temperatures", None)
     if reader is None:
         return None, None
@@ -570,6 +595,8 @@ def _cpu_temperature() -> tuple[float | None, float | None]:
 
 def _cpu_frequency() -> tuple[float | None, float | None]:
     """(current, maximum) MHz; psutil reports 0 for what the board does not say."""
+    import psutil  # noqa: PLC0415  (where it is read: see the top)
+
     frequency = psutil.cpu_freq()
     if frequency is None:
         return None, None

@@ -5,6 +5,7 @@ and every step is an event, in the retained status and in control/adapt."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -16,10 +17,15 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.adapt.loop import Adapter
 from agent.adapt.monitor import FakeSource, calm_snapshot
 from agent.adapt.snapshot import ResourceSnapshot
 from agent.broker import MosquittoBroker
+from agent.config import AdaptConfig, ModelsConfig
+from agent.control import ControlCommands
+from agent.models import ModelManager
 from agent.service import Agent
+from agent.session import SessionSettings
 from tests import onnx_models
 from tests.conftest import Probe, agent_config
 
@@ -216,6 +222,28 @@ def test_with_adapt_disabled_nothing_moves(
     finally:
         agent.request_stop()
         agent.stop(drain_timeout=10)
+
+
+def test_control_adapt_waits_for_an_adapter_the_agent_is_still_starting(tmp_path: Path) -> None:
+    """Asked while the agent already serves but has not yet started its adapter (it does so
+    once the front end connects), control/adapt waits for it and answers with the
+    policy's view, not that adapting is off."""
+    manager = ModelManager(
+        ModelsConfig(dir=tmp_path), SessionSettings(threads=1), lambda *_a, **_k: None
+    )
+    control = ControlCommands(manager)
+    control.expect_adapter()
+    adapter = Adapter(
+        manager, AdaptConfig(), lambda: (), pinned=lambda _name: None, emit=lambda *_a, **_k: None
+    )
+    starting = threading.Timer(0.2, lambda: setattr(control, "adapter", adapter))
+    starting.start()
+    try:
+        view = control.adapt({})
+    finally:
+        starting.join()
+    assert view["enabled"] is True and "board" in view, view
+    assert ControlCommands(manager).adapt({}) == {"enabled": False, "models": {}}
 
 
 def test_policy_swaps_are_not_the_next_boots_starting_variant(

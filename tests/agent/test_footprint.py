@@ -20,7 +20,7 @@ import structlog
 
 from agent.adapt.procstat import _clean_file_spans
 from agent.broker import MosquittoBroker
-from agent.launch import import_without
+from agent.launch import defer_import, import_without
 from agent.logs import configure_logging
 from agent.protocol import encode_request
 from tests.conftest import Probe, body
@@ -60,6 +60,10 @@ NOT_NEEDED = (
     "tritonclient",
     "agent.litert",
     "agent.bench",
+    "agent.broker",  # only with --embedded-broker
+    "tomllib",  # only with a configuration file
+    "importlib.metadata",  # pydantic's plugin loader, with plugins disabled (agent/launch.py)
+    "asyncio.base_events",  # asyncio is deferred: only structlog's async methods use it
 )
 
 
@@ -67,8 +71,9 @@ def test_run_imports_only_what_serving_needs(
     broker: MosquittoBroker, models_dir: Path, probe: Probe, tmp_path: Path
 ) -> None:
     """A real `edge-agent run` that has answered a request holds none of the installed
-    packages it does not need (rich, the compressor, onnx, torch...) in sys.modules, and
-    released its start-up pages once ready."""
+    packages it does not need (rich, the compressor, onnx, torch...) nor the modules that
+    only other commands or options use in sys.modules, and released its start-up pages
+    once ready."""
     dump = tmp_path / "modules.txt"
     device = f"lean-{uuid.uuid4().hex[:6]}"
     process = subprocess.Popen(
@@ -123,6 +128,38 @@ def test_import_without_hides_packages_only_while_importing(tmp_path: Path) -> N
         sys.path.remove(str(tmp_path))
         sys.modules.pop("probe_optional", None)
         sys.modules["json"] = saved
+
+
+def test_a_deferred_module_is_imported_at_its_first_attribute_read(tmp_path: Path) -> None:
+    """`import` of a deferred module runs none of its code; the first attribute read (or
+    `from ... import`) imports it, once, and reads the attribute there; attributes given
+    as known are answered without importing it, and a plain module has no __path__."""
+    (tmp_path / "probe_deferred.py").write_text("RUNS = []\nRUNS.append(1)\nVALUE = 42\n")
+    (tmp_path / "probe_deferred_pkg").mkdir()
+    (tmp_path / "probe_deferred_pkg" / "__init__.py").write_text("")
+    (tmp_path / "probe_deferred_pkg" / "inner.py").write_text("NAME = 'inner'\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        defer_import("probe_deferred", known=lambda: "answered")
+        defer_import("probe_deferred_pkg", package=True)
+        import probe_deferred  # noqa: PLC0415  (the stand-in the call above installed)
+
+        assert probe_deferred.known() == "answered"
+        assert sys.modules["probe_deferred"] is probe_deferred
+        assert not hasattr(probe_deferred, "__path__")
+        assert sys.modules["probe_deferred"] is probe_deferred  # still not imported
+        from probe_deferred import VALUE  # noqa: PLC0415
+
+        real = sys.modules["probe_deferred"]
+        assert VALUE == 42 and real is not probe_deferred
+        assert probe_deferred.RUNS == [1] and real.RUNS == [1]
+        from probe_deferred_pkg.inner import NAME  # noqa: PLC0415  (needs the real __path__)
+
+        assert NAME == "inner"
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("probe_deferred", "probe_deferred_pkg", "probe_deferred_pkg.inner"):
+            sys.modules.pop(name, None)
 
 
 def test_console_logs_render_plain_tracebacks_when_rich_is_installed() -> None:
