@@ -128,8 +128,11 @@ class Adapter:
         history = self._history()
         served = self._manager.served()
         views = [self._view(model) for model in served]
+        deep = False
         for model, view in zip(served, views, strict=True):
-            model.queue.watch_depth(alarm_depth(view, model.queue.workers), self._wake.set)
+            depth = alarm_depth(view, model.queue.workers)
+            model.queue.watch_depth(depth, self._wake.set)
+            deep = deep or (depth > 0 and model.queue.depth >= depth)
         decisions, state = decide(history, views, self._config, self._state, self._clock())
         with self._lock:
             self._state = state
@@ -137,6 +140,8 @@ class Adapter:
             self._views = {v.name: v for v in views}
         for decision in decisions.values():
             self._apply(decision)
+        if deep:  # still swamping: look again soon, whether or not more requests come
+            self._wake.set()
         self.ticks += 1
         return decisions
 
