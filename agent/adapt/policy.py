@@ -475,12 +475,12 @@ def _falling_behind(view: ModelView) -> bool:
     infinite when it cannot keep up at all, `_swamped`): no hold can help, so the step
     down is taken at once. A queue that keeps up comfortably is draining its backlog
     already; and without an arrival rate, a queue that deep is judged swamped."""
-    backlog, load, service = view.backlog_ms, view.utilization, view.service_ms
-    if backlog is None or view.slo_p95_ms is None or backlog <= view.slo_p95_ms:
-        return False
-    if load is None or service is None or load >= 1.0:
+    if _swamped(view):
         return True
-    return _settled_wait_ms(service, load) + service > view.slo_p95_ms
+    backlog, load, service = view.backlog_ms, view.utilization, view.service_ms
+    if backlog is None or load is None or service is None or view.slo_p95_ms is None:
+        return False
+    return backlog > view.slo_p95_ms and _settled_wait_ms(service, load) + service > view.slo_p95_ms
 
 
 def _swamped(view: ModelView) -> bool:
