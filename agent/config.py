@@ -327,7 +327,10 @@ class ModelObjective(_Section):
     """One model's latency objective, overriding its manifest's."""
 
     slo_p95_ms: float = Field(
-        gt=0.0, le=600_000.0, description="p95 latency in the agent this model must meet."
+        gt=0.0,
+        le=600_000.0,
+        description="p95 latency this model must meet: its clients' round trip (the "
+        "agent's time plus the broker's, see adapt.count_transport).",
     )
 
 
@@ -366,6 +369,12 @@ class AdaptConfig(_Section):
         "variant's latency (the manifest's, or this device's when lower)...",
     )
     slo_min_ms: float = Field(5.0, gt=0.0, le=600_000.0, description="...but never less than this.")
+    count_transport: bool = Field(
+        True,
+        description="Judge the objective on the round trip a client sees: the agent's time "
+        "plus what the broker adds now, which the agent measures with echoes through it "
+        "(under CPU contention that grows by milliseconds). Off: the agent's time only.",
+    )
     objectives: dict[str, ModelObjective] = Field(
         default_factory=dict, description="Per-model objectives: [adapt.objectives.NAME]."
     )

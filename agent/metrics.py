@@ -180,6 +180,21 @@ class ModelStats:
             sum(1 for r in records if r[5]),
         )
 
+    def variant_samples(
+        self, variant: str, window_s: float, now: float | None = None
+    ) -> np.ndarray:
+        """`variant`'s requests over the last `window_s` seconds, one row each: the time
+        that was neither inference nor queue wait (decoding, encoding, handing over), the
+        inference and the queue wait, in ms. Shape (n, 3)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            records = [r[1:4] for r in self._by_variant.get(variant, ()) if now - r[0] <= window_s]
+        if not records:
+            return np.empty((0, 3), dtype=np.float64)
+        data = np.array(records, dtype=np.float64)
+        data[:, 0] = np.maximum(0.0, data[:, 0] - data[:, 1] - data[:, 2])
+        return data
+
     def variants_seen(self) -> list[str]:
         with self._lock:
             return sorted(self._by_variant)

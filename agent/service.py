@@ -172,6 +172,7 @@ class Agent:
             pinned=self.state.pinned,
             emit=self.events.emit,
             fleet=self._fleet_hook(),
+            round_trip=self.frontend.broker_round_trip if self.frontend is not None else None,
         )
         self.control.adapter = self.adapter
         self.adapter.start()

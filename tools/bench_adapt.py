@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -864,6 +865,10 @@ def reactions(run: Run, ladder: Ladder, phases: Sequence[Phase]) -> dict[str, An
                 "others_cpu_percent": board.get("others_cpu_percent"),
                 "psi_cpu_some_avg10": board.get("psi_cpu_some_avg10"),
             }
+            # The policy's own clock: the agent's p95 and the broker's share it added.
+            for key in ("observed_p95_ms", "transport_ms"):
+                values = [f[key] for b in said if (f := b.get("figures", {})).get(key) is not None]
+                entry[f"policy_{key}"] = _r(statistics.median(values)) if values else None
             contended = [b.get("board", {}).get("cpu_contended") for b in said]
             entry["cpu_contended_share"] = round(sum(1 for c in contended if c) / len(contended), 2)
         # What served at the phase's start: the last swap before it, else the first reply.
@@ -1389,6 +1394,12 @@ def _render_reaction(name: str, entry: dict[str, Any]) -> list[str]:
             f"(CPU contended in {100 * entry['cpu_contended_share']:.0f}% of the "
             f"samples; others' CPU {said['others_cpu_percent']}%, PSI cpu some "
             f"{said['psi_cpu_some_avg10']})"
+        )
+    if entry.get("policy_observed_p95_ms") is not None:
+        lines.append(
+            f"  {'':11} median of the policy's looks: p95 in the agent "
+            f"{entry['policy_observed_p95_ms']} ms, the broker's share "
+            f"{entry.get('policy_transport_ms')} ms"
         )
     return lines
 

@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 History = Callable[[], Sequence[ResourceSnapshot]]
 FleetHook = Callable[[str, bool], None]
 """`hook(model, joined)`: leave (False) or rejoin (True) the model's fleet subscription."""
+RoundTrip = Callable[[float], "tuple[float, float, int] | None"]
+"""`round_trip(window_s)`: (p50, p95, count) in ms of the broker echoes of the last
+`window_s` seconds, sending the next one (`MqttFrontend.broker_round_trip`)."""
 
 PROBES_PER_TICK = 4
 RATE_WINDOW_S = 1.0
@@ -48,6 +51,7 @@ ALARM_GAP_S = 0.1
 """The least time between two ticks that a swamping queue's alarm brings forward."""
 CALM_PROBE_FACTOR = 5.0
 BASELINE_WINDOW_S = 60.0
+MIN_ECHOES = 3
 
 
 def _hot(snapshot: ResourceSnapshot, cfg: AdaptConfig) -> bool:
@@ -67,6 +71,7 @@ class Adapter:
         pinned: Callable[[str], str | None],
         emit: Callable[..., None],
         fleet: FleetHook | None = None,
+        round_trip: RoundTrip | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._manager = manager
@@ -75,6 +80,8 @@ class Adapter:
         self._pinned = pinned
         self._emit = emit
         self._fleet = fleet
+        self._round_trip = round_trip
+        self._transport_ms = 0.0  # as of the last tick: see _transport
         self._clock = clock
         self._state = PolicyState()
         self._decisions: dict[str, Decision] = {}
@@ -127,7 +134,7 @@ class Adapter:
         self._probe_idle(now)
         history = self._history()
         served = self._manager.served()
-        views = [self._view(model) for model in served]
+        views = [self._view(model, self._transport_ms) for model in served]
         deep = False
         for model, view in zip(served, views, strict=True):
             depth = alarm_depth(view, model.queue.workers)
@@ -142,10 +149,26 @@ class Adapter:
             self._apply(decision)
         if deep:  # still swamping: look again soon, whether or not more requests come
             self._wake.set()
+        # Last, with nothing left to do: this thread would otherwise hold the interpreter
+        # while the echo comes back, and time itself, not the broker (5 ms switch interval).
+        self._transport_ms = self._transport()
         self.ticks += 1
         return decisions
 
-    def _view(self, model: ServedModel) -> ModelView:
+    def _transport(self) -> float:
+        """What the broker adds to a client's round trip now, from the agent's echoes
+        through it: a request and its reply make two such trips (client to agent, agent to
+        client), so the p95 of one plus the median of the other. 0 when not measured or
+        not counted (`adapt.count_transport`)."""
+        if self._round_trip is None or not self._config.count_transport:
+            return 0.0
+        trips = self._round_trip(self._config.latency_window_s)
+        if trips is None or trips[2] < MIN_ECHOES:
+            return 0.0
+        p50, p95, _count = trips
+        return p50 + p95
+
+    def _view(self, model: ServedModel, transport: float = 0.0) -> ModelView:
         cfg = self._config
         failures = self._manager.failures
         rungs: list[RungView] = []
@@ -203,6 +226,12 @@ class Adapter:
             pinned=self._pinned(model.name),
             fleet=self._fleet is not None,
             last_swap_at=swap.at if swap is not None else None,
+            samples=(
+                model.stats.variant_samples(active, cfg.latency_window_s)
+                if active is not None
+                else None
+            ),
+            transport_ms=transport,
         )
 
     def _probe_idle(self, now: float) -> None:

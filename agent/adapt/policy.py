@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from agent.adapt.snapshot import ResourceSnapshot
 from agent.config import AdaptConfig
 
@@ -71,6 +73,21 @@ class ModelView:
     pinned: str | None = None
     fleet: bool = False
     last_swap_at: float | None = None
+    samples: np.ndarray | None = None
+    """The active variant's requests over the latency window, a row each: the rest of
+    its time (neither inference nor queue wait), its inference and its queue wait, in ms
+    (`ModelStats.variant_samples`). None: only the p95 figures above are known."""
+    transport_ms: float = 0.0
+    """What the broker adds to a client's round trip now (the agent's echo through it,
+    `agent.mqtt.echo`): counted in every observed and predicted p95, since the objective
+    is the round trip its clients see. 0: not measured, or not counted."""
+
+    @property
+    def seen_p95_ms(self) -> float | None:
+        """The p95 a client sees: the agent's, plus the broker's share."""
+        if self.observed_p95_ms is None:
+            return None
+        return self.observed_p95_ms + self.transport_ms
 
     def rung(self, name: str | None) -> RungView | None:
         return next((r for r in self.rungs if r.name == name), None)
@@ -292,14 +309,17 @@ def in_backoff(rung: RungView, cfg: AdaptConfig, now: float) -> bool:
 
 
 def predict(view: ModelView) -> dict[str, float | None]:
-    """Each rung's p95 under today's conditions, from the active variant's observed p95:
-    the time spent computing and waiting in the queue scales with the rung's measured
-    latency (a faster variant drains the queue faster too); the rest (scheduling, the
-    agent's own work) stays as it is. Where the arrival rate is known, a lighter rung's
-    queue is judged by it too: one that could not keep up (its utilization, scaled the same
-    way, at 1 or more) is predicted at infinity, its queue growing without bound; one that
-    keeps up waits what a queue at its utilization settles to once the backlog has
-    drained. None where a figure is missing."""
+    """Each rung's p95 under today's conditions, from the active variant's requests: each
+    request's time computing and waiting in the queue scales with the rung's measured
+    latency (a faster variant drains the queue faster too); the rest of it (decoding,
+    scheduling, the agent's own work) stays as it is; the p95 is taken over the requests
+    so scaled, and the broker's share (`transport_ms`) added. Where the arrival rate is
+    known, a lighter rung's queue is judged by it too: one that could not keep up (its
+    utilization, scaled the same way, at 1 or more) is predicted at infinity, its queue
+    growing without bound; one that keeps up waits no longer than a queue at its
+    utilization settles to once the backlog has drained. Without the requests (`samples`),
+    the observed p95 is split into the same parts by their own p95s. None where a figure
+    is missing."""
     active = view.rung(view.active)
     out: dict[str, float | None] = {r.name: None for r in view.rungs}
     if (
@@ -309,6 +329,7 @@ def predict(view: ModelView) -> dict[str, float | None]:
         or view.observed_p95_ms is None
     ):
         return out
+    samples = view.samples if view.samples is not None and len(view.samples) else None
     total = view.observed_p95_ms
     compute = view.observed_infer_p95_ms
     if compute is None or compute > total:
@@ -320,7 +341,7 @@ def predict(view: ModelView) -> dict[str, float | None]:
         if rung.latency_ms is None:
             continue
         ratio = rung.latency_ms / active.latency_ms
-        wait = queued * ratio
+        settled = math.inf
         # Today's arrivals are taken as given only for a lighter rung: clients that wait
         # for each reply send less to a slower variant, so a richer rung's utilization
         # cannot be read off today's, unless a swamped queue showed that they do not wait
@@ -330,8 +351,14 @@ def predict(view: ModelView) -> dict[str, float | None]:
                 out[rung.name] = math.inf
                 continue
             # It drains today's backlog, then sees only its own steady queue.
-            wait = min(wait, _settled_wait_ms(service * ratio, load * ratio))
-        out[rung.name] = fixed + compute * ratio + wait
+            settled = _settled_wait_ms(service * ratio, load * ratio)
+        if samples is not None:
+            rest, infer, waited = samples[:, 0], samples[:, 1], samples[:, 2]
+            scaled = rest + infer * ratio + np.minimum(waited * ratio, settled)
+            p95 = float(np.percentile(scaled, 95))
+        else:
+            p95 = fixed + compute * ratio + min(queued * ratio, settled)
+        out[rung.name] = p95 + view.transport_ms
     return out
 
 
@@ -393,7 +420,7 @@ class _Context:
 def _track(view: ModelView, cfg: AdaptConfig, previous: ModelState, now: float) -> ModelState:
     """Update since when the model has been over its objective, or calm."""
     slo = view.slo_p95_ms
-    observed = view.observed_p95_ms if view.observed_count >= cfg.min_samples else None
+    observed = view.seen_p95_ms if view.observed_count >= cfg.min_samples else None
     over = observed is not None and slo is not None and observed > slo
     calm_now = observed is None or slo is None or observed <= slo * cfg.up_margin
     # A swap starts the variant's observations afresh: so does the policy's memory of them.
@@ -422,13 +449,14 @@ def _decide_model(
     view: ModelView, board: BoardSignals, cfg: AdaptConfig, previous: ModelState, now: float
 ) -> tuple[Decision, ModelState]:
     predicted = predict(view)
-    observed = view.observed_p95_ms if view.observed_count >= cfg.min_samples else None
+    observed = view.seen_p95_ms if view.observed_count >= cfg.min_samples else None
     since_swap = now - view.last_swap_at if view.last_swap_at is not None else math.inf
     figures: dict[str, Any] = {
         **board.figures,
         "slo_p95_ms": _r(view.slo_p95_ms),
         "observed_p95_ms": _r(view.observed_p95_ms),
         "observed_infer_p95_ms": _r(view.observed_infer_p95_ms),
+        "transport_ms": _r(view.transport_ms),
         "observed_count": view.observed_count,
         "queued": view.queued,
         "backlog_ms": _r(view.backlog_ms),
@@ -461,7 +489,7 @@ def _decide_model(
     if state.over_since is not None:
         assert observed is not None and view.slo_p95_ms is not None
         why = (
-            f"p95 {observed:.2f} ms over the objective {view.slo_p95_ms:.2f} ms; "
+            f"p95 {_seen(view, observed)} over the objective {view.slo_p95_ms:.2f} ms; "
             "waiting for it to hold"
         )
         return ctx.decision(view.active, "hold", why, state.shedding), state
@@ -518,7 +546,7 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
     if meets:
         best = max(meets, key=lambda r: r.quality)
         why = (
-            f"p95 {observed:.2f} ms over the objective {slo:.2f} ms {held_for}; "
+            f"p95 {_seen(view, observed)} over the objective {slo:.2f} ms {held_for}; "
             f"{best.name} is predicted at {predicted[best.name]:.2f} ms"
         )
         return ctx.decision(best.name, cause, why), replace(state, shedding=False)
@@ -534,12 +562,12 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
         if p is not None and (p <= observed * (1.0 - cfg.min_gain) or (swamped and faster)):
             closest = f"{p:.2f} ms" if math.isfinite(p) else "it too falls behind the arrivals"
             why = (
-                f"p95 {observed:.2f} ms over the objective {slo:.2f} ms; no variant is "
+                f"p95 {_seen(view, observed)} over the objective {slo:.2f} ms; no variant is "
                 f"predicted to meet it, the lightest {lightest.name} comes closest ({closest})"
             )
             return ctx.decision(lightest.name, cause, why, shed), replace(state, shedding=shed)
     why = (
-        f"p95 {observed:.2f} ms over the objective {slo:.2f} ms and no lighter variant "
+        f"p95 {_seen(view, observed)} over the objective {slo:.2f} ms and no lighter variant "
         "is predicted to help" + ("; leaving the fleet subscription" if shed else "")
     )
     return ctx.decision(view.active, cause, why, shed), replace(state, shedding=shed)
@@ -698,6 +726,13 @@ def _relieve_memory(
             figures={**before.figures, "needed_mb": round(needed, 1), "freed_mb": round(freed, 1)},
         )
     return out
+
+
+def _seen(view: ModelView, observed: float) -> str:
+    """The p95 a client sees, and how much of it was the broker's, for an explanation."""
+    if view.transport_ms <= 0.0:
+        return f"{observed:.2f} ms"
+    return f"{observed:.2f} ms ({view.transport_ms:.2f} of it the broker's)"
 
 
 def _r(value: float | None) -> float | None:

@@ -43,6 +43,7 @@ from agent.mqtt.connection import (
     publish_overhead,
     topic_problem,
 )
+from agent.mqtt.echo import BrokerEcho
 from agent.protocol import (
     HEADER_LENGTH_PROPERTY,
     RequestError,
@@ -130,6 +131,12 @@ class MqttFrontend:
         self._refusals = 0
         self._client.on_publish = self._on_publish
         self._client.on_connect_fail = self._on_connect_fail
+        # Under the device's own reply topics, which the shipped ACL lets it read.
+        owner = config.username or config.device_id
+        self._echo = BrokerEcho(
+            f"{config.prefix}/reply/{owner}/echo",
+            lambda topic, payload: self._client.publish(topic, payload, qos=0),
+        )
 
     @property
     def plane(self) -> DataPlane:
@@ -147,6 +154,7 @@ class MqttFrontend:
             f"{self._infer_prefix}+/+",
             f"{self._control_prefix}+",
             f"{self._control_prefix}+/+",
+            self._echo.topic,
         ]
         for name in sorted(self._fleet_wanted()):
             topics += self._fleet_topics(name)
@@ -219,6 +227,13 @@ class MqttFrontend:
             properties=properties,
         )
         self._client.loop_start()
+
+    def broker_round_trip(self, window_s: float) -> tuple[float, float, int] | None:
+        """(p50, p95, count) in ms of the echoes that came back through the broker in the
+        last `window_s` seconds (see `echo`); sends the next one."""
+        if self.connected and self._accepting:
+            self._echo.send()
+        return self._echo.figures(window_s)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -386,7 +401,9 @@ class MqttFrontend:
         self._last_loop = received
         topic = msg.topic
         try:
-            if topic.startswith(self._infer_prefix):
+            if topic == self._echo.topic:
+                self._echo.returned(msg.payload, received)
+            elif topic.startswith(self._infer_prefix):
                 self._infer(topic[len(self._infer_prefix) :], msg, received)
             elif topic.startswith(self._fleet_prefix):
                 self._infer(topic[len(self._fleet_prefix) :], msg, received)

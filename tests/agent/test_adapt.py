@@ -293,6 +293,27 @@ def test_metrics_carry_per_variant_figures(adapting: tuple[Agent, Board], probe:
     assert "memory_headroom_mb" in agent.metrics()["resources"]
 
 
+def test_the_policy_counts_the_broker_round_trip_it_measures_through_the_real_broker(
+    adapting: tuple[Agent, Board], probe: Probe
+) -> None:
+    """The agent's echoes come back through mosquitto: control/adapt shows what the broker
+    adds (two trips: the request's and the reply's), counted in each predicted p95."""
+    agent, _board = adapting
+    topic = agent.config.mqtt.device_topic
+    for _ in range(6):
+        infer(probe, topic)
+    deadline = time.monotonic() + 10.0
+    transport = 0.0
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline and not transport:
+        body = control(probe, topic, "adapt", {"model": "lad"})["models"]["lad"]
+        transport = body["figures"]["transport_ms"] or 0.0  # type: ignore[index]
+        time.sleep(0.1)
+    assert 0.0 < transport < 1000.0, json.dumps(body)
+    predicted = body["predicted_p95_ms"]
+    assert all(p is None or p >= transport for p in predicted.values()), predicted  # type: ignore[union-attr]
+
+
 def test_a_fleet_member_leaves_the_shared_subscription_while_it_cannot_keep_up(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:

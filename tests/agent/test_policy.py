@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pytest
 
 from agent.adapt.loop import arrival_estimate
@@ -496,3 +498,74 @@ def test_a_queue_that_would_settle_over_the_objective_steps_down_without_waiting
     assert "queued" in behind.explanation
     draining = decision(150.0)
     assert not draining.swap and draining.reason == "hold", draining
+
+
+def test_each_request_keeps_its_own_rest_where_the_p95s_do_not_add_up() -> None:
+    """Half the requests were slow outside the model (8 ms decoding behind a backlog), the
+    other half queued 8 ms: the p95s of the parts (rest 0.5 by subtraction, queue 8) say a
+    rung eight times faster answers in under 2 ms, but the requests that were slow
+    outside the model stay slow on any rung. Scaled request by request, the prediction
+    keeps them (8.25 ms); for the active rung it is the observed p95 itself."""
+    rows = [(8.0, 2.0, 0.0)] * 50 + [(0.5, 2.0, 8.0)] * 50
+    samples = np.array(rows, dtype=np.float64)
+    total = samples.sum(axis=1)
+    view = ModelView(
+        "m",
+        LADDER,
+        "fp32",
+        12.0,
+        observed_p95_ms=float(np.percentile(total, 95)),
+        observed_infer_p95_ms=2.0,
+        observed_queue_p95_ms=8.0,
+        observed_count=100,
+    )
+    by_p95s = predict(view)["tiny"]
+    assert by_p95s is not None and by_p95s < 2.0
+    predicted = predict(replace(view, samples=samples))
+    assert predicted["tiny"] == pytest.approx(8.0 + 2.0 / 8.0)
+    assert predicted["fp32"] == pytest.approx(view.observed_p95_ms)
+
+
+def test_the_objective_counts_what_the_broker_adds_to_the_round_trip() -> None:
+    """int8 answers within the 12 ms objective in the agent (9 ms p95), but its clients
+    wait 4 ms more in the broker under today's load: 13 ms, over it. Held, that steps
+    down to a rung predicted within the objective broker and all; counting nothing for
+    the broker, the policy would see no reason to move."""
+    history = [snap(float(t)) for t in range(60)]
+    now = 59.0
+
+    def decision(transport: float) -> Decision:
+        view = ModelView(
+            name="m",
+            rungs=LADDER,
+            active="int8",
+            slo_p95_ms=12.0,
+            observed_p95_ms=9.0,
+            observed_infer_p95_ms=8.0,
+            observed_queue_p95_ms=0.5,
+            observed_count=50,
+            transport_ms=transport,
+        )
+        state = PolicyState({"m": ModelState(over_since=now - 4.0)})
+        return decide(history, [view], CFG, state, now)[0]["m"]
+
+    counted = decision(4.0)
+    assert counted.swap and counted.desired == "pruned-int8", counted
+    assert "4.00 of it the broker's" in counted.explanation
+    assert counted.predicted_p95_ms["pruned-int8"] == pytest.approx(0.5 + 4.25 + 4.0)
+    assert counted.figures["transport_ms"] == 4.0
+    uncounted = decision(0.0)
+    assert not uncounted.swap, uncounted
+
+
+def test_variant_samples_split_each_request_into_rest_inference_and_queue() -> None:
+    """Rows as the workers record them: the rest is what neither inference nor the queue
+    took (never below 0), a probe is all inference; another variant's rows stay out."""
+    stats = ModelStats()
+    stats.record(10.0, ok=True, variant="a", infer_ms=4.0, queue_ms=5.0)
+    stats.record(3.0, ok=True, variant="a", infer_ms=2.0, queue_ms=1.5)  # clocks disagree
+    stats.record(9.0, ok=True, variant="b", infer_ms=9.0)
+    stats.record_probe("a", 6.0)
+    rows = stats.variant_samples("a", 60.0).tolist()
+    assert rows == [[1.0, 4.0, 5.0], [0.0, 2.0, 1.5], [0.0, 6.0, 0.0]]
+    assert stats.variant_samples("a", 60.0, now=time.monotonic() + 120.0).shape == (0, 3)
