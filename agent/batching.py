@@ -59,6 +59,9 @@ class Job:
     deadline: float | None = None  # monotonic; past it the client has given up
     enqueued: float = field(default_factory=time.monotonic)
     notified: bool = False
+    ahead: int = 0
+    """Requests that had to finish before this one could start, when it joined the queue:
+    the backlog part of its wait (the rest is the time a worker took to take it up)."""
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can be stacked along dimension 0."""
@@ -202,6 +205,7 @@ class BatchingQueue:
                 raise Overloaded(f"model {self.model}: {self._max_queue} requests already waiting")
             if waiting:  # it waits behind another: load (one at a time never does)
                 self._contended_at = job.enqueued
+            job.ahead = max(0, waiting + self._busy - len(self._threads) + 1)
             self._queue.put_nowait(job)
         self._stats.arrived(job.enqueued)
         alarm = self._alarm
@@ -520,6 +524,7 @@ class BatchingQueue:
                 infer_ms=outcome.infer_ms,
                 queue_ms=outcome.queue_ms,
                 rows=_rows(job),
+                ahead=job.ahead,
             )
         else:
             self._stats.record(latency_ms, ok=False)

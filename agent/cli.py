@@ -102,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="print the raw JSON reply")
     infer.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
     infer.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto")
+    infer.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="send the request this many times a second, open-loop, and print a line a "
+        "second: round trips and the variants that answered",
+    )
+    infer.add_argument(
+        "--seconds", type=float, default=0.0, help="with --rate: for this long (0: until Ctrl-C)"
+    )
 
     status = sub.add_parser("status", help="show the retained status of a device")
     common(status)
@@ -240,6 +250,8 @@ def _infer(args: argparse.Namespace, config: AgentConfig) -> int:
         return 2
     root = f"{config.mqtt.prefix}/fleet" if args.fleet else config.mqtt.device_topic
     topic = f"{root}/infer/{args.model}"
+    if args.rate is not None:
+        return _infer_stream(args, config, topic, payload, header_length)
     try:
         with _connect(args, config) as requester:
             start = time.monotonic()
@@ -263,6 +275,37 @@ def _infer(args: argparse.Namespace, config: AgentConfig) -> int:
         return 1
     print(_describe_reply(header, outputs, elapsed_ms))
     return 0
+
+
+def _infer_stream(
+    args: argparse.Namespace,
+    config: AgentConfig,
+    topic: str,
+    payload: bytes,
+    header_length: int | None,
+) -> int:
+    from agent.mqtt.requester import RequesterError  # noqa: PLC0415
+    from agent.stream import stream  # noqa: PLC0415
+
+    if not 0.0 < args.rate <= 10_000.0 or args.seconds < 0.0:
+        print("edge-agent infer: --rate must be in (0, 10000], --seconds >= 0", file=sys.stderr)
+        return 2
+    try:
+        with _connect(args, config) as requester:
+            missing = stream(
+                requester,
+                requester.request_topic(topic),
+                payload,
+                header_length,
+                rate=args.rate,
+                seconds=args.seconds,
+                timeout=args.timeout,
+                out=lambda line: print(line, flush=True),
+            )
+    except RequesterError as exc:
+        print(f"edge-agent infer: {exc}", file=sys.stderr)
+        return EX_NOREPLY
+    return 1 if missing else 0
 
 
 def _request_from_file(path: Path, *, raw_json: bool) -> tuple[bytes, int | None]:

@@ -70,8 +70,8 @@ class VariantFigures:
         }
 
 
-# One record: (monotonic end, total ms, inference ms, queue ms, rows, probe?)
-_Record = tuple[float, float, float, float, int, bool]
+# One record: (monotonic end, total ms, inference ms, queue ms, rows, probe?, requests ahead)
+_Record = tuple[float, float, float, float, int, bool, int]
 
 
 class ModelStats:
@@ -103,8 +103,10 @@ class ModelStats:
         infer_ms: float = 0.0,
         queue_ms: float = 0.0,
         rows: int = 1,
+        ahead: int = 0,
     ) -> None:
-        """A request ran (or failed in the model) after `latency_ms` in the agent."""
+        """A request ran (or failed in the model) after `latency_ms` in the agent, `ahead`
+        others having had to finish before it could start."""
         now = time.monotonic()
         with self._lock:
             self._requests += 1
@@ -113,13 +115,15 @@ class ModelStats:
                 return
             self._latencies.append(latency_ms)
             if variant is not None:
-                self._log(variant).append((now, latency_ms, infer_ms, queue_ms, rows, False))
+                self._log(variant).append(
+                    (now, latency_ms, infer_ms, queue_ms, rows, False, ahead)
+                )
 
     def record_probe(self, variant: str, infer_ms: float, rows: int = 1) -> None:
         """The agent ran `variant` itself to measure it (no client, not counted as a request)."""
         now = time.monotonic()
         with self._lock:
-            self._log(variant).append((now, infer_ms, infer_ms, 0.0, rows, True))
+            self._log(variant).append((now, infer_ms, infer_ms, 0.0, rows, True, 0))
 
     def record_rejected(self) -> None:
         """A request was refused because the queue was full."""
@@ -183,14 +187,19 @@ class ModelStats:
     def variant_samples(
         self, variant: str, window_s: float, now: float | None = None
     ) -> np.ndarray:
-        """`variant`'s requests over the last `window_s` seconds, one row each: the time
-        that was neither inference nor queue wait (decoding, encoding, handing over), the
-        inference and the queue wait, in ms. Shape (n, 3)."""
+        """`variant`'s requests over the last `window_s` seconds, one row each, in ms: the
+        time that was neither inference nor queue wait (handing over, recording), the
+        inference, the queue wait, and the requests that were ahead of it in the queue.
+        Shape (n, 4)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            records = [r[1:4] for r in self._by_variant.get(variant, ()) if now - r[0] <= window_s]
+            records = [
+                (r[1], r[2], r[3], r[6])
+                for r in self._by_variant.get(variant, ())
+                if now - r[0] <= window_s
+            ]
         if not records:
-            return np.empty((0, 3), dtype=np.float64)
+            return np.empty((0, 4), dtype=np.float64)
         data = np.array(records, dtype=np.float64)
         data[:, 0] = np.maximum(0.0, data[:, 0] - data[:, 1] - data[:, 2])
         return data

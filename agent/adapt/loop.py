@@ -52,6 +52,9 @@ ALARM_GAP_S = 0.1
 CALM_PROBE_FACTOR = 5.0
 BASELINE_WINDOW_S = 60.0
 MIN_ECHOES = 3
+ECHO_INTERVAL_S = 0.25
+"""Between ticks, an echo through the broker this often: enough round trips in the
+latency window for a p95 that is not just its slowest one."""
 
 
 def _hot(snapshot: ResourceSnapshot, cfg: AdaptConfig) -> bool:
@@ -111,13 +114,24 @@ class Adapter:
         """A tick every `interval_s`, and sooner when a queue's depth alarm rings (at most
         one per ALARM_GAP_S): a burst that swamps a model is acted on within a fraction of
         a second, not at the next tick. The first tick comes at once: it arms the alarms.
-        Scheduled on the real clock, whatever `clock`."""
+        Between ticks it sends an echo through the broker every ECHO_INTERVAL_S. Scheduled
+        on the real clock, whatever `clock`."""
         last = time.monotonic() - self._config.interval_s
+        echo_due = time.monotonic()
         while not self._stop.is_set():
-            if self._wake.wait(max(0.0, last + self._config.interval_s - time.monotonic())):
+            now = time.monotonic()
+            until = last + self._config.interval_s
+            if self._round_trip is not None and self._config.count_transport:
+                if now >= echo_due and now < until:
+                    self._round_trip(self._config.latency_window_s)  # one more echo
+                    echo_due = now + ECHO_INTERVAL_S
+                until = min(until, echo_due)
+            if self._wake.wait(max(0.0, until - now)):
                 self._wake.clear()
                 if self._stop.wait(max(0.0, last + ALARM_GAP_S - time.monotonic())):
                     break
+            elif time.monotonic() < last + self._config.interval_s:
+                continue  # an echo is due, not a tick
             if self._stop.is_set():
                 break
             last = time.monotonic()

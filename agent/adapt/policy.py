@@ -10,9 +10,10 @@ It chooses by measured figures, never by position in the ladder:
 - memory pressure: across all models, the moves that lose the least accuracy per MB freed,
   until the headroom is back; only variants measured lighter in memory are candidates;
 - thermal pressure: one step to a variant measured cheaper in latency.
-Down fast (pressure held `down_after_s`, or at once when the queue alone holds more work than
-the objective allows; skipping rungs when the prediction says so), up slow
-(calm held `up_after_s`, one rung at a time, `cooldown_s` after any swap). Pins always win;
+Down fast (pressure held `down_after_s`: the latency over the objective, or the CPU short
+while it is over; or at once when the queue alone holds more work than the objective
+allows; skipping rungs when the prediction says so), up slow (calm held `up_after_s`, one
+rung at a time, `cooldown_s` after any swap). Pins always win;
 a variant that failed to load waits out a backoff.
 """
 
@@ -75,8 +76,9 @@ class ModelView:
     last_swap_at: float | None = None
     samples: np.ndarray | None = None
     """The active variant's requests over the latency window, a row each: the rest of
-    its time (neither inference nor queue wait), its inference and its queue wait, in ms
-    (`ModelStats.variant_samples`). None: only the p95 figures above are known."""
+    its time (neither inference nor queue wait), its inference and its queue wait, in ms,
+    and how many requests were ahead of it (`ModelStats.variant_samples`). None: only the
+    p95 figures above are known."""
     transport_ms: float = 0.0
     """What the broker adds to a client's round trip now (the agent's echo through it,
     `agent.mqtt.echo`): counted in every observed and predicted p95, since the objective
@@ -311,8 +313,9 @@ def in_backoff(rung: RungView, cfg: AdaptConfig, now: float) -> bool:
 def predict(view: ModelView) -> dict[str, float | None]:
     """Each rung's p95 under today's conditions, from the active variant's requests: each
     request's time computing and waiting in the queue scales with the rung's measured
-    latency (a faster variant drains the queue faster too); the rest of it (decoding,
-    scheduling, the agent's own work) stays as it is; the p95 is taken over the requests
+    latency (a faster variant drains the queue faster too) — but of the queue wait only
+    its backlog, the requests ahead of it (`_split_wait`); the rest of it (a worker's
+    wake-up, the agent's own work) stays as it is; the p95 is taken over the requests
     so scaled, and the broker's share (`transport_ms`) added. Where the arrival rate is
     known, a lighter rung's queue is judged by it too: one that could not keep up (its
     utilization, scaled the same way, at 1 or more) is predicted at infinity, its queue
@@ -353,13 +356,28 @@ def predict(view: ModelView) -> dict[str, float | None]:
             # It drains today's backlog, then sees only its own steady queue.
             settled = _settled_wait_ms(service * ratio, load * ratio)
         if samples is not None:
-            rest, infer, waited = samples[:, 0], samples[:, 1], samples[:, 2]
-            scaled = rest + infer * ratio + np.minimum(waited * ratio, settled)
+            rest, infer, wake, backlog = _split_wait(samples, service)
+            scaled = rest + infer * ratio + wake + np.minimum(backlog * ratio, settled)
             p95 = float(np.percentile(scaled, 95))
         else:
             p95 = fixed + compute * ratio + min(queued * ratio, settled)
         out[rung.name] = p95 + view.transport_ms
     return out
+
+
+def _split_wait(
+    samples: np.ndarray, service_ms: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rest, inference, wake-up, backlog) of each request: of its queue wait, the requests
+    ahead of it times the active variant's time per request is backlog, which a faster
+    rung drains faster; what is left is the time a worker took to take it up (scheduling:
+    under contention, milliseconds at no load at all), which no rung changes. Without the
+    count ahead or the time per request, the whole wait counts as backlog."""
+    rest, infer, waited = samples[:, 0], samples[:, 1], samples[:, 2]
+    if samples.shape[1] < 4 or service_ms is None:
+        return rest, infer, np.zeros_like(waited), waited
+    backlog = np.minimum(waited, samples[:, 3] * service_ms)
+    return rest, infer, waited - backlog, backlog
 
 
 def _settled_wait_ms(service_ms: float, utilization: float) -> float:
@@ -480,8 +498,13 @@ def _decide_model(
         limit = active.memory_mb
         usable = [r for r in usable if r.memory_mb is not None and r.memory_mb <= limit]
     ctx = _Context(view, board, cfg, now, active, usable, predicted, figures, observed, since_swap)
+    # Over the objective while the CPU has been short for a whole hold already: that
+    # pressure has held, and waiting out a second hold for the latency it causes would
+    # only add late answers.
     if state.over_since is not None and (
-        now - state.over_since >= cfg.down_after_s or _falling_behind(view)
+        now - state.over_since >= cfg.down_after_s
+        or board.cpu_contended
+        or _falling_behind(view)
     ):
         return _step_down(ctx, state, state.over_since)
     if board.thermal:
@@ -536,8 +559,10 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
     cheaper = ctx.cheaper_in_latency()
     swamped = _swamped(view)
     held_for = f"for {over_for:.0f} s"
-    if over_for < cfg.down_after_s:
-        held_for = f"with {view.backlog_ms:.0f} ms of work queued"
+    if over_for < cfg.down_after_s and _falling_behind(view):
+        held_for = f"with {view.backlog_ms or 0.0:.0f} ms of work queued"
+    elif over_for < cfg.down_after_s:
+        held_for = f"with the CPU short for {cfg.down_after_s:g} s or more"
     meets = [
         r
         for r in cheaper

@@ -101,6 +101,40 @@ def test_infer_exit_codes(agent: RunningAgent, tmp_path: Path) -> None:
     assert "cannot connect" in missing.stderr
 
 
+def test_infer_rate_streams_and_prints_a_line_a_second(agent: RunningAgent) -> None:
+    """`--rate 40 --seconds 2`: 80 requests open-loop, a line for each second with the
+    round trips and the variant that answered, then a summary; every one answered."""
+    result = edge_agent(
+        "infer", "digits", str(DIGITS_JSON), *where(agent), "--rate", "40", "--seconds", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    seconds = [line for line in lines if " s  sent " in line]
+    assert len(seconds) == 2, result.stdout
+    for line in seconds:
+        assert "sent   40" in line and "answered   40" in line and "served by fp32 40" in line
+        assert "p95" in line
+    assert lines[-1].startswith("80 sent, 80 answered, p50 "), result.stdout
+    assert lines[-1].endswith("served by fp32 80"), result.stdout
+
+
+def test_infer_rate_counts_error_replies_and_refuses_a_rate_it_cannot_keep(
+    agent: RunningAgent,
+) -> None:
+    """Error replies are counted apart, and make the exit status 1; a rate out of range
+    is refused before anything is sent (2)."""
+    wrong = edge_agent(
+        "infer", "nope", str(DIGITS_JSON), *where(agent), "--rate", "20", "--seconds", "1"
+    )
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "20 error 404" in wrong.stdout
+    last = wrong.stdout.splitlines()[-1]
+    assert last == "20 sent, 0 answered; 20 without an answer or with an error"
+    for rate in ("0", "-3", "20000"):
+        refused = edge_agent("infer", "digits", str(DIGITS_JSON), *where(agent), "--rate", rate)
+        assert refused.returncode == 2 and "--rate must be" in refused.stderr
+
+
 def test_status_shows_the_device(agent: RunningAgent) -> None:
     """`edge-agent status` prints the device's state, each model's active variant and why."""
     result = edge_agent("status", *where(agent))

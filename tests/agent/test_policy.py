@@ -562,10 +562,35 @@ def test_variant_samples_split_each_request_into_rest_inference_and_queue() -> N
     """Rows as the workers record them: the rest is what neither inference nor the queue
     took (never below 0), a probe is all inference; another variant's rows stay out."""
     stats = ModelStats()
-    stats.record(10.0, ok=True, variant="a", infer_ms=4.0, queue_ms=5.0)
+    stats.record(10.0, ok=True, variant="a", infer_ms=4.0, queue_ms=5.0, ahead=2)
     stats.record(3.0, ok=True, variant="a", infer_ms=2.0, queue_ms=1.5)  # clocks disagree
     stats.record(9.0, ok=True, variant="b", infer_ms=9.0)
     stats.record_probe("a", 6.0)
     rows = stats.variant_samples("a", 60.0).tolist()
-    assert rows == [[1.0, 4.0, 5.0], [0.0, 2.0, 1.5], [0.0, 6.0, 0.0]]
-    assert stats.variant_samples("a", 60.0, now=time.monotonic() + 120.0).shape == (0, 3)
+    assert rows == [[1.0, 4.0, 5.0, 2.0], [0.0, 2.0, 1.5, 0.0], [0.0, 6.0, 0.0, 0.0]]
+    assert stats.variant_samples("a", 60.0, now=time.monotonic() + 120.0).shape == (0, 4)
+
+
+def test_a_wait_for_a_worker_to_wake_does_not_shrink_on_a_faster_rung() -> None:
+    """int8 (2 ms) under contention: every request waited 6 ms in the queue with nobody
+    ahead of it: that is the time a worker took to wake, which a rung four times faster
+    does not change (tiny predicted at 6 + 0.5 ms, not 1.5 + 0.5). The same wait
+    behind three others (3 x 2 ms of backlog) does drain four times faster."""
+    def view(ahead: float) -> ModelView:
+        samples = np.array([(0.0, 2.0, 6.0, ahead)] * 40, dtype=np.float64)
+        return ModelView(
+            "m",
+            LADDER,
+            "int8",
+            12.0,
+            observed_p95_ms=8.0,
+            observed_infer_p95_ms=2.0,
+            observed_queue_p95_ms=6.0,
+            observed_count=40,
+            service_ms=2.0,
+            samples=samples,
+        )
+
+    assert predict(view(0.0))["tiny"] == pytest.approx(6.0 + 0.5)
+    assert predict(view(3.0))["tiny"] == pytest.approx(1.5 + 0.5)
+    assert predict(view(0.0))["int8"] == pytest.approx(8.0)
