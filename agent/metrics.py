@@ -162,16 +162,40 @@ class ModelStats:
         self, variant: str, window_s: float, now: float | None = None
     ) -> VariantFigures:
         """`variant`'s latencies over the last `window_s` seconds."""
+        return self.variant_window(variant, window_s, now)[0]
+
+    def variant_samples(
+        self, variant: str, window_s: float, now: float | None = None
+    ) -> np.ndarray:
+        """`variant`'s requests over the last `window_s` seconds, one row each, in ms: the
+        time that was neither inference nor queue wait (handing over, recording), the
+        inference, the queue wait, and the requests that were ahead of it in the queue.
+        Shape (n, 4)."""
+        return self.variant_window(variant, window_s, now)[1]
+
+    def variant_window(
+        self, variant: str, window_s: float, now: float | None = None
+    ) -> tuple[VariantFigures, np.ndarray]:
+        """Both of the above from one pass over the records: the adapter reads them on
+        every tick, and under load that is 2048 records, a copy of which holds the
+        interpreter from the threads that serve."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            records = [r for r in self._by_variant.get(variant, ()) if now - r[0] <= window_s]
+            log = self._by_variant.get(variant)
+            records = list(log) if log else []
+        # Records are in time order: the window is a tail.
+        first = len(records)
+        while first > 0 and now - records[first - 1][0] <= window_s:
+            first -= 1
+        records = records[first:]
         if not records:
-            return VariantFigures(variant, window_s, 0, None, None, None, None, None, None, 0)
-        data = np.array([r[1:5] for r in records], dtype=np.float64)
-        total, infer, queued, rows = data.T
+            empty = VariantFigures(variant, window_s, 0, None, None, None, None, None, None, 0)
+            return empty, np.empty((0, 4), dtype=np.float64)
+        data = np.array(records, dtype=np.float64)
+        total, infer, queued, rows, probes, ahead = (data[:, i] for i in range(1, 7))
         p50, p95 = (float(v) for v in np.percentile(total, [50, 95]))
         i50, i95 = (float(v) for v in np.percentile(infer, [50, 95]))
-        return VariantFigures(
+        figures = VariantFigures(
             variant,
             window_s,
             len(records),
@@ -181,28 +205,27 @@ class ModelStats:
             i95,
             float(np.percentile(queued, 95)),
             float(rows.mean()),
-            sum(1 for r in records if r[5]),
+            int(probes.sum()),
         )
+        rest = np.maximum(0.0, total - infer - queued)
+        return figures, np.column_stack((rest, infer, queued, ahead))
 
-    def variant_samples(
+    def variant_counts(
         self, variant: str, window_s: float, now: float | None = None
-    ) -> np.ndarray:
-        """`variant`'s requests over the last `window_s` seconds, one row each, in ms: the
-        time that was neither inference nor queue wait (handing over, recording), the
-        inference, the queue wait, and the requests that were ahead of it in the queue.
-        Shape (n, 4)."""
+    ) -> tuple[int, int]:
+        """(requests, of which probes) of `variant` over the last `window_s` seconds,
+        without building arrays: what the adapter needs to know whether to probe."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            records = [
-                (r[1], r[2], r[3], r[6])
-                for r in self._by_variant.get(variant, ())
-                if now - r[0] <= window_s
-            ]
-        if not records:
-            return np.empty((0, 4), dtype=np.float64)
-        data = np.array(records, dtype=np.float64)
-        data[:, 0] = np.maximum(0.0, data[:, 0] - data[:, 1] - data[:, 2])
-        return data
+            log = self._by_variant.get(variant)
+            records = list(log) if log else []
+        count = probes = 0
+        for record in reversed(records):
+            if now - record[0] > window_s:
+                break
+            count += 1
+            probes += record[5]
+        return count, probes
 
     def variants_seen(self) -> list[str]:
         with self._lock:

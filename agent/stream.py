@@ -126,9 +126,14 @@ def stream(
 
     def flush(now: float, final: bool = False) -> None:
         nonlocal printed
-        # A second is printed once its last request is `timeout` old, or at the end.
-        while printed < len(tally.seconds) and (final or now - start >= printed + 1 + timeout):
-            out(describe(printed, tally.seconds[printed]))
+        # A second is printed once it is over and all its requests are back, or its last
+        # one is `timeout` old, or at the end.
+        while printed < len(tally.seconds):
+            entry, ended = tally.seconds[printed], start + printed + 1
+            back = len(entry.trips_ms) + sum(entry.errors.values()) >= entry.sent
+            if not (final or (now >= ended and back) or now >= ended + timeout):
+                break
+            out(describe(printed, entry))
             printed += 1
 
     index = 0

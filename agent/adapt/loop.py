@@ -48,7 +48,8 @@ PROBES_PER_TICK = 4
 RATE_WINDOW_S = 1.0
 """The shortest window an arrival rate is read over (a tick can come sooner: alarms)."""
 ALARM_GAP_S = 0.1
-"""The least time between two ticks that a swamping queue's alarm brings forward."""
+"""The least time between two ticks that a swamping queue's alarm brings forward; doubled
+after each such tick that changed nothing, up to the interval."""
 CALM_PROBE_FACTOR = 5.0
 BASELINE_WINDOW_S = 60.0
 MIN_ECHOES = 3
@@ -96,6 +97,7 @@ class Adapter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # a queue's depth alarm: tick now
+        self._alarm_gap = ALARM_GAP_S  # the least time from one tick to an alarm's
         self._thread: threading.Thread | None = None
         self.ticks = 0
 
@@ -128,7 +130,7 @@ class Adapter:
                 until = min(until, echo_due)
             if self._wake.wait(max(0.0, until - now)):
                 self._wake.clear()
-                if self._stop.wait(max(0.0, last + ALARM_GAP_S - time.monotonic())):
+                if self._stop.wait(max(0.0, last + self._alarm_gap - time.monotonic())):
                     break
             elif time.monotonic() < last + self._config.interval_s:
                 continue  # an echo is due, not a tick
@@ -151,7 +153,8 @@ class Adapter:
         views = [self._view(model, self._transport_ms) for model in served]
         deep = False
         for model, view in zip(served, views, strict=True):
-            depth = alarm_depth(view, model.queue.workers)
+            # A pinned model moves for nobody: its queue need not ring.
+            depth = alarm_depth(view, model.queue.workers) if view.pinned is None else 0
             model.queue.watch_depth(depth, self._wake.set)
             deep = deep or (depth > 0 and model.queue.depth >= depth)
         decisions, state = decide(history, views, self._config, self._state, self._clock())
@@ -161,7 +164,15 @@ class Adapter:
             self._views = {v.name: v for v in views}
         for decision in decisions.values():
             self._apply(decision)
-        if deep:  # still swamping: look again soon, whether or not more requests come
+        # Still swamping: look again soon, whether or not more requests come; but each
+        # look that changes nothing doubles the wait for the next (a tick holds the
+        # interpreter for milliseconds, which the threads serving the burst need).
+        swapped = any(d.swap for d in decisions.values())
+        if deep and not swapped:
+            self._alarm_gap = min(2.0 * self._alarm_gap, self._config.interval_s)
+        else:
+            self._alarm_gap = ALARM_GAP_S
+        if deep:
             self._wake.set()
         # Last, with nothing left to do: this thread would otherwise hold the interpreter
         # while the echo comes back, and time itself, not the broker (5 ms switch interval).
@@ -201,10 +212,10 @@ class Adapter:
         declared = cfg.objectives.get(model.name)
         manifest = model.source.manifest
         active = model.active_name
-        figures = (
-            model.stats.variant_figures(active, cfg.latency_window_s)
+        figures, samples = (
+            model.stats.variant_window(active, cfg.latency_window_s)
             if active is not None
-            else None
+            else (None, None)
         )
         if active is not None and active == model.ladder[0].name:
             # The richest rung's speed on this device, from a longer window than the
@@ -240,11 +251,7 @@ class Adapter:
             pinned=self._pinned(model.name),
             fleet=self._fleet is not None,
             last_swap_at=swap.at if swap is not None else None,
-            samples=(
-                model.stats.variant_samples(active, cfg.latency_window_s)
-                if active is not None
-                else None
-            ),
+            samples=samples,
             transport_ms=transport,
         )
 
@@ -268,8 +275,8 @@ class Adapter:
             active = model.active_name
             if active is None or now - self._last_probe.get(model.name, -1e9) < every:
                 continue
-            recent = model.stats.variant_figures(active, cfg.latency_window_s, now)
-            if recent.count - recent.probes >= cfg.min_samples:
+            count, probes = model.stats.variant_counts(active, cfg.latency_window_s, now)
+            if count - probes >= cfg.min_samples:
                 continue  # real traffic says enough
             self._last_probe[model.name] = now
             self._manager.probe(model.name)

@@ -340,6 +340,7 @@ def predict(view: ModelView) -> dict[str, float | None]:
     queued = min(view.observed_queue_p95_ms or 0.0, total - compute)
     fixed = total - compute - queued
     load, service = view.utilization, view.service_ms
+    parts = _split_wait(samples, service) if samples is not None else None
     for rung in view.rungs:
         if rung.latency_ms is None:
             continue
@@ -355,8 +356,8 @@ def predict(view: ModelView) -> dict[str, float | None]:
                 continue
             # It drains today's backlog, then sees only its own steady queue.
             settled = _settled_wait_ms(service * ratio, load * ratio)
-        if samples is not None:
-            rest, infer, wake, backlog = _split_wait(samples, service)
+        if parts is not None:
+            rest, infer, wake, backlog = parts
             scaled = rest + infer * ratio + wake + np.minimum(backlog * ratio, settled)
             p95 = float(np.percentile(scaled, 95))
         else:
