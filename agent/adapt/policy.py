@@ -33,6 +33,9 @@ Predicate = Callable[[ResourceSnapshot], bool]
 
 DEFAULT_TRIP_C = 80.0
 MAX_BACKOFF_DOUBLINGS = 6
+NEAR_LIGHTEST = 0.05
+"""When no rung meets the objective: one predicted within this share of the lightest's p95
+is as good a step, and the most accurate of them is taken."""
 
 
 @dataclass(frozen=True)
@@ -584,6 +587,19 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
         faster = (lightest.latency_ms or math.inf) <= (ctx.active.latency_ms or 0.0) * (
             1.0 - cfg.min_gain
         )
+        # Of the rungs predicted about as fast as the lightest (what no rung changes — the
+        # broker, a busy network thread — can dominate every prediction), the most accurate.
+        near = _near_the_lightest(cheaper, predicted, p)
+        if near is not None and near is not lightest:
+            pn = predicted[near.name]
+            assert pn is not None
+            if pn <= observed * (1.0 - cfg.min_gain):
+                why = (
+                    f"p95 {_seen(view, observed)} over the objective {slo:.2f} ms; no variant "
+                    f"is predicted to meet it; {near.name} comes within {100 * NEAR_LIGHTEST:g}% "
+                    f"of the lightest ({pn:.2f} ms against {p:.2f} ms) and is more accurate"
+                )
+                return ctx.decision(near.name, cause, why, shed), replace(state, shedding=shed)
         # Swamped, every rung short of keeping up: the lightest still drains fastest.
         if p is not None and (p <= observed * (1.0 - cfg.min_gain) or (swamped and faster)):
             closest = f"{p:.2f} ms" if math.isfinite(p) else "it too falls behind the arrivals"
@@ -597,6 +613,21 @@ def _step_down(ctx: _Context, state: ModelState, over_since: float) -> tuple[Dec
         "is predicted to help" + ("; leaving the fleet subscription" if shed else "")
     )
     return ctx.decision(view.active, cause, why, shed), replace(state, shedding=shed)
+
+
+def _near_the_lightest(
+    cheaper: Sequence[RungView], predicted: Mapping[str, float | None], lightest_p: float | None
+) -> RungView | None:
+    """The most accurate rung predicted within NEAR_LIGHTEST of the lightest's p95 (a
+    finite one); None when the lightest's is unknown or infinite."""
+    if lightest_p is None or not math.isfinite(lightest_p):
+        return None
+    near = [
+        r
+        for r in cheaper
+        if (q := predicted.get(r.name)) is not None and q <= lightest_p * (1.0 + NEAR_LIGHTEST)
+    ]
+    return max(near, key=lambda r: r.quality, default=None)
 
 
 def _cool_down(ctx: _Context) -> Decision:

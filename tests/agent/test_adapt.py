@@ -446,3 +446,63 @@ def test_a_burst_that_swamps_the_queue_is_acted_on_at_once_not_at_the_next_tick(
         probe.close()
         agent.request_stop()
         agent.stop(drain_timeout=10)
+
+
+def test_a_queue_that_stays_deep_with_nothing_to_change_is_looked_at_less_and_less(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The slow rung alone (nothing lighter to go to) under the same burst: its queue stays
+    deep for seconds and every look changes nothing, so each waits twice as long as the
+    one before (0.1, 0.2, 0.4 s ...): a handful of looks, where a look every 0.1 s would
+    have been dozens, each holding the interpreter from the workers. Pinned, the queue
+    rings no alarm at all."""
+    models = tmp_path / "models"
+    slow_ladder(models)
+    manifest_path = models / "slow" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["variants"] = manifest["variants"][:1]
+    manifest_path.write_text(json.dumps(manifest))
+    adapt = {"interval_s": 60.0, "objectives": {"slow": {"slo_p95_ms": 60.0}}}
+    config = agent_config(broker.port, models, adapt=adapt, models={"inline_max_ms": 0.0})
+    agent = Agent(config, resources=FakeSource(calm_snapshot))
+    agent.start()
+    probe = Probe(broker.port)
+    try:
+        assert agent.frontend is not None and agent.frontend.wait_connected(10)
+        deadline = time.monotonic() + 10
+        while (agent.adapter is None or agent.adapter.ticks < 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.adapter is not None
+        topic = config.mqtt.device_topic
+        reply_to = f"test/replies/{uuid.uuid4().hex[:8]}"
+        probe.subscribe(reply_to)
+        before = agent.adapter.ticks
+        send_burst(probe, f"{topic}/infer/slow", reply_to, BURST, seconds=0.5)
+        answered = 0
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and answered < BURST:
+            if probe.expect(reply_to, timeout=max(0.05, deadline - time.monotonic())):
+                answered += 1
+        assert answered == BURST
+        looks = agent.adapter.ticks - before
+        assert 2 <= looks <= 10, f"{looks} looks while the queue drained"
+        # The look the drained queue still had due (its wait doubled by then) comes first.
+        settle = time.monotonic() + 20
+        seen = agent.adapter.ticks
+        quiet_since = time.monotonic()
+        while time.monotonic() < settle and time.monotonic() - quiet_since < 4.0:
+            time.sleep(0.1)
+            if agent.adapter.ticks != seen:
+                seen, quiet_since = agent.adapter.ticks, time.monotonic()
+        pinned = control(probe, topic, "pin", {"model": "slow", "variant": "big"})
+        assert pinned["pinned"] == "big", pinned
+        agent.adapter.tick()  # the look after the pin: it sets the alarms
+        before = agent.adapter.ticks
+        send_burst(probe, f"{topic}/infer/slow", reply_to, BURST // 2, seconds=0.25)
+        for _ in range(BURST // 2):
+            probe.expect(reply_to, timeout=40)
+        assert agent.adapter.ticks == before, "a pinned model's queue rang the adapter"
+    finally:
+        probe.close()
+        agent.request_stop()
+        agent.stop(drain_timeout=10)

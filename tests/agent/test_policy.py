@@ -594,3 +594,40 @@ def test_a_wait_for_a_worker_to_wake_does_not_shrink_on_a_faster_rung() -> None:
     assert predict(view(0.0))["tiny"] == pytest.approx(6.0 + 0.5)
     assert predict(view(3.0))["tiny"] == pytest.approx(1.5 + 0.5)
     assert predict(view(0.0))["int8"] == pytest.approx(8.0)
+
+
+def test_nothing_meets_the_objective_the_most_accurate_rung_near_the_lightest_goes() -> None:
+    """The demo's lower rungs: under a burst the broker's share (8 ms) dominates every
+    prediction, and no rung meets 12 ms. pruned75 (0.951) is predicted at 12.0 ms, the
+    lightest pruned88 (0.881) at 11.56: within 5%, so the step goes to pruned75 — seven
+    points of accuracy for 4% of predicted p95 is no trade. Without the broker's share
+    weighing on both, the lightest is far enough ahead to be taken."""
+    ladder = (
+        RungView("p50", 0.975, 0.54, 10.0),
+        RungView("p75", 0.951, 0.27, 8.0),
+        RungView("p88", 0.881, 0.23, 7.0),
+    )
+    history = [snap(float(t)) for t in range(60)]
+    now = 59.0
+
+    def decision(transport: float, infer: float) -> Decision:
+        view = ModelView(
+            name="m",
+            rungs=ladder,
+            active="p50",
+            slo_p95_ms=12.0,
+            observed_p95_ms=1.0 + infer,
+            observed_infer_p95_ms=infer,
+            observed_queue_p95_ms=0.0,
+            observed_count=50,
+            transport_ms=transport,
+        )
+        state = PolicyState({"m": ModelState(over_since=now - 4.0)})
+        return decide(history, [view], CFG, state, now)[0]["m"]
+
+    near = decision(8.0, 6.0)
+    assert near.predicted_p95_ms["p75"] == pytest.approx(12.0)
+    assert near.desired == "p75", near
+    assert "within 5% of the lightest" in near.explanation
+    far = decision(0.0, 40.0)  # p75 at 21 ms, p88 at 18: 17% apart
+    assert far.desired == "p88", far
