@@ -385,7 +385,7 @@ class AdaptConfig(_Section):
         description="A step down picks a variant predicted within this share of the objective.",
     )
     up_margin: float = Field(
-        0.6,
+        0.75,
         gt=0.0,
         le=1.0,
         description="A step up needs the richer variant predicted within this share of it.",

@@ -8,7 +8,7 @@ accurate, and adapting has a real trade to make. The convolutions cost real time
 model runs in several milliseconds at batch 1 on two threads, enough for two busy loops to
 push it over a latency objective and for a lighter rung to bring it back.
 Writes `--out/fp32.onnx` (+ a one-variant manifest), the request files
-`tools/requests/digits-cnn.{json,npz}` and the compressor's data into `--data`:
+`tools/requests/digits-cnn{.json,.npz,-1.npz}` and the compressor's data into `--data`:
 `calib.npz` (augmented training images) and `eval.npz` (held-out digits, each drawn
 `EVAL_DRAWS` times, with labels; noise does not compress, so they are rebuilt, not
 committed); `tools/build_demo_ladder.sh` then builds the committed ladder
@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         [float(v) for v in sample[0].reshape(-1)],
     )
     np.savez_compressed(args.requests / "digits-cnn.npz", input=sample, labels=y_eval[:8])
+    # One image, binary: what `edge-agent infer --rate` streams in the README's example.
+    np.savez_compressed(args.requests / "digits-cnn-1.npz", input=sample[:1], labels=y_eval[:1])
     args.data.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.data / "eval.npz", input=x_eval, labels=y_eval)
     calib = np.resize(x_train, (CALIB_IMAGES, *x_train.shape[1:]))

@@ -677,14 +677,17 @@ def _step_up(ctx: _Context, state: ModelState) -> tuple[Decision, ModelState]:
         return ctx.decision(view.active, "calm", why, shedding), state
     since = 0.0 if math.isinf(ctx.since_swap) else ctx.since_swap
     p = ctx.predicted.get(candidate.name)
-    if not quiet or (p is None and not board.cpu_calm):
-        why = "the board is not calm yet"
-    elif calm_for < cfg.up_after_s or ctx.since_swap < cfg.cooldown_s:
-        why = f"calm for {calm_for:.0f} s of {cfg.up_after_s:g}; {since:.0f} s since the last swap"
-    elif p is not None and view.slo_p95_ms is not None and p > view.slo_p95_ms * cfg.up_margin:
+    if p is not None and view.slo_p95_ms is not None and p > view.slo_p95_ms * cfg.up_margin:
+        # Calm is the richer rung predicted to fit, all along: a load that comes and goes
+        # (fits now, not a few seconds later) must not take it up to fall back down.
         why = (
             f"{candidate.name} is predicted at {p:.2f} ms, over {cfg.up_margin:g} of the objective"
         )
+        state = replace(state, calm_since=None)
+    elif not quiet or (p is None and not board.cpu_calm):
+        why = "the board is not calm yet"
+    elif calm_for < cfg.up_after_s or ctx.since_swap < cfg.cooldown_s:
+        why = f"calm for {calm_for:.0f} s of {cfg.up_after_s:g}; {since:.0f} s since the last swap"
     elif not _fits(candidate, ctx.active, board, cfg):
         why = f"{candidate.name} would not leave {cfg.memory_calm_mb:g} MB of headroom"
     else:
