@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import structlog
 
 from agent.adapt.policy import (
@@ -40,9 +41,9 @@ log = structlog.get_logger(__name__)
 History = Callable[[], Sequence[ResourceSnapshot]]
 FleetHook = Callable[[str, bool], None]
 """`hook(model, joined)`: leave (False) or rejoin (True) the model's fleet subscription."""
-RoundTrip = Callable[[float], "tuple[float, float, int] | None"]
-"""`round_trip(window_s)`: (p50, p95, count) in ms of the broker echoes of the last
-`window_s` seconds, sending the next one (`MqttFrontend.broker_round_trip`)."""
+RoundTrip = Callable[[float], Sequence[float]]
+"""`round_trip(window_s)`: the round trips (ms) of the broker echoes of the last `window_s`
+seconds, sending the next one (`MqttFrontend.broker_round_trip`)."""
 
 PROBES_PER_TICK = 4
 RATE_WINDOW_S = 1.0
@@ -85,7 +86,7 @@ class Adapter:
         self._emit = emit
         self._fleet = fleet
         self._round_trip = round_trip
-        self._transport_ms = 0.0  # as of the last tick: see _transport
+        self._trips: np.ndarray | None = None  # as of the last tick: see _transport
         self._clock = clock
         self._state = PolicyState()
         self._decisions: dict[str, Decision] = {}
@@ -150,7 +151,7 @@ class Adapter:
         self._probe_idle(now)
         history = self._history()
         served = self._manager.served()
-        views = [self._view(model, self._transport_ms) for model in served]
+        views = [self._view(model, self._trips) for model in served]
         deep = False
         for model, view in zip(served, views, strict=True):
             # A pinned model moves for nobody: its queue need not ring.
@@ -176,24 +177,22 @@ class Adapter:
             self._wake.set()
         # Last, with nothing left to do: this thread would otherwise hold the interpreter
         # while the echo comes back, and time itself, not the broker (5 ms switch interval).
-        self._transport_ms = self._transport()
+        self._trips = self._transport()
         self.ticks += 1
         return decisions
 
-    def _transport(self) -> float:
-        """What the broker adds to a client's round trip now, from the agent's echoes
-        through it: a request and its reply make two such trips (client to agent, agent to
-        client), so the p95 of one plus the median of the other. 0 when not measured or
-        not counted (`adapt.count_transport`)."""
+    def _transport(self) -> np.ndarray | None:
+        """The round trips of the agent's echoes through the broker over the latency
+        window, ms (the policy adds two of them to each request: there and back); None
+        when too few came back, or when not counted (`adapt.count_transport`)."""
         if self._round_trip is None or not self._config.count_transport:
-            return 0.0
+            return None
         trips = self._round_trip(self._config.latency_window_s)
-        if trips is None or trips[2] < MIN_ECHOES:
-            return 0.0
-        p50, p95, _count = trips
-        return p50 + p95
+        if len(trips) < MIN_ECHOES:
+            return None
+        return np.asarray(trips, dtype=np.float64)
 
-    def _view(self, model: ServedModel, transport: float = 0.0) -> ModelView:
+    def _view(self, model: ServedModel, trips: np.ndarray | None = None) -> ModelView:
         cfg = self._config
         failures = self._manager.failures
         rungs: list[RungView] = []
@@ -252,7 +251,8 @@ class Adapter:
             fleet=self._fleet is not None,
             last_swap_at=swap.at if swap is not None else None,
             samples=samples,
-            transport_ms=transport,
+            transport_ms=_two_trips_ms(trips),
+            trips=trips,
         )
 
     def _probe_idle(self, now: float) -> None:
@@ -383,6 +383,15 @@ class Adapter:
         with self._lock:
             decision = self._decisions.get(model)
         return decision.explanation if decision is not None else None
+
+
+def _two_trips_ms(trips: np.ndarray | None) -> float:
+    """A figure for the broker's share when only p95s are known: one trip's p95 and the
+    other's median. 0 without echoes."""
+    if trips is None or not len(trips):
+        return 0.0
+    p50, p95 = np.percentile(trips, [50, 95])
+    return float(p50 + p95)
 
 
 def arrival_estimate(stats: ModelStats, cfg: AdaptConfig, now: float | None = None) -> float:

@@ -19,8 +19,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-import numpy as np
-
 STALE_S = 30.0
 """An echo older than this when it returns is not counted (a reconnect's resend)."""
 KEEP = 256
@@ -56,16 +54,11 @@ class BrokerEcho:
         with self._lock:
             self._trips.append((now, (now - sent) * 1000.0))
 
-    def figures(self, window_s: float, now: float | None = None) -> tuple[float, float, int] | None:
-        """(p50, p95, count) of the round trips that returned in the last `window_s`
-        seconds, in ms; None when none did."""
+    def trips(self, window_s: float, now: float | None = None) -> list[float]:
+        """The round trips (ms) of the echoes that returned in the last `window_s` seconds."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            recent = [ms for at, ms in self._trips if now - at <= window_s]
-        if not recent:
-            return None
-        p50, p95 = (float(v) for v in np.percentile(recent, [50, 95]))
-        return p50, p95, len(recent)
+            return [ms for at, ms in self._trips if now - at <= window_s]
 
 
 __all__ = ["BrokerEcho"]

@@ -228,12 +228,12 @@ class MqttFrontend:
         )
         self._client.loop_start()
 
-    def broker_round_trip(self, window_s: float) -> tuple[float, float, int] | None:
-        """(p50, p95, count) in ms of the echoes that came back through the broker in the
+    def broker_round_trip(self, window_s: float) -> list[float]:
+        """The round trips (ms) of the echoes that came back through the broker in the
         last `window_s` seconds (see `echo`); sends the next one."""
         if self.connected and self._accepting:
             self._echo.send()
-        return self._echo.figures(window_s)
+        return self._echo.trips(window_s)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
