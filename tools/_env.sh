@@ -132,6 +132,18 @@ quiet_pip() {
   return $status
 }
 
+# ensure_systemd_analyze: `systemd-analyze verify` checks the shipped unit in the tests.
+# From apt (package systemd) when it is missing and we may; never fatal: without root it is
+# not unpacked (it needs systemd's own shared library), and those tests then skip.
+ensure_systemd_analyze() {
+  command -v systemd-analyze >/dev/null 2>&1 && return 0
+  if may_apt && apt_install systemd && command -v systemd-analyze >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "(no systemd-analyze: the unit-verification tests will skip)" >&2
+  return 0
+}
+
 have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
 
 # ensure_mosquitto: the broker and its clients (mosquitto_rr, mosquitto_passwd). Installed

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need (a venv with the dev extra; the mosquitto broker and its
-# clients: from apt as root, else Debian's packages unpacked into .venv without root), then
+# clients: from apt as root, else Debian's packages unpacked into .venv without root; and
+# systemd-analyze from apt as root), then
 # lint, type-check and run the tests.
 #   tools/test.sh            the suite (minutes)
 #   tools/test.sh --soak     the long endurance tests only
@@ -11,6 +12,7 @@ cd "$(repo_root)"
 
 ensure_venv dev
 ensure_mosquitto
+ensure_systemd_analyze
 # Launchers for an unpacked mosquitto live in .venv/bin; the tests call mosquitto_rr and
 # mosquitto_passwd by name.
 PATH="$(pwd)/.venv/bin:$PATH"

@@ -21,7 +21,7 @@ from agent.adapt.loop import Adapter
 from agent.adapt.monitor import FakeSource, calm_snapshot
 from agent.adapt.snapshot import ResourceSnapshot
 from agent.broker import MosquittoBroker
-from agent.config import AdaptConfig, ModelsConfig
+from agent.config import AdaptConfig, AgentConfig, ModelsConfig
 from agent.control import ControlCommands
 from agent.models import ModelManager
 from agent.service import Agent
@@ -391,6 +391,19 @@ def send_burst(probe: Probe, topic: str, reply_to: str, count: int, seconds: flo
         time.sleep(seconds / count)
 
 
+def ticking_agent(config: AgentConfig) -> Agent:
+    """An agent on a calm fake board, connected, its adapter started and past its first
+    tick (which arms the queues' alarms)."""
+    agent = Agent(config, resources=FakeSource(calm_snapshot))
+    agent.start()
+    assert agent.frontend is not None and agent.frontend.wait_connected(10)
+    deadline = time.monotonic() + 10
+    while (agent.adapter is None or agent.adapter.ticks < 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.adapter is not None
+    return agent
+
+
 def test_a_burst_that_swamps_the_queue_is_acted_on_at_once_not_at_the_next_tick(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -406,15 +419,10 @@ def test_a_burst_that_swamps_the_queue_is_acted_on_at_once_not_at_the_next_tick(
         "objectives": {"slow": {"slo_p95_ms": 60.0}},
     }
     config = agent_config(broker.port, models, adapt=adapt, models={"inline_max_ms": 0.0})
-    agent = Agent(config, resources=FakeSource(calm_snapshot))
-    agent.start()
+    # The adapter starts once the front end serves, and ticks at once: that arms the alarm.
+    agent = ticking_agent(config)
     probe = Probe(broker.port)
     try:
-        assert agent.frontend is not None and agent.frontend.wait_connected(10)
-        # The adapter starts once the front end serves, and ticks at once: that arms the alarm.
-        deadline = time.monotonic() + 10
-        while (agent.adapter is None or agent.adapter.ticks < 1) and time.monotonic() < deadline:
-            time.sleep(0.05)
         assert agent.adapter is not None and agent.adapter.ticks == 1
         topic = config.mqtt.device_topic
         probe.subscribe(f"{topic}/events")
@@ -464,14 +472,9 @@ def test_a_queue_that_stays_deep_with_nothing_to_change_is_looked_at_less_and_le
     manifest_path.write_text(json.dumps(manifest))
     adapt = {"interval_s": 60.0, "objectives": {"slow": {"slo_p95_ms": 60.0}}}
     config = agent_config(broker.port, models, adapt=adapt, models={"inline_max_ms": 0.0})
-    agent = Agent(config, resources=FakeSource(calm_snapshot))
-    agent.start()
+    agent = ticking_agent(config)
     probe = Probe(broker.port)
     try:
-        assert agent.frontend is not None and agent.frontend.wait_connected(10)
-        deadline = time.monotonic() + 10
-        while (agent.adapter is None or agent.adapter.ticks < 1) and time.monotonic() < deadline:
-            time.sleep(0.05)
         assert agent.adapter is not None
         topic = config.mqtt.device_topic
         reply_to = f"test/replies/{uuid.uuid4().hex[:8]}"

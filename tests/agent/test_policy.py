@@ -122,6 +122,15 @@ class Board:
             t += cfg.interval_s
 
 
+def decide_over(view: ModelView, over_for: float) -> Decision:
+    """The decision on `view` at t=59 of a calm minute, its p95 over the objective for the
+    last `over_for` seconds."""
+    history = [snap(float(t)) for t in range(60)]
+    now = 59.0
+    state = PolicyState({"m": ModelState(over_since=now - over_for)})
+    return decide(history, [view], CFG, state, now)[0]["m"]
+
+
 def test_sustained_pressure_steps_down_soon_and_a_spike_does_not() -> None:
     """p95 over the objective for a second does nothing; held for down_after_s, it steps
     down within a few seconds."""
@@ -472,14 +481,10 @@ def test_a_queue_that_would_settle_over_the_objective_steps_down_without_waiting
     keeps up (85% busy) but would settle to a 11 ms wait, over the objective once its own
     2 ms are added, so the step down comes now; at 150 requests/s (30% busy) the same
     backlog drains and settles to under a millisecond, so the policy holds."""
-    ladder = LADDER
-    history = [snap(float(t)) for t in range(60)]
-    now = 59.0
-
     def decision(arrivals: float) -> Decision:
         view = ModelView(
             name="m",
-            rungs=ladder,
+            rungs=LADDER,
             active="int8",
             slo_p95_ms=12.0,
             observed_p95_ms=30.0,
@@ -490,8 +495,7 @@ def test_a_queue_that_would_settle_over_the_objective_steps_down_without_waiting
             service_ms=2.0,
             arrival_per_s=arrivals,
         )
-        state = PolicyState({"m": ModelState(over_since=now - 1.0)})
-        return decide(history, [view], CFG, state, now)[0]["m"]
+        return decide_over(view, 1.0)
 
     behind = decision(425.0)
     assert behind.swap and behind.desired in ("pruned-int8", "tiny"), behind
@@ -531,8 +535,6 @@ def test_the_objective_counts_what_the_broker_adds_to_the_round_trip() -> None:
     wait 4 ms more in the broker under today's load: 13 ms, over it. Held, that steps
     down to a rung predicted within the objective broker and all; counting nothing for
     the broker, the policy would see no reason to move."""
-    history = [snap(float(t)) for t in range(60)]
-    now = 59.0
 
     def decision(transport: float) -> Decision:
         view = ModelView(
@@ -546,8 +548,7 @@ def test_the_objective_counts_what_the_broker_adds_to_the_round_trip() -> None:
             observed_count=50,
             transport_ms=transport,
         )
-        state = PolicyState({"m": ModelState(over_since=now - 4.0)})
-        return decide(history, [view], CFG, state, now)[0]["m"]
+        return decide_over(view, 4.0)
 
     counted = decision(4.0)
     assert counted.swap and counted.desired == "pruned-int8", counted
@@ -607,8 +608,6 @@ def test_nothing_meets_the_objective_the_most_accurate_rung_near_the_lightest_go
         RungView("p75", 0.951, 0.27, 8.0),
         RungView("p88", 0.881, 0.23, 7.0),
     )
-    history = [snap(float(t)) for t in range(60)]
-    now = 59.0
 
     def decision(transport: float, infer: float) -> Decision:
         view = ModelView(
@@ -622,8 +621,7 @@ def test_nothing_meets_the_objective_the_most_accurate_rung_near_the_lightest_go
             observed_count=50,
             transport_ms=transport,
         )
-        state = PolicyState({"m": ModelState(over_since=now - 4.0)})
-        return decide(history, [view], CFG, state, now)[0]["m"]
+        return decide_over(view, 4.0)
 
     near = decision(8.0, 6.0)
     assert near.predicted_p95_ms["p75"] == pytest.approx(12.0)
