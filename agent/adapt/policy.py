@@ -99,8 +99,14 @@ class ModelView:
         if self.observed_p95_ms is None:
             return None
         if self.samples is not None and len(self.samples) and self.trips is not None:
-            return with_trips_p95(self.samples[:, :3].sum(axis=1), self.trips)
+            return with_trips_p95(self.samples[:, :3].sum(axis=1), self.both_trips)
         return self.observed_p95_ms + self.transport_ms
+
+    @cached_property
+    def both_trips(self) -> np.ndarray:
+        """`two_trips` of `trips`, once per view."""
+        assert self.trips is not None
+        return two_trips(self.trips)
 
     @property
     def broker_share_ms(self) -> float:
@@ -379,7 +385,7 @@ def predict(view: ModelView) -> dict[str, float | None]:
             rest, infer, wake, backlog = parts
             scaled = rest + infer * ratio + wake + np.minimum(backlog * ratio, settled)
             if view.trips is not None:
-                out[rung.name] = with_trips_p95(scaled, view.trips)
+                out[rung.name] = with_trips_p95(scaled, view.both_trips)
                 continue
             p95 = float(np.percentile(scaled, 95))
         else:
@@ -391,14 +397,20 @@ def predict(view: ModelView) -> dict[str, float | None]:
 QUANTILES = np.linspace(0.5, 99.5, 100)
 
 
-def with_trips_p95(in_agent: np.ndarray, trips: np.ndarray) -> float:
-    """The p95 of a request's time in the agent plus two trips through the broker, each
-    drawn from the echoes' round trips independently: the three distributions are added
-    over a grid of 100 quantiles each (10,000 pairs at a time, well under a millisecond),
-    not their p95s, which would make every request as unlucky as the worst of each."""
-    agent = np.percentile(in_agent, QUANTILES)
+def two_trips(trips: np.ndarray) -> np.ndarray:
+    """The quantile grid (100) of two trips through the broker, each drawn from the
+    echoes' round trips independently: there and back. One per tick, shared by every
+    prediction (`with_trips_p95`)."""
     trip = np.percentile(trips, QUANTILES)
-    both = np.percentile(np.add.outer(trip, trip).ravel(), QUANTILES)
+    return np.asarray(np.percentile(np.add.outer(trip, trip).ravel(), QUANTILES))
+
+
+def with_trips_p95(in_agent: np.ndarray, both: np.ndarray) -> float:
+    """The p95 of a request's time in the agent plus two trips through the broker
+    (`two_trips`): the distributions are added over their grids of 100 quantiles (10,000
+    pairs, well under a millisecond), not their p95s, which would make every request as
+    unlucky as the worst of each."""
+    agent = np.percentile(in_agent, QUANTILES)
     return float(np.percentile(np.add.outer(agent, both).ravel(), 95))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agent.adapt.loop import Adapter
-from agent.adapt.policy import with_trips_p95
+from agent.adapt.policy import two_trips, with_trips_p95
 from agent.config import AdaptConfig
 from agent.mqtt.echo import STALE_S, BrokerEcho
 
@@ -57,5 +57,5 @@ def test_two_trips_are_added_as_distributions_not_as_p95s() -> None:
     trip: 2 + 11 + 1 = 14 ms."""
     in_agent = np.full(200, 2.0)
     trips = np.array([1.0] * 90 + [11.0] * 10)
-    assert with_trips_p95(in_agent, trips) == pytest.approx(14.0, abs=0.5)
-    assert with_trips_p95(in_agent, np.full(50, 1.0)) == pytest.approx(4.0)
+    assert with_trips_p95(in_agent, two_trips(trips)) == pytest.approx(14.0, abs=0.5)
+    assert with_trips_p95(in_agent, two_trips(np.full(50, 1.0))) == pytest.approx(4.0)
